@@ -1,0 +1,86 @@
+/* Error codes, their messages, and each thread's detail of its last failure. */
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+const char *idem_strerror(int err)
+{
+    switch (err) {
+#define IDEM_ERROR_MSG_(name, value, msg) case IDEM_##name: return msg;
+    IDEM_ERROR_MAP(IDEM_ERROR_MSG_)
+#undef IDEM_ERROR_MSG_
+    }
+    return "unknown error";
+}
+
+const char *idem_error_name(int err)
+{
+    switch (err) {
+#define IDEM_ERROR_NAME_(name, value, msg) case IDEM_##name: return "IDEM_" #name;
+    IDEM_ERROR_MAP(IDEM_ERROR_NAME_)
+#undef IDEM_ERROR_NAME_
+    }
+    return "IDEM_UNKNOWN";
+}
+
+/* The message grows to fit; it is never truncated. A thread that cannot
+ * allocate it falls back to the code's fixed message. */
+static _Thread_local char  *last_msg;
+static _Thread_local size_t last_cap;
+static _Thread_local const char *last_static = "";
+
+/* A thread's buffer is freed when the thread exits. */
+static pthread_key_t  msg_key;
+static pthread_once_t msg_key_once = PTHREAD_ONCE_INIT;
+
+static void msg_free(void *p) { free(p); }
+static void msg_key_make(void) { (void)pthread_key_create(&msg_key, msg_free); }
+
+const char *idem_last_error(void)
+{
+    return last_static ? last_static : last_msg;
+}
+
+int idem_error_setv(int err, const char *fmt, va_list ap)
+{
+    va_list ap2;
+    va_copy(ap2, ap);
+    int n = vsnprintf(last_msg, last_cap, fmt, ap2);
+    va_end(ap2);
+    if (n < 0) {
+        last_static = idem_strerror(err);
+        return err;
+    }
+    if ((size_t)n >= last_cap) {
+        char *grown = realloc(last_msg, (size_t)n + 1);
+        if (!grown) {
+            last_static = idem_strerror(err);
+            return err;
+        }
+        last_msg = grown;
+        last_cap = (size_t)n + 1;
+        (void)pthread_once(&msg_key_once, msg_key_make);
+        (void)pthread_setspecific(msg_key, last_msg);
+        vsnprintf(last_msg, last_cap, fmt, ap);
+    }
+    last_static = NULL;
+    return err;
+}
+
+int idem_error_set(int err, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    idem_error_setv(err, fmt, ap);
+    va_end(ap);
+    return err;
+}
+
+void idem__error_clear(void)
+{
+    last_static = "";
+}

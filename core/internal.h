@@ -1,0 +1,58 @@
+/* Declarations shared inside the library; not installed. */
+#ifndef IDEM_CORE_INTERNAL_H
+#define IDEM_CORE_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <idempotency/backend.h>
+#include <idempotency/idempotency.h>
+
+/* The longest prefix a layer accepts, and so the longest store key. */
+#define IDEM_MAX_PREFIX_LEN 255
+#define IDEM_MAX_STORE_KEY  (IDEM_MAX_PREFIX_LEN + 257)
+
+struct idem_store {
+    const idem_backend *ops;
+    void               *state;
+    size_t              max_record_len; /* SIZE_MAX: no limit */
+};
+
+/* ---- error.c ---- */
+void idem__error_clear(void);
+
+/* ---- store.c ---- */
+/* The drivers compiled in, NULL-terminated. */
+extern const idem_backend *const idem__builtin_backends[];
+/* Why the driver named by scheme is missing from this build, or NULL when
+ * the scheme is not one the project knows. */
+const char *idem__missing_backend_hint(const char *scheme);
+
+/* ---- record.c ---- */
+#define IDEM_DIGEST_LEN 32
+
+typedef struct idem_record {
+    int            state;                    /* IDEM_STATE_* */
+    uint8_t        token[IDEM_TOKEN_LEN];
+    uint64_t       deadline_ms;
+    bool           has_fingerprint;
+    uint8_t        digest[IDEM_DIGEST_LEN];
+    int            status;                   /* COMPLETED */
+    const uint8_t *body;                     /* COMPLETED, points into the encoded bytes */
+    size_t         body_len;
+} idem_record;
+
+/* Bytes a COMPLETED record adds to its body. */
+#define IDEM_RECORD_COMPLETED_OVERHEAD (IDEM_RECORD_HEADER_LEN + 8)
+
+/* Encode rec into a new malloc'd buffer. IDEM_OK or IDEM_ENOMEM. */
+int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len);
+/* Decode; rec->body points into buf. IDEM_OK or IDEM_ECORRUPT (no message set). */
+int idem__record_decode(const void *buf, size_t len, idem_record *rec);
+
+/* SHA-256 of a fingerprint. IDEM_OK or IDEM_ENOMEM/IDEM_EBACKEND (libcrypto failed). */
+int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN]);
+
+#endif

@@ -1,0 +1,503 @@
+/* The state machine of one key: claim, then commit or abort (or extend). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+#include <time.h>
+
+#include "internal.h"
+
+#define MAX_KEY_LEN_LIMIT 1024     /* the largest max_key_len a layer accepts */
+#define MIN_STATUS 100
+#define MAX_STATUS 999
+#define COMMIT_BACKOFF_FIRST_MS 5
+#define COMMIT_BACKOFF_MAX_MS   1000
+
+typedef _Atomic uint64_t counter;
+
+struct idem_layer {
+    idem_store  *store;
+    idem_options opts;
+    char        *prefix;
+    size_t       prefix_len;
+    size_t       max_body;      /* min(max_response_len, what the store holds) */
+    bool         store_limits;  /* the store's limit is the smaller one */
+    counter executed, replayed, in_progress, mismatched, failed, lost, backend_errors;
+};
+
+struct idem_response {
+    const idem_layer *layer;
+    int               status;
+    unsigned char    *body;     /* NUL-terminated; len + 1 bytes */
+    size_t            len;
+};
+
+struct idem_claim {
+    idem_layer *layer;
+    idem_record rec;            /* the STARTED record we wrote */
+    uint64_t    lease_end;      /* monotonic ms */
+    bool        lost;           /* extend found the key taken over */
+    size_t      key_len;
+    uint8_t     key[];          /* prefix + user key */
+};
+
+static void count(counter *c)
+{
+    atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void sleep_ms(uint64_t ms)
+{
+    struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* ---- options and layers ---- */
+
+void idem_options_init(idem_options *opts)
+{
+    if (!opts)
+        return;
+    *opts = (idem_options){
+        .lease_ms = 60000,
+        .ttl_s = 86400,
+        .key_prefix = "idem:",
+        .max_key_len = 255,
+        .max_response_len = 1u << 20,
+    };
+}
+
+int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts)
+{
+    idem__error_clear();
+    if (!out)
+        return idem_error_set(IDEM_EINVAL, "idem_layer_new: out is NULL");
+    *out = NULL;
+    if (!store)
+        return idem_error_set(IDEM_EINVAL, "idem_layer_new: store is NULL; open one with idem_store_open()");
+    idem_options o;
+    idem_options_init(&o);
+    if (opts)
+        o = *opts;
+    if (!o.key_prefix)
+        o.key_prefix = "";
+    if (o.lease_ms == 0)
+        return idem_error_set(IDEM_EINVAL, "idem_options.lease_ms is 0; give the longest a handler may run, e.g. 60000");
+    if (o.ttl_s == 0)
+        return idem_error_set(IDEM_EINVAL, "idem_options.ttl_s is 0; give how long responses are replayed, e.g. 86400");
+    if (o.max_key_len == 0 || o.max_key_len > MAX_KEY_LEN_LIMIT)
+        return idem_error_set(IDEM_EINVAL, "idem_options.max_key_len is %zu; it must be from 1 to %d",
+                              o.max_key_len, MAX_KEY_LEN_LIMIT);
+    size_t plen = strlen(o.key_prefix);
+    if (plen > IDEM_MAX_PREFIX_LEN)
+        return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix is %zu bytes; the limit is %d",
+                              plen, IDEM_MAX_PREFIX_LEN);
+    idem_layer *l = calloc(1, sizeof *l);
+    if (!l || !(l->prefix = strdup(o.key_prefix))) {
+        free(l);
+        return idem_error_set(IDEM_ENOMEM, "out of memory making a layer");
+    }
+    l->store = store;
+    l->opts = o;
+    l->opts.key_prefix = l->prefix;
+    l->prefix_len = plen;
+    l->max_body = o.max_response_len;
+    size_t cap = store->max_record_len;
+    if (cap != SIZE_MAX) {
+        cap = cap > IDEM_RECORD_COMPLETED_OVERHEAD ? cap - IDEM_RECORD_COMPLETED_OVERHEAD : 0;
+        if (cap < l->max_body) {
+            l->max_body = cap;
+            l->store_limits = true;
+        }
+    }
+    if (l->max_body > UINT32_MAX)
+        l->max_body = UINT32_MAX;
+    *out = l;
+    return IDEM_OK;
+}
+
+void idem_layer_free(idem_layer *layer)
+{
+    if (!layer)
+        return;
+    free(layer->prefix);
+    free(layer);
+}
+
+void idem_layer_stats(const idem_layer *l, idem_stats *out)
+{
+    if (!out)
+        return;
+    memset(out, 0, sizeof *out);
+    if (!l)
+        return;
+    out->executed = atomic_load(&l->executed);
+    out->replayed = atomic_load(&l->replayed);
+    out->in_progress = atomic_load(&l->in_progress);
+    out->mismatched = atomic_load(&l->mismatched);
+    out->failed = atomic_load(&l->failed);
+    out->lost = atomic_load(&l->lost);
+    out->backend_errors = atomic_load(&l->backend_errors);
+}
+
+/* ---- replies and responses ---- */
+
+void idem_reply_clear(idem_reply *reply)
+{
+    if (!reply)
+        return;
+    free(reply->body);
+    memset(reply, 0, sizeof *reply);
+}
+
+static int reply_body(idem_reply *reply, const void *body, size_t len)
+{
+    reply->body = malloc(len + 1);
+    if (!reply->body)
+        return idem_error_set(IDEM_ENOMEM, "out of memory copying a %zu-byte response", len);
+    if (len)
+        memcpy(reply->body, body, len);
+    reply->body[len] = '\0';
+    reply->body_len = len;
+    return IDEM_OK;
+}
+
+/* IDEM_OK if (status, body, len) is a response this layer can store. */
+static int check_response(const idem_layer *l, int status, const void *body, size_t len)
+{
+    if (status < MIN_STATUS || status > MAX_STATUS)
+        return idem_error_set(IDEM_EINVAL, "response status %d is out of range; use %d..%d",
+                              status, MIN_STATUS, MAX_STATUS);
+    if (!body && len)
+        return idem_error_set(IDEM_EINVAL, "response body is NULL but its length is %zu", len);
+    if (len > l->max_body)
+        return idem_error_set(IDEM_ETOOBIG, "response body is %zu bytes; the limit is %zu (%s)", len,
+                              l->max_body,
+                              l->store_limits ? "the largest item the store accepts"
+                                              : "idem_options.max_response_len");
+    return IDEM_OK;
+}
+
+int idem_response_set(idem_response *resp, int status, const void *body, size_t len)
+{
+    if (!resp)
+        return idem_error_set(IDEM_EINVAL, "idem_response_set: resp is NULL");
+    int rc = check_response(resp->layer, status, body, len);
+    if (rc)
+        return rc;
+    unsigned char *copy = malloc(len + 1);
+    if (!copy)
+        return idem_error_set(IDEM_ENOMEM, "out of memory copying a %zu-byte response", len);
+    if (len)
+        memcpy(copy, body, len);
+    copy[len] = '\0';
+    free(resp->body);
+    resp->status = status;
+    resp->body = copy;
+    resp->len = len;
+    return IDEM_OK;
+}
+
+/* ---- claims ---- */
+
+static int fill_random(uint8_t *buf, size_t len)
+{
+    while (len) {
+        ssize_t n = getrandom(buf, len, 0);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return idem_error_set(IDEM_EBACKEND, "getrandom failed: %s", strerror(errno));
+        }
+        buf += n;
+        len -= (size_t)n;
+    }
+    return IDEM_OK;
+}
+
+static int check_request(const idem_layer *l, const idem_request *req)
+{
+    if (!req->key && req->key_len)
+        return idem_error_set(IDEM_EINVAL, "idempotency key is NULL but its length is %zu", req->key_len);
+    if (req->key_len == 0)
+        return idem_error_set(IDEM_EINVAL, "idempotency key is empty; send a key of 1 to %zu bytes",
+                              l->opts.max_key_len);
+    if (req->key_len > l->opts.max_key_len)
+        return idem_error_set(IDEM_EINVAL, "idempotency key is %zu bytes; the limit is %zu (max_key_len)",
+                              req->key_len, l->opts.max_key_len);
+    if (!req->fingerprint && req->fingerprint_len)
+        return idem_error_set(IDEM_EINVAL, "fingerprint is NULL but its length is %zu",
+                              req->fingerprint_len);
+    return IDEM_OK;
+}
+
+/* Add what follows to the driver's message: "redis ...: timeout; the key ..." */
+static int error_append(int rc, const char *more)
+{
+    char *was = strdup(idem_last_error());
+    idem_error_set(rc, "%s; %s", was ? was : idem_strerror(rc), more);
+    free(was);
+    return rc;
+}
+
+static int backend_failed(idem_layer *l, int rc)
+{
+    if (rc == IDEM_EBACKEND)
+        count(&l->backend_errors);
+    return rc;
+}
+
+/* Turn the record that beat our claim into a reply. */
+static int reply_existing(idem_layer *l, const idem_claim *c, const void *buf, size_t len,
+                          uint32_t remaining_ms, idem_reply *reply)
+{
+    idem_record old;
+    if (idem__record_decode(buf, len, &old) != IDEM_OK)
+        return idem_error_set(IDEM_ECORRUPT,
+                              "%s store holds a %zu-byte value under this key that libidempotency did "
+                              "not write; delete it, or give this layer a key_prefix of its own",
+                              l->store->ops->name, len);
+    if (c->rec.has_fingerprint && old.has_fingerprint &&
+        memcmp(c->rec.digest, old.digest, IDEM_DIGEST_LEN) != 0) {
+        count(&l->mismatched);
+        reply->outcome = IDEM_MISMATCH;
+        reply->status = 422;
+        return IDEM_OK;
+    }
+    if (old.state == IDEM_STATE_STARTED) {
+        if (remaining_ms == UINT32_MAX) {
+            uint64_t now = idem_now_ms();
+            uint64_t left = old.deadline_ms > now ? old.deadline_ms - now : 0;
+            remaining_ms = left > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)left;
+        }
+        count(&l->in_progress);
+        reply->outcome = IDEM_IN_PROGRESS;
+        reply->status = 409;
+        reply->retry_after_ms = remaining_ms ? remaining_ms : 1;
+        return IDEM_OK;
+    }
+    int rc = reply_body(reply, old.body, old.body_len);
+    if (rc)
+        return rc;
+    count(&l->replayed);
+    reply->outcome = IDEM_REPLAYED;
+    reply->status = old.status;
+    return IDEM_OK;
+}
+
+int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_reply *reply)
+{
+    idem__error_clear();
+    if (out)
+        *out = NULL;
+    if (!l || !req || !out || !reply)
+        return idem_error_set(IDEM_EINVAL, "idem_begin: layer, req, claim and reply must not be NULL");
+    idem_reply_clear(reply);
+    int rc = check_request(l, req);
+    if (rc)
+        return rc;
+
+    size_t key_len = l->prefix_len + req->key_len;
+    idem_claim *c = calloc(1, sizeof *c + key_len);
+    if (!c)
+        return idem_error_set(IDEM_ENOMEM, "out of memory claiming a key");
+    c->layer = l;
+    c->key_len = key_len;
+    memcpy(c->key, l->prefix, l->prefix_len);
+    memcpy(c->key + l->prefix_len, req->key, req->key_len);
+    c->rec.state = IDEM_STATE_STARTED;
+    c->rec.has_fingerprint = req->fingerprint != NULL;
+    if (c->rec.has_fingerprint)
+        rc = idem__digest(req->fingerprint, req->fingerprint_len, c->rec.digest);
+    if (rc == IDEM_OK)
+        rc = fill_random(c->rec.token, IDEM_TOKEN_LEN);
+    if (rc) {
+        free(c);
+        return rc;
+    }
+
+    uint8_t *enc;
+    size_t enc_len;
+    c->lease_end = mono_ms() + l->opts.lease_ms;
+    c->rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
+    if ((rc = idem__record_encode(&c->rec, &enc, &enc_len))) {
+        free(c);
+        return idem_error_set(rc, "out of memory encoding a claim");
+    }
+    void *existing = NULL;
+    size_t existing_len = 0;
+    uint32_t remaining = UINT32_MAX;
+    rc = l->store->ops->claim(l->store->state, c->key, c->key_len, enc, enc_len, l->opts.lease_ms,
+                              &existing, &existing_len, &remaining);
+    free(enc);
+    if (rc == IDEM_OK && existing)
+        rc = reply_existing(l, c, existing, existing_len, remaining, reply);
+    else if (rc == IDEM_OK)
+        *out = c;
+    free(existing);
+    if (*out != c)
+        free(c);
+    return backend_failed(l, rc);
+}
+
+static void claim_free(idem_claim *c)
+{
+    free(c);
+}
+
+int idem_commit(idem_claim *c, int status, const void *body, size_t len)
+{
+    idem__error_clear();
+    if (!c)
+        return idem_error_set(IDEM_EINVAL, "idem_commit: claim is NULL");
+    idem_layer *l = c->layer;
+    if (c->lost) {
+        claim_free(c);
+        return idem_error_set(IDEM_ELOST, "the claim's lease ended and another request took the key; "
+                                          "this response was not stored");
+    }
+    int rc = check_response(l, status, body, len);
+    if (rc)
+        return rc;
+
+    idem_record done = c->rec;
+    done.state = IDEM_STATE_COMPLETED;
+    done.deadline_ms = 0;
+    done.status = status;
+    done.body = body;
+    done.body_len = len;
+    uint8_t *enc;
+    size_t enc_len;
+    if ((rc = idem__record_encode(&done, &enc, &enc_len)))
+        return idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
+
+    /* A store error is retried until the lease is nearly over: giving the
+     * key up would let a retry repeat a handler that succeeded. */
+    uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
+    for (;;) {
+        rc = l->store->ops->commit(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len,
+                                   (uint64_t)l->opts.ttl_s * 1000u);
+        if (rc != IDEM_EBACKEND)
+            break;
+        count(&l->backend_errors);
+        uint64_t now = mono_ms();
+        if (now + backoff >= c->lease_end)
+            break;
+        sleep_ms(backoff);
+        backoff = backoff * 2 > COMMIT_BACKOFF_MAX_MS ? COMMIT_BACKOFF_MAX_MS : backoff * 2;
+    }
+    free(enc);
+    if (rc == IDEM_OK) {
+        count(&l->executed);
+        claim_free(c);
+    } else if (rc == IDEM_ELOST) {
+        count(&l->lost);
+        claim_free(c);
+        idem_error_set(rc, "the claim's lease ended and another request took the key; this response "
+                           "was not stored (raise lease_ms, or call idem_extend() from long handlers)");
+    } else if (rc == IDEM_EBACKEND) {
+        error_append(rc, "the response is not stored and the key stays claimed until its lease ends "
+                         "(commit again, or abort)");
+    }
+    return rc;
+}
+
+int idem_abort(idem_claim *c)
+{
+    idem__error_clear();
+    if (!c)
+        return idem_error_set(IDEM_EINVAL, "idem_abort: claim is NULL");
+    idem_layer *l = c->layer;
+    int rc = c->lost ? IDEM_ELOST
+                     : l->store->ops->release(l->store->state, c->key, c->key_len, c->rec.token);
+    if (rc == IDEM_ELOST) {
+        if (!c->lost)
+            count(&l->lost);
+        idem_error_set(rc, "the claim's lease had ended and another request took the key");
+    } else if (rc == IDEM_EBACKEND) {
+        count(&l->backend_errors);
+        error_append(rc, "the key frees itself when its lease ends");
+    }
+    count(&l->failed);
+    claim_free(c);
+    return rc;
+}
+
+int idem_extend(idem_claim *c, uint32_t lease_ms)
+{
+    idem__error_clear();
+    if (!c)
+        return idem_error_set(IDEM_EINVAL, "idem_extend: claim is NULL");
+    if (lease_ms == 0)
+        return idem_error_set(IDEM_EINVAL, "idem_extend: lease_ms is 0");
+    if (c->lost)
+        return idem_error_set(IDEM_ELOST, "the claim was already taken over");
+    idem_layer *l = c->layer;
+    idem_record next = c->rec;
+    uint64_t lease_end = mono_ms() + lease_ms;
+    next.deadline_ms = idem_now_ms() + lease_ms;
+    uint8_t *enc;
+    size_t enc_len;
+    int rc = idem__record_encode(&next, &enc, &enc_len);
+    if (rc)
+        return idem_error_set(rc, "out of memory encoding a claim");
+    rc = l->store->ops->extend(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len, lease_ms);
+    free(enc);
+    if (rc == IDEM_OK) {
+        c->rec.deadline_ms = next.deadline_ms;
+        c->lease_end = lease_end;
+    } else if (rc == IDEM_ELOST) {
+        c->lost = true;
+        count(&l->lost);
+        idem_error_set(rc, "the claim's lease ended and another request took the key; "
+                           "commit or abort it to free it");
+    }
+    return backend_failed(l, rc);
+}
+
+/* ---- the decorator ---- */
+
+int idem_run(idem_layer *l, const idem_request *req, idem_handler fn, void *arg, idem_reply *reply)
+{
+    idem_claim *c;
+    if (!fn) {
+        idem_reply_clear(reply);
+        return idem_error_set(IDEM_EINVAL, "idem_run: handler is NULL");
+    }
+    int rc = idem_begin(l, req, &c, reply);
+    if (rc || !c)
+        return rc;
+
+    idem_response resp = {.layer = l, .status = 200};
+    int herr = fn(arg, &resp);
+    if (herr != 0) {
+        free(resp.body);
+        int arc = idem_abort(c);
+        (void)arc; /* a key the store could not free frees itself when its lease ends */
+        reply->outcome = IDEM_FAILED;
+        reply->status = 500;
+        reply->handler_error = herr;
+        idem__error_clear();
+        return IDEM_OK;
+    }
+    rc = idem_commit(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
+    if (rc == IDEM_EBACKEND)
+        claim_free(c); /* the key stays claimed in the store until its lease ends */
+    reply->outcome = IDEM_EXECUTED;
+    reply->status = resp.status;
+    if (resp.body) {
+        reply->body = resp.body;
+        reply->body_len = resp.len;
+    } else if (reply_body(reply, "", 0) != IDEM_OK) {
+        return IDEM_ENOMEM;
+    }
+    return rc;
+}

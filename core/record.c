@@ -1,0 +1,133 @@
+/* The versioned record encoding (layout in <idempotency/backend.h>). */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/evp.h>
+
+#include "internal.h"
+
+#define RECORD_VERSION       1
+#define FLAG_FINGERPRINT     0x01u
+#define OFF_FLAGS            6
+#define OFF_ZERO             7
+#define OFF_DIGEST           32
+#define OFF_STATUS           IDEM_RECORD_HEADER_LEN
+#define OFF_BODY_LEN         (IDEM_RECORD_HEADER_LEN + 4)
+#define MAX_STATUS           999
+
+static const uint8_t magic[4] = {'I', 'D', 'E', 'M'};
+
+static void put_be32(uint8_t *p, uint32_t v)
+{
+    for (int i = 3; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static uint32_t get_be32(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static uint64_t get_be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+uint64_t idem_now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len)
+{
+    bool completed = rec->state == IDEM_STATE_COMPLETED;
+    size_t len = completed ? IDEM_RECORD_COMPLETED_OVERHEAD + rec->body_len : IDEM_RECORD_HEADER_LEN;
+    uint8_t *p = malloc(len);
+    if (!p)
+        return IDEM_ENOMEM;
+    memcpy(p, magic, sizeof magic);
+    p[4] = RECORD_VERSION;
+    p[IDEM_RECORD_STATE_OFFSET] = (uint8_t)rec->state;
+    p[OFF_FLAGS] = rec->has_fingerprint ? FLAG_FINGERPRINT : 0;
+    p[OFF_ZERO] = 0;
+    memcpy(p + IDEM_RECORD_TOKEN_OFFSET, rec->token, IDEM_TOKEN_LEN);
+    put_be64(p + IDEM_RECORD_DEADLINE_OFFSET, completed ? 0 : rec->deadline_ms);
+    if (rec->has_fingerprint)
+        memcpy(p + OFF_DIGEST, rec->digest, IDEM_DIGEST_LEN);
+    else
+        memset(p + OFF_DIGEST, 0, IDEM_DIGEST_LEN);
+    if (completed) {
+        put_be32(p + OFF_STATUS, (uint32_t)rec->status);
+        put_be32(p + OFF_BODY_LEN, (uint32_t)rec->body_len);
+        if (rec->body_len)
+            memcpy(p + IDEM_RECORD_COMPLETED_OVERHEAD, rec->body, rec->body_len);
+    }
+    *out = p;
+    *out_len = len;
+    return IDEM_OK;
+}
+
+int idem_record_peek(const void *buf, size_t len, idem_record_info *out)
+{
+    const uint8_t *p = buf;
+    if (!p || !out || len < IDEM_RECORD_HEADER_LEN || memcmp(p, magic, sizeof magic) != 0 ||
+        p[4] != RECORD_VERSION)
+        return IDEM_ECORRUPT;
+    int state = p[IDEM_RECORD_STATE_OFFSET];
+    if (state == IDEM_STATE_STARTED ? len != IDEM_RECORD_HEADER_LEN
+        : state == IDEM_STATE_COMPLETED ? len < IDEM_RECORD_COMPLETED_OVERHEAD
+        : true)
+        return IDEM_ECORRUPT;
+    out->state = state;
+    out->token = p + IDEM_RECORD_TOKEN_OFFSET;
+    out->deadline_ms = get_be64(p + IDEM_RECORD_DEADLINE_OFFSET);
+    return IDEM_OK;
+}
+
+int idem__record_decode(const void *buf, size_t len, idem_record *rec)
+{
+    const uint8_t *p = buf;
+    idem_record_info info;
+    if (idem_record_peek(buf, len, &info) != IDEM_OK)
+        return IDEM_ECORRUPT;
+    if ((p[OFF_FLAGS] & ~FLAG_FINGERPRINT) != 0 || p[OFF_ZERO] != 0)
+        return IDEM_ECORRUPT;
+    memset(rec, 0, sizeof *rec);
+    rec->state = info.state;
+    memcpy(rec->token, info.token, IDEM_TOKEN_LEN);
+    rec->deadline_ms = info.deadline_ms;
+    rec->has_fingerprint = (p[OFF_FLAGS] & FLAG_FINGERPRINT) != 0;
+    memcpy(rec->digest, p + OFF_DIGEST, IDEM_DIGEST_LEN);
+    if (info.state == IDEM_STATE_STARTED)
+        return IDEM_OK;
+    if (info.deadline_ms != 0)
+        return IDEM_ECORRUPT;
+    uint32_t status = get_be32(p + OFF_STATUS);
+    uint32_t body_len = get_be32(p + OFF_BODY_LEN);
+    if (status > MAX_STATUS || body_len != len - IDEM_RECORD_COMPLETED_OVERHEAD)
+        return IDEM_ECORRUPT;
+    rec->status = (int)status;
+    rec->body = p + IDEM_RECORD_COMPLETED_OVERHEAD;
+    rec->body_len = body_len;
+    return IDEM_OK;
+}
+
+int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
+{
+    unsigned int n = 0;
+    if (!EVP_Digest(data, len, out, &n, EVP_sha256(), NULL) || n != IDEM_DIGEST_LEN)
+        return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto");
+    return IDEM_OK;
+}

@@ -1,0 +1,275 @@
+/*
+ * libidempotency: run a request handler once per idempotency key, across
+ * threads, processes and machines that share one store.
+ *
+ * Conventions used throughout this header:
+ *   - Every function returns IDEM_OK (0) or a negative IDEM_E* code unless its
+ *     comment says otherwise. On failure, idem_last_error() returns a sentence
+ *     that says what failed and what to do next, for the calling thread.
+ *   - Out-parameters come first; what they point to afterwards is owned by
+ *     the caller and released with the matching *_free / *_clear / *_close.
+ *   - "Thread-safe" means the object may be used by many threads at once
+ *     without locking of your own.
+ *
+ * Driver authors: see <idempotency/backend.h>.
+ */
+#ifndef IDEMPOTENCY_IDEMPOTENCY_H
+#define IDEMPOTENCY_IDEMPOTENCY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#  define IDEM_API
+#else
+#  define IDEM_API __attribute__((visibility("default")))
+#endif
+
+#define IDEM_VERSION_MAJOR 0
+#define IDEM_VERSION_MINOR 1
+#define IDEM_VERSION_PATCH 0
+
+/* ------------------------------------------------------------------------ */
+/* Errors                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * The one table of error codes: name, value, message. Codes are only ever
+ * appended; none is removed or renumbered.
+ */
+#define IDEM_ERROR_MAP(X)                                                        \
+    X(OK,           0, "success")                                               \
+    X(EINVAL,      -1, "invalid argument")                                      \
+    X(ENOMEM,      -2, "out of memory")                                         \
+    X(EBACKEND,    -3, "store unreachable or failing")                          \
+    X(ELOST,       -4, "claim lost: its lease ended and another request took the key") \
+    X(ECORRUPT,    -5, "record in the store was not written by this library")   \
+    X(ETOOBIG,     -6, "response larger than the configured or store limit")    \
+    X(EUNSUPPORTED,-7, "not supported by this build or this store")
+
+typedef enum idem_error {
+#define IDEM_ERROR_ENUM_(name, value, msg) IDEM_##name = (value),
+    IDEM_ERROR_MAP(IDEM_ERROR_ENUM_)
+#undef IDEM_ERROR_ENUM_
+} idem_error;
+
+/* The fixed message of a code ("unknown error" for a code not in the table).
+ * Never NULL; the string is static. Thread-safe. */
+IDEM_API const char *idem_strerror(int err);
+
+/* The code's name as written in C ("IDEM_ELOST"); "IDEM_UNKNOWN" otherwise. */
+IDEM_API const char *idem_error_name(int err);
+
+/* The detail of the calling thread's last failure: what failed, on which
+ * store, and what to do next. Never NULL ("" when nothing failed yet). The
+ * string stays valid until this thread's next call into the library.
+ * Passwords from store URLs never appear in it. */
+IDEM_API const char *idem_last_error(void);
+
+/* ------------------------------------------------------------------------ */
+/* Stores                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * A connection to one store, chosen by URL scheme at run time:
+ *
+ *   sqlite:///absolute/path.db          embedded, one host (WAL mode)
+ *   redis://[:password@]host:port[/db][?connect_timeout_ms=N&timeout_ms=N]
+ *   redis+unix:///path/to/redis.sock[?db=N&password=...]
+ *   memcached://host:port[,host:port...][?timeout_ms=N]
+ *
+ * Thread-safe: a store keeps its own pool of connections, so one store
+ * serves every thread of a process.
+ */
+typedef struct idem_store idem_store;
+
+/* Open a store. On success *out is a new store to close with
+ * idem_store_close(); on failure *out is NULL.
+ * Errors: IDEM_EINVAL (NULL argument, malformed URL, unknown scheme),
+ * IDEM_EUNSUPPORTED (the driver for the scheme is not built in),
+ * IDEM_EBACKEND (the store could not be reached or set up), IDEM_ENOMEM. */
+IDEM_API int idem_store_open(idem_store **out, const char *url);
+
+/* Close a store and its connections. Every layer made on it must have been
+ * freed first. NULL is a no-op. */
+IDEM_API void idem_store_close(idem_store *store);
+
+/* The driver's name: "sqlite", "redis", "memcached", or a custom driver's.
+ * Static string; NULL for a NULL store. */
+IDEM_API const char *idem_store_backend(const idem_store *store);
+
+/* ------------------------------------------------------------------------ */
+/* Policy                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct idem_options {
+    uint32_t    lease_ms;          /* how long a claim blocks its key if its holder dies; default 60000 */
+    uint32_t    ttl_s;             /* how long a completed response is replayed; default 86400 */
+    const char *key_prefix;        /* prepended to every key in the store; default "idem:"; copied */
+    size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
+    size_t      max_response_len;  /* largest accepted response body; default 1 MiB */
+    /* Fields may be appended in later versions; idem_options_init() fills
+     * them all, so always call it before setting fields of your own. */
+} idem_options;
+
+/* Fill *opts with the defaults above. NULL is a no-op. */
+IDEM_API void idem_options_init(idem_options *opts);
+
+/* ------------------------------------------------------------------------ */
+/* Layers                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* A policy bound to a store. Thread-safe. Two layers with different key
+ * prefixes on one store never see each other's records. */
+typedef struct idem_layer idem_layer;
+
+/* Make a layer. opts NULL means the defaults; opts is copied. The store must
+ * outlive the layer.
+ * Errors: IDEM_EINVAL (NULL out or store; lease_ms, ttl_s or max_key_len 0;
+ * a prefix longer than 255 bytes), IDEM_ENOMEM. */
+IDEM_API int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts);
+
+/* Free a layer. Every claim made through it must have been committed or
+ * aborted first. NULL is a no-op. */
+IDEM_API void idem_layer_free(idem_layer *layer);
+
+/* ------------------------------------------------------------------------ */
+/* One request                                                              */
+/* ------------------------------------------------------------------------ */
+
+typedef struct idem_request {
+    const void *key;          /* the idempotency key: any bytes, 1..max_key_len */
+    size_t      key_len;
+    const void *fingerprint;  /* the request's payload or its hash; NULL: not checked */
+    size_t      fingerprint_len;
+} idem_request;
+
+typedef enum idem_outcome {
+    IDEM_EXECUTED = 1,  /* the handler ran now; its response is stored */
+    IDEM_REPLAYED,      /* an earlier request completed; its response, byte for byte */
+    IDEM_IN_PROGRESS,   /* another request holds the key; retry after retry_after_ms (HTTP 409) */
+    IDEM_MISMATCH,      /* the key was used with a different fingerprint; nothing ran (HTTP 422) */
+    IDEM_FAILED         /* the handler failed; nothing stored, key freed for a retry */
+} idem_outcome;
+
+typedef struct idem_reply {
+    idem_outcome   outcome;
+    int            status;          /* handler's or stored status; 409 for IN_PROGRESS; 422 for MISMATCH */
+    unsigned char *body;            /* owned by the reply; NUL-terminated; NULL when there is none */
+    size_t         body_len;
+    uint32_t       retry_after_ms;  /* IN_PROGRESS only: time left on the holder's lease */
+    int            handler_error;   /* FAILED only: the handler's return value */
+} idem_reply;
+
+/* Release a reply's body and zero it, ready for reuse. NULL is a no-op.
+ * A reply passed to idem_run() or idem_begin() may hold an earlier body: it
+ * is released first. A zero-initialised reply is always valid. */
+IDEM_API void idem_reply_clear(idem_reply *reply);
+
+/* ------------------------------------------------------------------------ */
+/* The decorator                                                            */
+/* ------------------------------------------------------------------------ */
+
+/* The response a handler is building. Only valid inside the handler. */
+typedef struct idem_response idem_response;
+
+/* Set the response: status (100..999) and a body that is copied. Calling it
+ * again replaces the earlier one. len 0 with body NULL is an empty body.
+ * Errors: IDEM_EINVAL (NULL resp, status out of range, NULL body with len >
+ * 0), IDEM_ETOOBIG (len above the layer's max_response_len or what the store
+ * can hold; the earlier response, if any, stays), IDEM_ENOMEM.
+ * A handler that returns 0 without setting a response stores status 200 and
+ * an empty body. */
+IDEM_API int idem_response_set(idem_response *resp, int status, const void *body, size_t len);
+
+/* A handler: 0 means success and its response is stored; any other value is
+ * a failure, and the key is freed so that a retry runs the handler again. */
+typedef int (*idem_handler)(void *arg, idem_response *resp);
+
+/*
+ * Run fn at most once per key.
+ *
+ * Returns IDEM_OK with reply->outcome set to one of idem_outcome, or:
+ *   IDEM_EINVAL    NULL layer, req, fn or reply; key empty or longer than
+ *                  max_key_len; NULL key or fingerprint pointer with a length
+ *   IDEM_EBACKEND  the store failed before the handler ran (nothing ran), or
+ *                  the handler succeeded and its response could not be stored
+ *                  within the lease: then reply holds IDEM_EXECUTED and the
+ *                  response, and the key stays claimed until the lease ends
+ *   IDEM_ECORRUPT  the store holds, under this key, a record this library did
+ *                  not write; nothing ran
+ *   IDEM_ELOST     the handler ran longer than the lease, another request took
+ *                  the key, and this response was not stored (reply holds it)
+ *   IDEM_ENOMEM
+ * Thread-safe. fn is called on the calling thread, at most once.
+ */
+IDEM_API int idem_run(idem_layer *layer, const idem_request *req, idem_handler fn, void *arg,
+                      idem_reply *reply);
+
+/* ------------------------------------------------------------------------ */
+/* The same in steps                                                        */
+/* ------------------------------------------------------------------------ */
+
+/* A held key. Not thread-safe: one thread at a time may use a claim. */
+typedef struct idem_claim idem_claim;
+
+/*
+ * Claim the key of req.
+ *   IDEM_OK, *claim != NULL: the caller holds the key and must call
+ *       idem_commit() or idem_abort(), which free the claim.
+ *   IDEM_OK, *claim == NULL: reply holds IDEM_REPLAYED, IDEM_IN_PROGRESS or
+ *       IDEM_MISMATCH.
+ * Errors are those of idem_run() before the handler runs; *claim is NULL.
+ */
+IDEM_API int idem_begin(idem_layer *layer, const idem_request *req, idem_claim **claim,
+                        idem_reply *reply);
+
+/*
+ * Store the response and free the claim. A store error is retried within
+ * the lease before it is returned.
+ *   IDEM_OK      stored; the claim is freed
+ *   IDEM_ELOST   the lease had ended and another request took the key;
+ *                nothing changed; the claim is freed
+ *   IDEM_ETOOBIG the response is over the limit; the claim stays (commit a
+ *                smaller one or abort)
+ *   IDEM_EBACKEND the store kept failing until the lease was nearly over;
+ *                the claim stays and the key stays claimed (commit again,
+ *                or abort)
+ *   IDEM_EINVAL  NULL claim, status out of range, NULL body with len > 0
+ *                (the claim, if any, stays)
+ */
+IDEM_API int idem_commit(idem_claim *claim, int status, const void *body, size_t len);
+
+/* Give the key up so a retry runs, and free the claim (always, even on
+ * error). IDEM_ELOST: the key had already been taken over. IDEM_EBACKEND:
+ * the store could not be told; the key frees itself when the lease ends.
+ * NULL is IDEM_EINVAL. */
+IDEM_API int idem_abort(idem_claim *claim);
+
+/* Renew the lease to lease_ms from now, for a handler that runs long.
+ * IDEM_ELOST: the claim was taken over; it must still be committed or
+ * aborted, and both then return IDEM_ELOST and free it. IDEM_EBACKEND: the
+ * store failed; the old lease stands. IDEM_EINVAL: NULL claim or lease 0. */
+IDEM_API int idem_extend(idem_claim *claim, uint32_t lease_ms);
+
+/* ------------------------------------------------------------------------ */
+/* Counters                                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef struct idem_stats {
+    uint64_t executed, replayed, in_progress, mismatched, failed, lost, backend_errors;
+} idem_stats;
+
+/* Counters since idem_layer_new(), read without locking (each is exact; the
+ * set is not one atomic snapshot). Zeroes *out for a NULL layer. */
+IDEM_API void idem_layer_stats(const idem_layer *layer, idem_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* IDEMPOTENCY_IDEMPOTENCY_H */
