@@ -76,7 +76,7 @@
 #define MAX_THREADS   4
 #define MAX_PROCS     2
 #define PROC_LAT_CAP  (1u << 20)   /* latency samples one child process keeps per round */
-#define KEY_FMT       "%c%08x%03u%02u%c%010llu"   /* 25 bytes for every key of every path */
+#define KEY_LEN       26           /* every key of every path and side */
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                            */
@@ -760,12 +760,34 @@ static void note_error(const char *what, const char *detail)
     pthread_mutex_unlock(&g_err_mu);
 }
 
+/* Write v as exactly width decimal digits (the low ones). */
+static void put_dec(char *p, unsigned long long v, int width)
+{
+    for (int i = width - 1; i >= 0; i--, v /= 10)
+        p[i] = (char)('0' + v % 10);
+}
+
 /* The key of prepared record i ('p' replay, 'i' in-progress) or of a new
- * key; 25 bytes whatever the path, the side or the counter. */
+ * key ('n'); KEY_LEN bytes whatever the path, the side or the counter.
+ * Formatted by hand: snprintf would cost as much as a replay's own work
+ * in the library and blur the ratio. */
 static size_t make_key(char *out, char kind, const config *cfg, unsigned tid, char side_c,
                        unsigned long long n)
 {
-    return (size_t)snprintf(out, 32, KEY_FMT, kind, g_nonce, cfg->id % 1000, tid % 100, side_c, n);
+    static const char hex[] = "0123456789abcdef";
+    char *p = out;
+    *p++ = kind;
+    for (int i = 7; i >= 0; i--)
+        *p++ = hex[(g_nonce >> (4 * i)) & 15];
+    put_dec(p, cfg->id % 1000, 3);
+    p += 3;
+    put_dec(p, tid % 100, 2);
+    p += 2;
+    *p++ = side_c;
+    put_dec(p, n, 11);
+    p += 11;
+    *p = '\0';
+    return (size_t)(p - out);
 }
 
 static int bench_handler(void *arg, idem_response *resp)
@@ -844,7 +866,7 @@ static void *worker_main(void *arg)
         bool fresh = p == P_NEW || (p == P_MIX && i % 5 == 4);
         size_t key_len;
         if (fresh)
-            key_len = make_key(key, 'n', cfg, w->tid, side_c, (unsigned long long)w->round << 32 | i);
+            key_len = make_key(key, 'n', cfg, w->tid, side_c, (unsigned long long)w->round * 10000000000ull + i);
         else
             key_len = make_key(key, p == P_INPROG ? 'i' : 'p', cfg, 0, side_c,
                                (i * 7 + w->tid * 31) % KEYSET);
@@ -1078,11 +1100,32 @@ static void finish_side(const config *cfg, side *sd, result *r, int i)
 }
 
 static unsigned g_config_id;
+static const char *g_only_paths, *g_only_conc; /* --paths, --conc: NULL is all */
+
+/* Is name one of the comma-separated list (NULL: everything is)? */
+static bool listed(const char *list, const char *name)
+{
+    if (!list)
+        return true;
+    size_t n = strlen(name);
+    for (const char *p = list; *p;) {
+        const char *comma = strchr(p, ',');
+        size_t len = comma ? (size_t)(comma - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0)
+            return true;
+        p += len + (comma != NULL);
+    }
+    return false;
+}
 
 static void run_config(backend *b, idem_layer *layer, enum path p, int threads, int procs, double seconds,
                        int rounds)
 {
     config cfg = {.b = b, .path = p, .threads = threads, .procs = procs, .id = ++g_config_id};
+    char conc[16];
+    snprintf(conc, sizeof conc, procs > 1 ? "%dp" : "%dt", procs > 1 ? procs : threads);
+    if (!listed(g_only_paths, path_names[p]) || !listed(g_only_conc, conc))
+        return;
     if (p != P_NEW)
         prepare_keys(&cfg, layer, p == P_MIX ? P_REPLAY : p);
     side lib = {.raw = false, .layer = layer}, raw = {.raw = true};
@@ -1096,10 +1139,7 @@ static void run_config(backend *b, idem_layer *layer, enum path p, int threads, 
     result *res = &results[nresults++];
     snprintf(res->backend, sizeof res->backend, "%s", b->name);
     snprintf(res->path, sizeof res->path, "%s", path_names[p]);
-    if (procs > 1)
-        snprintf(res->conc, sizeof res->conc, "%dp", procs);
-    else
-        snprintf(res->conc, sizeof res->conc, "%dt", threads);
+    snprintf(res->conc, sizeof res->conc, "%s", conc);
     res->has_lib = layer != NULL;
     res->has_raw = b->raw != NULL;
     finish_side(&cfg, &lib, res, 0);
@@ -1389,13 +1429,15 @@ static void usage(FILE *f)
 {
     fprintf(f,
             "usage: idem_bench [--quick] [--seconds N] [--rounds N] [--csv FILE] [--only STORE[,STORE]]\n"
-            "                  [--url STORE=URL]\n"
+            "                  [--paths LIST] [--conc LIST] [--url STORE=URL]\n"
             "  --seconds N   measuring time per store, path and concurrency, shared by library\n"
             "                and raw rounds (default 1.5; the whole run then takes about a minute)\n"
             "  --rounds N    alternating library/raw rounds per configuration (default 4)\n"
             "  --quick       a smoke run: --seconds 0.08 --rounds 2, fewer records for memory\n"
             "  --csv FILE    also write the figures as CSV (default idem_bench.csv)\n"
             "  --only LIST   measure only these stores (sqlite, redis, memcached)\n"
+            "  --paths LIST  only these paths (new, replay, in-progress, mix)\n"
+            "  --conc LIST   only these concurrencies (1t, 4t, 2p)\n"
             "  --url S=URL   use a running server for store S instead of starting one\n");
 }
 
@@ -1408,10 +1450,11 @@ int main(int argc, char **argv)
         {"quick", no_argument, NULL, 'q'},   {"seconds", required_argument, NULL, 's'},
         {"rounds", required_argument, NULL, 'r'}, {"csv", required_argument, NULL, 'c'},
         {"only", required_argument, NULL, 'o'},   {"url", required_argument, NULL, 'u'},
+        {"paths", required_argument, NULL, 'p'},  {"conc", required_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},    {0},
     };
     int ch;
-    while ((ch = getopt_long(argc, argv, "qs:r:c:o:u:h", opts, NULL)) != -1) {
+    while ((ch = getopt_long(argc, argv, "qs:r:c:o:u:p:t:h", opts, NULL)) != -1) {
         switch (ch) {
         case 'q':
             seconds = 0.08;
@@ -1433,6 +1476,12 @@ int main(int argc, char **argv)
             break;
         case 'o':
             only = optarg;
+            break;
+        case 'p':
+            g_only_paths = optarg;
+            break;
+        case 't':
+            g_only_conc = optarg;
             break;
         case 'u': {
             const char *eq = strchr(optarg, '=');
@@ -1470,7 +1519,7 @@ int main(int argc, char **argv)
 
     for (size_t i = 0; i < NBACKENDS; i++) {
         backend *b = &backends[i];
-        if (only && !strstr(only, b->name))
+        if (!listed(only, b->name))
             continue;
         if (!b->lib_built && !b->raw) {
             fprintf(stderr, "idem_bench: %s: neither the driver nor a raw client is built in; skipped\n", b->name);
