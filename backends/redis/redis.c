@@ -189,6 +189,8 @@ static int context_error(const store *s, const redisContext *c, const char *what
     }
     if (c->err == REDIS_ERR_IO && errstr_is(c, ECONNRESET))
         return backend_error(s, what, "connection reset by the server");
+    if (c->err == REDIS_ERR_OTHER && !s->socket_path && strcmp(what, "connecting") == 0)
+        return backend_error(s, what, "%s; check the host name in the store URL", c->errstr);
     return backend_error(s, what, "%s", c->errstr[0] ? c->errstr : "unknown hiredis error");
 }
 
@@ -211,7 +213,10 @@ static int reply_error(const store *s, const redisReply *r, const char *what)
         hint = "; the server reached maxmemory: raise it, or use an eviction policy of volatile-*";
     else if (strncmp(msg, "LOADING", 7) == 0)
         hint = "; the server is loading its data set after a restart: retry shortly";
-    return backend_error(s, what, "the server answered: %s%s", msg, hint);
+    int n = (int)strlen(msg);
+    if (n > 0 && msg[n - 1] == '.') /* "NOAUTH Authentication required." */
+        n--;
+    return backend_error(s, what, "the server answered: %.*s%s", n, msg, hint);
 }
 
 /* ---- connections ---- */
@@ -251,8 +256,10 @@ static int conn_setup(store *s, redisContext *ctx)
         redisReply *r = reply;
         if (ret == IDEM_OK && r->type == REDIS_REPLY_ERROR) {
             if (auth)
-                ret = backend_error(s, what, "the server refused the password (%s); check the "
+                ret = backend_error(s, what, "the server refused the password (%.*s); check the "
                                     "user name and password in the store URL",
+                                    r->str && r->len && r->str[r->len - 1] == '.' ? (int)r->len - 1
+                                                                                  : (int)r->len,
                                     r->str ? r->str : "");
             else
                 ret = backend_error(s, what, "SELECT %lu failed (%s); the URL's database number "
