@@ -1,7 +1,6 @@
 /* The Redis driver against real redis-server processes: faults, URLs,
  * fencing and the number of round trips. The behaviour every driver shares
  * is in conformance.c. */
-#define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pthread.h>

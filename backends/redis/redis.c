@@ -17,7 +17,6 @@
  * freed, never pooled again, and the idle ones are dropped with it (they
  * talk to the same server, which most likely went away).
  */
-#define _GNU_SOURCE /* asprintf */
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>

@@ -1,5 +1,4 @@
 /* Test support: temporary stores and the server processes behind them. */
-#define _GNU_SOURCE /* asprintf, nftw */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>

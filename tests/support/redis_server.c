@@ -1,5 +1,4 @@
 /* Test support: a redis-server on a free loopback port, without persistence. */
-#define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
