@@ -209,7 +209,9 @@ static int reply_error(const store *s, const redisReply *r, const char *what)
              strstr(msg, "without any password"))
         hint = "; check the user name and password in the store URL";
     else if (strncmp(msg, "OOM", 3) == 0)
-        hint = "; the server reached maxmemory: raise it, or use an eviction policy of volatile-*";
+        hint = "; the server reached maxmemory: raise it (keep maxmemory-policy noeviction: every "
+               "record has a TTL, so a volatile-* or allkeys-* policy may evict one and let a "
+               "duplicate run)";
     else if (strncmp(msg, "LOADING", 7) == 0)
         hint = "; the server is loading its data set after a restart: retry shortly";
     int n = (int)strlen(msg);
