@@ -4,6 +4,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -522,6 +523,38 @@ Test(redis, restart_while_the_pool_is_idle_costs_no_request)
     for (int i = 0; i < 20; i++)
         cr_assert_eq(atomic_load(&after.execs[i]), 1, "key post-%d ran %d times", i,
                      atomic_load(&after.execs[i]));
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+Test(redis, server_that_stops_answering_mid_run_times_out_and_recovers)
+{
+    char url[128];
+    snprintf(url, sizeof url, "%s?timeout_ms=200", srv.url);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "before", 6, &a, &r), IDEM_OK, "%s", idem_last_error());
+
+    kill(srv.pids[0], SIGSTOP);
+    uint64_t t0 = mono_ms();
+    int rc = run_key(l, "frozen", 6, &a, &r);
+    uint64_t took = mono_ms() - t0;
+    kill(srv.pids[0], SIGCONT);
+    cr_assert_eq(rc, IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "no reply within 200 ms"), "%s", idem_last_error());
+    cr_assert(took < 1000, "took %llu ms with timeout_ms=200", (unsigned long long)took);
+    cr_assert_eq(atomic_load(&a.calls), 1, "nothing runs when the claim timed out");
+
+    /* The timed-out connection is gone: its late reply cannot be taken for
+     * the answer to the next command. */
+    cr_assert_eq(run_key(l, "before", 6, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_eq(run_key(l, "after", 5, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(atomic_load(&a.calls), 2);
+    idem_reply_clear(&r);
     idem_layer_free(l);
     idem_store_close(st);
 }
