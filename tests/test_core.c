@@ -1828,3 +1828,11 @@ Test(core, each_counter_moves_exactly_when_it_should)
     idem_layer_free(l2);
     idem_reply_clear(&r);
 }
+
+Test(core, error_set_may_quote_the_current_message)
+{
+    idem_error_set(IDEM_EBACKEND, "store %s: down", "x");
+    cr_assert_eq(idem_error_set(IDEM_EBACKEND, "%s; %s", idem_last_error(), "the key frees itself"),
+                 IDEM_EBACKEND);
+    cr_assert_str_eq(idem_last_error(), "store x: down; the key frees itself");
+}

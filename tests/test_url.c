@@ -362,11 +362,11 @@ Test(url, store_open_with_a_known_driver_left_out_of_this_build_is_eunsupported)
         {"memcached", "memcached://127.0.0.1:1"},
         {"sqlite", "sqlite:///nonexistent/x.db"},
     };
-    int tried = 0;
     for (size_t i = 0; i < sizeof known / sizeof known[0]; i++) {
+        const char *pkg = idem__missing_backend_hint(known[i].name);
+        cr_assert(pkg && strstr(pkg, "-dev"), "no package named for %s", known[i].name);
         if (built_in(known[i].name))
-            continue;
-        tried++;
+            continue; /* only the hint can be checked: opening would reach the driver */
         idem_store *s = (idem_store *)&s;
         cr_assert_eq(idem_store_open(&s, known[i].url), IDEM_EUNSUPPORTED, "%s", known[i].url);
         cr_assert_null(s);
@@ -374,8 +374,6 @@ Test(url, store_open_with_a_known_driver_left_out_of_this_build_is_eunsupported)
                       strstr(idem_last_error(), idem__missing_backend_hint(known[i].name)) != NULL,
                   "the message does not name the driver and its package: '%s'", idem_last_error());
     }
-    if (!tried)
-        cr_skip_test("every known driver is built in");
 }
 
 Test(url, store_open_with_a_malformed_url_is_einval)
