@@ -29,6 +29,11 @@ extern const idem_backend *const idem__builtin_backends[];
  * the scheme is not one the project knows. */
 const char *idem__missing_backend_hint(const char *scheme);
 
+/* ---- layer.c ---- */
+/* Random bytes from getrandom(), buffered per thread and never repeated
+ * across fork(). IDEM_OK or IDEM_EBACKEND. */
+int idem__random_bytes(uint8_t *buf, size_t len);
+
 /* ---- record.c ---- */
 #define IDEM_DIGEST_LEN 32
 

@@ -1,5 +1,6 @@
 /* The state machine of one key: claim, then commit or abort (or extend). */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -208,18 +209,49 @@ int idem_response_set(idem_response *resp, int status, const void *body, size_t 
 
 /* ---- claims ---- */
 
-static int fill_random(uint8_t *buf, size_t len)
+/* Claim tokens come from getrandom() through a per-thread buffer, so a
+ * request costs no system call. A child process after fork() starts with a
+ * copy of its parent's buffer: the generation counter makes it refill, so
+ * two processes never hand out the same bytes. */
+#define RANDOM_POOL 512
+
+static atomic_uint random_generation;
+static pthread_once_t random_atfork_once = PTHREAD_ONCE_INIT;
+static _Thread_local uint8_t  random_pool[RANDOM_POOL];
+static _Thread_local size_t   random_left;
+static _Thread_local unsigned random_pool_generation;
+
+static void random_after_fork(void)
 {
-    while (len) {
-        ssize_t n = getrandom(buf, len, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return idem_error_set(IDEM_EBACKEND, "getrandom failed: %s", strerror(errno));
+    atomic_fetch_add(&random_generation, 1);
+}
+
+static void random_atfork(void)
+{
+    (void)pthread_atfork(NULL, NULL, random_after_fork);
+}
+
+int idem__random_bytes(uint8_t *buf, size_t len)
+{
+    (void)pthread_once(&random_atfork_once, random_atfork);
+    unsigned gen = atomic_load(&random_generation);
+    if (random_pool_generation != gen || random_left < len) {
+        size_t got = 0;
+        while (got < RANDOM_POOL) {
+            ssize_t n = getrandom(random_pool + got, RANDOM_POOL - got, 0);
+            if (n < 0 && errno != EINTR) {
+                random_left = 0;
+                return idem_error_set(IDEM_EBACKEND, "getrandom failed: %s", strerror(errno));
+            }
+            got += n > 0 ? (size_t)n : 0;
         }
-        buf += n;
-        len -= (size_t)n;
+        random_left = RANDOM_POOL;
+        random_pool_generation = gen;
     }
+    uint8_t *take = random_pool + RANDOM_POOL - random_left;
+    memcpy(buf, take, len);
+    memset(take, 0, len); /* a token is never handed out twice, nor left behind */
+    random_left -= len;
     return IDEM_OK;
 }
 
@@ -315,7 +347,7 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     if (c->rec.has_fingerprint)
         rc = idem__digest(req->fingerprint, req->fingerprint_len, c->rec.digest);
     if (rc == IDEM_OK)
-        rc = fill_random(c->rec.token, IDEM_TOKEN_LEN);
+        rc = idem__random_bytes(c->rec.token, IDEM_TOKEN_LEN);
     if (rc) {
         free(c);
         return rc;

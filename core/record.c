@@ -1,4 +1,5 @@
 /* The versioned record encoding (layout in <idempotency/backend.h>). */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -124,10 +125,20 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
     return IDEM_OK;
 }
 
+/* OpenSSL 3 looks the algorithm up on every EVP_sha256() use; fetch it once. */
+static EVP_MD        *sha256;
+static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+
+static void sha256_fetch(void)
+{
+    sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
 {
     unsigned int n = 0;
-    if (!EVP_Digest(data, len, out, &n, EVP_sha256(), NULL) || n != IDEM_DIGEST_LEN)
+    (void)pthread_once(&sha256_once, sha256_fetch);
+    if (!sha256 || !EVP_Digest(data, len, out, &n, sha256, NULL) || n != IDEM_DIGEST_LEN)
         return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto");
     return IDEM_OK;
 }

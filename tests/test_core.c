@@ -14,7 +14,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <criterion/criterion.h>
 
@@ -1835,4 +1837,28 @@ Test(core, error_set_may_quote_the_current_message)
     cr_assert_eq(idem_error_set(IDEM_EBACKEND, "%s; %s", idem_last_error(), "the key frees itself"),
                  IDEM_EBACKEND);
     cr_assert_str_eq(idem_last_error(), "store x: down; the key frees itself");
+}
+
+Test(core, tokens_differ_between_a_parent_and_its_forked_child)
+{
+    uint8_t warm[16], parent[16], child[16];
+    cr_assert_eq(idem__random_bytes(warm, sizeof warm), IDEM_OK); /* the buffer now holds more */
+    int fds[2];
+    cr_assert_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        uint8_t mine[16] = {0};
+        int rc = idem__random_bytes(mine, sizeof mine);
+        _exit(rc == IDEM_OK && write(fds[1], mine, sizeof mine) == (ssize_t)sizeof mine ? 0 : 1);
+    }
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+    cr_assert_eq(read(fds[0], child, sizeof child), (ssize_t)sizeof child);
+    cr_assert_eq(idem__random_bytes(parent, sizeof parent), IDEM_OK);
+    cr_assert(memcmp(parent, child, sizeof parent) != 0, "the child reused the parent's random bytes");
+    cr_assert(memcmp(warm, parent, sizeof parent) != 0);
+    close(fds[0]);
+    close(fds[1]);
 }
