@@ -489,8 +489,8 @@ int idem_run(idem_layer *l, const idem_request *req, idem_handler fn, void *arg,
         return IDEM_OK;
     }
     rc = idem_commit(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
-    if (rc == IDEM_EBACKEND)
-        claim_free(c); /* the key stays claimed in the store until its lease ends */
+    if (rc != IDEM_OK && rc != IDEM_ELOST)
+        claim_free(c); /* not stored: the key stays claimed in the store until its lease ends */
     reply->outcome = IDEM_EXECUTED;
     reply->status = resp.status;
     if (resp.body) {

@@ -381,6 +381,16 @@ static int sq_release(void *state, const void *key, size_t key_len, const uint8_
     return rc;
 }
 
+/* SQLite refuses values over SQLITE_LIMIT_LENGTH (1e9 bytes by default). */
+static size_t sq_max_record_len(void *state)
+{
+    store *s = state;
+    pthread_mutex_lock(&s->mu);
+    int limit = s->idle ? sqlite3_limit(s->idle->db, SQLITE_LIMIT_LENGTH, -1) : 1000000000;
+    pthread_mutex_unlock(&s->mu);
+    return (size_t)limit;
+}
+
 const idem_backend idem__sqlite_backend = {
     .version = IDEM_BACKEND_VERSION,
     .name = "sqlite",
@@ -390,4 +400,5 @@ const idem_backend idem__sqlite_backend = {
     .commit = sq_commit,
     .release = sq_release,
     .extend = sq_extend,
+    .max_record_len = sq_max_record_len,
 };

@@ -141,7 +141,7 @@ int idem_test_server_restart(idem_test_server *srv, int i)
     if (strncmp(srv->kind, "memcached", 9) == 0)
         return idem_test_restart_memcached(srv, i);
 #endif
-    (void)i;
+    (void)srv, (void)i;
     return -1;
 }
 
