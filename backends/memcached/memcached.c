@@ -420,7 +420,7 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
             continue; /* gone between add and gets: add again */
         now = idem_now_ms();
         int state;
-        if (item_has_token(&it, o->token, &state)) {
+        if (o->token && item_has_token(&it, o->token, &state)) {
             ret = IDEM_OK; /* our own claim, from a try whose answer was lost */
             break;
         }
@@ -702,15 +702,15 @@ static int mc_claim(void *state, const void *key, size_t key_len, const void *re
     int rc = encode_key(key, key_len, ekey, &o.eklen);
     if (rc)
         return rc;
+    /* The core's records count until the deadline inside them; anything
+     * else (a caller planting bytes) for lease_ms. */
     idem_record_info info;
+    o.deadline_ms = idem_now_ms() + lease_ms;
     if (idem_record_peek(record, record_len, &info) == IDEM_OK) {
         o.token = info.token;
-        o.deadline_ms = info.deadline_ms;
-    } else {
-        o.deadline_ms = idem_now_ms() + lease_ms;
+        if (info.state == IDEM_STATE_STARTED && info.deadline_ms)
+            o.deadline_ms = info.deadline_ms;
     }
-    if (!o.token)
-        return idem_error_set(IDEM_EINVAL, "memcached: claim with a record that has no header");
     rc = with_conn(state, &o, do_claim);
     if (rc == IDEM_OK && o.existing) {
         *existing = o.existing;
