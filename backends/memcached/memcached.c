@@ -288,10 +288,11 @@ static int configure(memcached_st *mc, uint32_t timeout_ms)
     return IDEM_OK;
 }
 
-static int acquire(store *s, conn **out)
+/* A pooled connection, or a new one when fresh or the pool is empty. */
+static int acquire(store *s, bool fresh, conn **out)
 {
     pthread_mutex_lock(&s->mu);
-    conn *c = s->idle;
+    conn *c = fresh ? NULL : s->idle;
     if (c) {
         s->idle = c->next;
     } else if ((c = calloc(1, sizeof *c)) && !(c->mc = memcached_clone(NULL, s->master))) {
@@ -528,14 +529,15 @@ static int do_release(memcached_st *mc, op *o, memcached_return_t *mrc)
 /*
  * Run fn on a pooled connection. When memcached failed and the connection
  * had served earlier requests (its socket may be to a server that restarted
- * since), try once more on a fresh connection; a timeout is not retried, so
- * a call never waits much longer than timeout_ms.
+ * since, like every other pooled one), try once more on a new connection,
+ * not another pooled one; a timeout is not retried, so a call never waits
+ * much longer than timeout_ms.
  */
 static int with_conn(store *s, op *o, op_fn fn)
 {
     for (int attempt = 0;; attempt++) {
         conn *c = NULL;
-        int rc = acquire(s, &c);
+        int rc = acquire(s, attempt > 0, &c);
         if (rc)
             return rc;
         memcached_return_t mrc = MEMCACHED_SUCCESS;
