@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <signal.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -623,6 +624,33 @@ Test(memcached, restart_while_idle_leaves_no_stale_connection_to_fail_the_next_r
     cr_assert_eq(idem_test_server_restart(&srv, 1), 0);
     burst_all(l, 1); /* every pooled socket is to a server that died */
     burst_all(l, 2);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+Test(memcached, server_that_stops_answering_costs_timeout_ms_not_a_hang)
+{
+    start(1);
+    char url[256];
+    snprintf(url, sizeof url, "%s?timeout_ms=200", srv.url);
+    idem_store *s = open_store(url);
+    idem_layer *l = new_layer(s, 10000, 3600);
+    job j = {.body = "warm"};
+    idem_reply r = {0};
+    cr_assert_eq(run(l, "warm", 4, &j, &r), IDEM_OK, "%s", idem_last_error());
+
+    kill(srv.pids[0], SIGSTOP); /* connected, but never answers */
+    uint64_t t0 = mono_ms();
+    int rc = run(l, "frozen", 6, &j, &r);
+    uint64_t took = mono_ms() - t0;
+    kill(srv.pids[0], SIGCONT);
+    cr_assert_eq(rc, IDEM_EBACKEND, "%s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "no answer within 200 ms"), "%s", idem_last_error());
+    cr_assert_lt(took, 1000u, "took %llu ms with timeout_ms=200", (unsigned long long)took);
+
+    cr_assert_eq(run(l, "thawed", 6, &j, &r), IDEM_OK, "once it answers again: %s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    idem_reply_clear(&r);
     idem_layer_free(l);
     idem_store_close(s);
 }
