@@ -10,9 +10,8 @@
 #include <idempotency/backend.h>
 #include <idempotency/idempotency.h>
 
-/* The longest prefix a layer accepts, and so the longest store key. */
+/* The longest key prefix a layer accepts. */
 #define IDEM_MAX_PREFIX_LEN 255
-#define IDEM_MAX_STORE_KEY  (IDEM_MAX_PREFIX_LEN + 257)
 
 struct idem_store {
     const idem_backend *ops;

@@ -242,10 +242,7 @@ static int check_request(const idem_layer *l, const idem_request *req)
 /* Add what follows to the driver's message: "redis ...: timeout; the key ..." */
 static int error_append(int rc, const char *more)
 {
-    char *was = strdup(idem_last_error());
-    idem_error_set(rc, "%s; %s", was ? was : idem_strerror(rc), more);
-    free(was);
-    return rc;
+    return idem_error_set(rc, "%s; %s", idem_last_error(), more);
 }
 
 static int backend_failed(idem_layer *l, int rc)

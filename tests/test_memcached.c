@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -790,21 +789,4 @@ Test(memcached, timeout_ms_in_the_url_is_accepted)
     idem_store *s = open_store(url);
     cr_assert_str_eq(idem_store_backend(s), "memcached");
     idem_store_close(s);
-}
-
-/* ---- the payment demo ---- */
-
-Test(memcached, payment_demo_keeps_its_promises_over_memcached)
-{
-    const char *demo = getenv("IDEM_PAYMENT_DEMO");
-    cr_assert(demo, "IDEM_PAYMENT_DEMO is not set; run this through meson test");
-    start(2);
-    char log[4096];
-    snprintf(log, sizeof log, "%s/payment_demo.log", srv.dir);
-    char *argv[] = {(char *)demo, "--backend", "memcached", "--url", srv.url, NULL};
-    pid_t pid = idem_test_spawn(argv, log);
-    cr_assert_gt(pid, 0);
-    int status = 0;
-    cr_assert_eq(waitpid(pid, &status, 0), pid);
-    cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 0, "payment_demo failed; see %s", log);
 }

@@ -261,7 +261,11 @@ IDEM_API int idem_extend(idem_claim *claim, uint32_t lease_ms);
 /* ------------------------------------------------------------------------ */
 
 typedef struct idem_stats {
-    uint64_t executed, replayed, in_progress, mismatched, failed, lost, backend_errors;
+    uint64_t executed;       /* responses stored (idem_run or idem_commit returned IDEM_OK) */
+    uint64_t replayed, in_progress, mismatched;   /* outcomes of claims that lost */
+    uint64_t failed;         /* failed handlers and idem_abort() calls */
+    uint64_t lost;           /* claims found taken over (IDEM_ELOST) */
+    uint64_t backend_errors; /* store calls that failed, retries included */
 } idem_stats;
 
 /* Counters since idem_layer_new(), read without locking (each is exact; the
