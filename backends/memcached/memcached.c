@@ -259,7 +259,7 @@ static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen
         return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; is this a memcached server?", host,
                               port, what, detail);
     return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; is memcached running? start one with: "
-                          "memcached -p %u -l %s", host, port, what, detail, port, host);
+                          "memcached -p %u -l %s -u nobody", host, port, what, detail, port, host);
 }
 
 /* ---- connections ---- */
