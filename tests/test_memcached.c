@@ -147,10 +147,17 @@ typedef struct dump {
     size_t  n;
 } dump;
 
-static void metadump(uint16_t port, dump *d)
+static void metadump_once(uint16_t port, dump *d)
 {
     memset(d, 0, sizeof *d);
+    /* The crawler answers BUSY while it runs a crawl of its own: ask again. */
     char *all = raw_str(port, "lru_crawler metadump all\r\n");
+    for (int tries = 0; strncmp(all, "BUSY", 4) == 0 && tries < 200; tries++) {
+        free(all);
+        usleep(10000);
+        all = raw_str(port, "lru_crawler metadump all\r\n");
+    }
+    cr_assert(strncmp(all, "BUSY", 4) != 0, "memcached's LRU crawler stayed busy for 2 s");
     for (char *line = all; (line = strstr(line, "key=")) != NULL; line++) {
         cr_assert_lt(d->n, 512u);
         char *end = strchr(line, ' ');
@@ -171,6 +178,20 @@ static void metadump(uint16_t port, dump *d)
         d->keys[d->n++] = k;
     }
     free(all);
+}
+
+static void dump_free(dump *d);
+
+/* A crawl can miss items that the LRU maintainer is moving at that moment:
+ * crawl again until at least `at_least` items are seen (2 s at most). */
+static void metadump(uint16_t port, dump *d, size_t at_least)
+{
+    metadump_once(port, d);
+    for (int tries = 0; d->n < at_least && tries < 100; tries++) {
+        dump_free(d);
+        usleep(20000);
+        metadump_once(port, d);
+    }
 }
 
 static void dump_free(dump *d)
@@ -291,7 +312,7 @@ Test(memcached, binary_and_long_keys_encode_to_at_most_250_allowed_bytes_and_nev
     }
 
     dump d;
-    metadump(srv.ports[0], &d);
+    metadump(srv.ports[0], &d, NKEYS);
     cr_assert_eq(d.n, (size_t)NKEYS, "one item per key, found %zu", d.n);
     for (size_t i = 0; i < d.n; i++) {
         size_t len = strlen(d.keys[i]);
@@ -658,16 +679,20 @@ Test(memcached, server_that_stops_answering_costs_timeout_ms_not_a_hang)
 
 static long exp_of(uint16_t port, const char *key)
 {
-    dump d;
-    metadump(port, &d);
     long exp = 0;
     bool found = false;
-    for (size_t i = 0; i < d.n; i++)
-        if (strcmp(d.keys[i], key) == 0) {
-            exp = d.exp[i];
-            found = true;
-        }
-    dump_free(&d);
+    for (int tries = 0; !found && tries < 100; tries++) {
+        dump d;
+        if (tries)
+            usleep(20000);
+        metadump(port, &d, 1);
+        for (size_t i = 0; i < d.n; i++)
+            if (strcmp(d.keys[i], key) == 0) {
+                exp = d.exp[i];
+                found = true;
+            }
+        dump_free(&d);
+    }
     cr_assert(found, "no item %s on the server", key);
     return exp;
 }
