@@ -89,7 +89,7 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     if (opts)
         o = *opts;
     if (!o.key_prefix)
-        o.key_prefix = "";
+        o.key_prefix = "idem:";
     if (o.lease_ms == 0)
         return idem_error_set(IDEM_EINVAL, "idem_options.lease_ms is 0; give the longest a handler may run, e.g. 60000");
     if (o.ttl_s == 0)
@@ -101,6 +101,13 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     if (plen > IDEM_MAX_PREFIX_LEN)
         return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix is %zu bytes; the limit is %d",
                               plen, IDEM_MAX_PREFIX_LEN);
+    /* One ':', at the end: then no prefix plus key can spell another prefix
+     * plus key ("t1:" + "x" against "t1" + ":x"), so layers never meet. */
+    const char *colon = strchr(o.key_prefix, ':');
+    if (plen < 2 || colon != o.key_prefix + plen - 1)
+        return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix must be a name and one ':' at its "
+                              "end, e.g. \"orders:\" or \"shop-{eu}:\", so that two prefixes never make "
+                              "the same store key");
     idem_layer *l = calloc(1, sizeof *l);
     if (!l || !(l->prefix = strdup(o.key_prefix))) {
         free(l);

@@ -187,7 +187,7 @@ int main(int argc, char *argv[])
     }
     /* Every run gets keys of its own, so the demo starts fresh each time. */
     char prefix[64];
-    snprintf(prefix, sizeof prefix, "demo:%ld.%ld:", (long)time(NULL), (long)getpid());
+    snprintf(prefix, sizeof prefix, "demo-%ld.%ld:", (long)time(NULL), (long)getpid());
     idem_options opts;
     idem_options_init(&opts);
     opts.key_prefix = prefix;

@@ -1646,12 +1646,13 @@ Test(core, layer_new_refuses_zero_lease_zero_ttl_bad_max_key_len_and_a_long_pref
     idem_layer *l;
     idem_options_init(&o);
     o.max_key_len = 1024;
-    memset(prefix, 'p', 255);
+    memset(prefix, 'p', 254);
+    prefix[254] = ':';
     prefix[255] = '\0';
     o.key_prefix = prefix;
     cr_assert_eq(idem_layer_new(&l, store, &o), IDEM_OK, "%s", idem_last_error());
     idem_layer_free(l);
-    o.key_prefix = NULL; /* no prefix */
+    o.key_prefix = NULL; /* the default */
     o.max_key_len = 1;
     cr_assert_eq(idem_layer_new(&l, store, &o), IDEM_OK, "%s", idem_last_error());
     idem_layer_free(l);
@@ -1861,4 +1862,22 @@ Test(core, tokens_differ_between_a_parent_and_its_forked_child)
     cr_assert(memcmp(warm, parent, sizeof parent) != 0);
     close(fds[0]);
     close(fds[1]);
+}
+
+Test(core, key_prefixes_that_could_spell_each_others_keys_are_refused)
+{
+    cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
+    static const char *const bad[] = {"", ":", "t1", "a:b:", ":a", "t1:x"};
+    idem_options o;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        idem_options_init(&o);
+        o.key_prefix = bad[i];
+        idem_layer *l = (idem_layer *)&l;
+        cr_assert_eq(idem_layer_new(&l, store, &o), IDEM_EINVAL, "prefix '%s'", bad[i]);
+        cr_assert_null(l);
+        cr_assert(strstr(idem_last_error(), "key_prefix"), "%s", idem_last_error());
+    }
+    idem_options_init(&o);
+    o.key_prefix = "shop-{eu}:";
+    cr_assert_eq(idem_layer_new(&layer, store, &o), IDEM_OK, "%s", idem_last_error());
 }

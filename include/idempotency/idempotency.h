@@ -109,7 +109,9 @@ IDEM_API const char *idem_store_backend(const idem_store *store);
 typedef struct idem_options {
     uint32_t    lease_ms;          /* how long a claim blocks its key if its holder dies; default 60000 */
     uint32_t    ttl_s;             /* how long a completed response is replayed; default 86400 */
-    const char *key_prefix;        /* prepended to every key in the store; default "idem:"; copied */
+    const char *key_prefix;        /* prepended to every key in the store; default "idem:"; copied.
+                                      A name and one ':' at its end ("orders:"), 2..255 bytes:
+                                      then two prefixes never make the same store key */
     size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
     size_t      max_response_len;  /* largest accepted response body; default 1 MiB */
     /* Fields may be appended in later versions; idem_options_init() fills
@@ -129,8 +131,9 @@ typedef struct idem_layer idem_layer;
 
 /* Make a layer. opts NULL means the defaults; opts is copied. The store must
  * outlive the layer.
- * Errors: IDEM_EINVAL (NULL out or store; lease_ms, ttl_s or max_key_len 0;
- * a prefix longer than 255 bytes), IDEM_ENOMEM. */
+ * Errors: IDEM_EINVAL (NULL out or store; lease_ms or ttl_s 0; max_key_len
+ * 0 or over 1024; a key_prefix that is not a name and one ':' at its end, or
+ * longer than 255 bytes), IDEM_ENOMEM. */
 IDEM_API int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts);
 
 /* Free a layer. Every claim made through it must have been committed or
