@@ -36,7 +36,15 @@ static _Thread_local const char *last_static = "";
 static pthread_key_t  msg_key;
 static pthread_once_t msg_key_once = PTHREAD_ONCE_INIT;
 
-static void msg_free(void *p) { free(p); }
+/* A destructor of the user's that runs after this one may still call in. */
+static void msg_free(void *p)
+{
+    if (p == last_msg) {
+        last_msg = NULL;
+        last_static = "";
+    }
+    free(p);
+}
 static void msg_key_make(void) { (void)pthread_key_create(&msg_key, msg_free); }
 
 const char *idem_last_error(void)

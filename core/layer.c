@@ -384,11 +384,6 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     return backend_failed(l, rc);
 }
 
-static void claim_free(idem_claim *c)
-{
-    free(c);
-}
-
 int idem_commit(idem_claim *c, int status, const void *body, size_t len)
 {
     idem__error_clear();
@@ -396,8 +391,8 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
         return idem_error_set(IDEM_EINVAL, "idem_commit: claim is NULL");
     idem_layer *l = c->layer;
     if (c->lost) {
-        claim_free(c);
-        return idem_error_set(IDEM_ELOST, "the claim's lease ended and another request took the key; "
+        free(c);
+        return idem_error_set(IDEM_ELOST, "the claim's lease ended (another request may have taken the key); "
                                           "this response was not stored");
     }
     int rc = check_response(l, status, body, len);
@@ -433,12 +428,13 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
     free(enc);
     if (rc == IDEM_OK) {
         count(&l->executed);
-        claim_free(c);
+        free(c);
     } else if (rc == IDEM_ELOST) {
         count(&l->lost);
-        claim_free(c);
-        idem_error_set(rc, "the claim's lease ended and another request took the key; this response "
-                           "was not stored (raise lease_ms, or call idem_extend() from long handlers)");
+        free(c);
+        idem_error_set(rc, "the claim's lease ended before the commit (another request may have taken "
+                           "the key); this response was not stored (raise lease_ms, or call "
+                           "idem_extend() from long handlers)");
     } else if (rc == IDEM_EBACKEND) {
         error_append(rc, "the response is not stored and the key stays claimed until its lease ends "
                          "(commit again, or abort)");
@@ -457,13 +453,13 @@ int idem_abort(idem_claim *c)
     if (rc == IDEM_ELOST) {
         if (!c->lost)
             count(&l->lost);
-        idem_error_set(rc, "the claim's lease had ended and another request took the key");
+        idem_error_set(rc, "the claim's lease had ended (another request may have taken the key)");
     } else if (rc == IDEM_EBACKEND) {
         count(&l->backend_errors);
         error_append(rc, "the key frees itself when its lease ends");
     }
     count(&l->failed);
-    claim_free(c);
+    free(c);
     return rc;
 }
 
@@ -493,7 +489,7 @@ int idem_extend(idem_claim *c, uint32_t lease_ms)
     } else if (rc == IDEM_ELOST) {
         c->lost = true;
         count(&l->lost);
-        idem_error_set(rc, "the claim's lease ended and another request took the key; "
+        idem_error_set(rc, "the claim's lease ended (another request may have taken the key); "
                            "commit or abort it to free it");
     }
     return backend_failed(l, rc);
@@ -526,14 +522,14 @@ int idem_run(idem_layer *l, const idem_request *req, idem_handler fn, void *arg,
     }
     rc = idem_commit(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
     if (rc != IDEM_OK && rc != IDEM_ELOST)
-        claim_free(c); /* not stored: the key stays claimed in the store until its lease ends */
+        free(c); /* not stored: the key stays claimed in the store until its lease ends */
     reply->outcome = IDEM_EXECUTED;
     reply->status = resp.status;
     if (resp.body) {
         reply->body = resp.body;
         reply->body_len = resp.len;
-    } else if (reply_body(reply, "", 0) != IDEM_OK) {
-        return IDEM_ENOMEM;
+    } else {
+        (void)reply_body(reply, "", 0); /* on failure body stays NULL: allowed */
     }
     return rc;
 }

@@ -1881,3 +1881,25 @@ Test(core, key_prefixes_that_could_spell_each_others_keys_are_refused)
     o.key_prefix = "shop-{eu}:";
     cr_assert_eq(idem_layer_new(&layer, store, &o), IDEM_OK, "%s", idem_last_error());
 }
+
+Test(core, record_decode_rejects_what_the_encoder_never_writes)
+{
+    idem_record rec = {.state = IDEM_STATE_COMPLETED, .status = 200, .body = (const uint8_t *)"b",
+                       .body_len = 1};
+    idem_record out;
+    uint8_t *enc;
+    size_t len;
+    cr_assert_eq(idem__record_encode(&rec, &enc, &len), IDEM_OK);
+    cr_assert_eq(idem__record_decode(enc, len, &out), IDEM_OK);
+    enc[IDEM_RECORD_HEADER_LEN + 3] = 99; /* status 99 */
+    cr_assert_eq(idem__record_decode(enc, len, &out), IDEM_ECORRUPT, "status below 100");
+    enc[IDEM_RECORD_HEADER_LEN + 3] = 200;
+    enc[40] = 1; /* a digest byte without the fingerprint flag */
+    cr_assert_eq(idem__record_decode(enc, len, &out), IDEM_ECORRUPT, "digest without its flag");
+    free(enc);
+
+    idem_record started = {.state = IDEM_STATE_STARTED, .deadline_ms = 0};
+    cr_assert_eq(idem__record_encode(&started, &enc, &len), IDEM_OK);
+    cr_assert_eq(idem__record_decode(enc, len, &out), IDEM_ECORRUPT, "a lease with no deadline");
+    free(enc);
+}

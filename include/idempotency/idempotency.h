@@ -244,19 +244,21 @@ IDEM_API int idem_begin(idem_layer *layer, const idem_request *req, idem_claim *
  *                or abort)
  *   IDEM_EINVAL  NULL claim, status out of range, NULL body with len > 0
  *                (the claim, if any, stays)
+ *   IDEM_ENOMEM  the claim stays
  */
 IDEM_API int idem_commit(idem_claim *claim, int status, const void *body, size_t len);
 
 /* Give the key up so a retry runs, and free the claim (always, even on
- * error). IDEM_ELOST: the key had already been taken over. IDEM_EBACKEND:
- * the store could not be told; the key frees itself when the lease ends.
- * NULL is IDEM_EINVAL. */
+ * error). IDEM_ELOST: the lease had already ended, and the key may have been
+ * taken over. IDEM_EBACKEND or IDEM_ENOMEM: the store could not be told; the
+ * key frees itself when the lease ends. NULL is IDEM_EINVAL. */
 IDEM_API int idem_abort(idem_claim *claim);
 
 /* Renew the lease to lease_ms from now, for a handler that runs long.
- * IDEM_ELOST: the claim was taken over; it must still be committed or
- * aborted, and both then return IDEM_ELOST and free it. IDEM_EBACKEND: the
- * store failed; the old lease stands. IDEM_EINVAL: NULL claim or lease 0. */
+ * IDEM_ELOST: the lease had ended (the key may have been taken over); the
+ * claim must still be committed or aborted, and both then return IDEM_ELOST
+ * and free it. IDEM_EBACKEND or IDEM_ENOMEM: the old lease stands.
+ * IDEM_EINVAL: NULL claim or lease 0. */
 IDEM_API int idem_extend(idem_claim *claim, uint32_t lease_ms);
 
 /* ------------------------------------------------------------------------ */
