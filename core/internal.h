@@ -16,7 +16,8 @@
 struct idem_store {
     const idem_backend *ops;
     void               *state;
-    size_t              max_record_len; /* SIZE_MAX: no limit */
+    size_t              max_record_len;  /* SIZE_MAX: no limit */
+    unsigned            fork_generation; /* idem__fork_generation() at open */
 };
 
 /* ---- error.c ---- */
@@ -33,6 +34,9 @@ const char *idem__missing_backend_hint(const char *scheme);
 /* Random bytes from getrandom(), buffered per thread and never repeated
  * across fork(). IDEM_OK or IDEM_EBACKEND. */
 int idem__random_bytes(uint8_t *buf, size_t len);
+/* How many fork()s this process descends from since the library was first
+ * used; a store opened in an earlier generation belongs to an ancestor. */
+unsigned idem__fork_generation(void);
 
 /* ---- record.c ---- */
 #define IDEM_DIGEST_LEN 32

@@ -216,32 +216,48 @@ int idem_response_set(idem_response *resp, int status, const void *body, size_t 
 
 /* ---- claims ---- */
 
+/* Counts fork()s, so that a child notices what it inherited. */
+static atomic_uint fork_generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void after_fork_in_child(void)
+{
+    atomic_fetch_add(&fork_generation, 1);
+}
+
+static void register_atfork(void)
+{
+    (void)pthread_atfork(NULL, NULL, after_fork_in_child);
+}
+
+unsigned idem__fork_generation(void)
+{
+    (void)pthread_once(&atfork_once, register_atfork);
+    return atomic_load_explicit(&fork_generation, memory_order_relaxed);
+}
+
+/* A store's connections belong to the process that opened it. */
+static int check_process(const idem_store *s)
+{
+    if (s->fork_generation == idem__fork_generation())
+        return IDEM_OK;
+    return idem_error_set(IDEM_EINVAL, "this %s store was opened before fork(); its connections belong "
+                          "to the parent: open a store in each process after forking", s->ops->name);
+}
+
 /* Claim tokens come from getrandom() through a per-thread buffer, so a
  * request costs no system call. A child process after fork() starts with a
- * copy of its parent's buffer: the generation counter makes it refill, so
- * two processes never hand out the same bytes. */
+ * copy of its parent's buffer: the fork generation makes it refill, so two
+ * processes never hand out the same bytes. */
 #define RANDOM_POOL 512
 
-static atomic_uint random_generation;
-static pthread_once_t random_atfork_once = PTHREAD_ONCE_INIT;
 static _Thread_local uint8_t  random_pool[RANDOM_POOL];
 static _Thread_local size_t   random_left;
 static _Thread_local unsigned random_pool_generation;
 
-static void random_after_fork(void)
-{
-    atomic_fetch_add(&random_generation, 1);
-}
-
-static void random_atfork(void)
-{
-    (void)pthread_atfork(NULL, NULL, random_after_fork);
-}
-
 int idem__random_bytes(uint8_t *buf, size_t len)
 {
-    (void)pthread_once(&random_atfork_once, random_atfork);
-    unsigned gen = atomic_load(&random_generation);
+    unsigned gen = idem__fork_generation();
     if (random_pool_generation != gen || random_left < len) {
         size_t got = 0;
         while (got < RANDOM_POOL) {
@@ -338,6 +354,8 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
         return idem_error_set(IDEM_EINVAL, "idem_begin: layer, req, claim and reply must not be NULL");
     idem_reply_clear(reply);
     int rc = check_request(l, req);
+    if (rc == IDEM_OK)
+        rc = check_process(l->store);
     if (rc)
         return rc;
 
@@ -396,6 +414,8 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
                                           "this response was not stored");
     }
     int rc = check_response(l, status, body, len);
+    if (rc == IDEM_OK)
+        rc = check_process(l->store);
     if (rc)
         return rc;
 
@@ -448,8 +468,9 @@ int idem_abort(idem_claim *c)
     if (!c)
         return idem_error_set(IDEM_EINVAL, "idem_abort: claim is NULL");
     idem_layer *l = c->layer;
-    int rc = c->lost ? IDEM_ELOST
-                     : l->store->ops->release(l->store->state, c->key, c->key_len, c->rec.token);
+    int rc = c->lost ? IDEM_ELOST : check_process(l->store);
+    if (rc == IDEM_OK)
+        rc = l->store->ops->release(l->store->state, c->key, c->key_len, c->rec.token);
     if (rc == IDEM_ELOST) {
         if (!c->lost)
             count(&l->lost);
@@ -473,13 +494,15 @@ int idem_extend(idem_claim *c, uint32_t lease_ms)
     if (c->lost)
         return idem_error_set(IDEM_ELOST, "the claim was already taken over");
     idem_layer *l = c->layer;
+    int rc = check_process(l->store);
+    if (rc)
+        return rc;
     idem_record next = c->rec;
     uint64_t lease_end = mono_ms() + lease_ms;
     next.deadline_ms = idem_now_ms() + lease_ms;
     uint8_t *enc;
     size_t enc_len;
-    int rc = idem__record_encode(&next, &enc, &enc_len);
-    if (rc)
+    if ((rc = idem__record_encode(&next, &enc, &enc_len)))
         return idem_error_set(rc, "out of memory encoding a claim");
     rc = l->store->ops->extend(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len, lease_ms);
     free(enc);

@@ -69,6 +69,7 @@ static int open_with(idem_store **out, const idem_backend *b, const idem_url *ur
     if (!s)
         return idem_error_set(IDEM_ENOMEM, "out of memory opening a %s store", b->name);
     s->ops = b;
+    s->fork_generation = idem__fork_generation();
     int rc = b->open(&s->state, url);
     if (rc) {
         free(s);
@@ -145,7 +146,11 @@ void idem_store_close(idem_store *store)
 {
     if (!store)
         return;
-    store->ops->close(store->state);
+    /* In a child of the process that opened it, the connections are the
+     * parent's: closing them here could harm the parent (SQLite would
+     * delete a WAL file it still uses). Only our own memory is freed. */
+    if (store->fork_generation == idem__fork_generation())
+        store->ops->close(store->state);
     free(store);
 }
 

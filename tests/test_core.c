@@ -1903,3 +1903,35 @@ Test(core, record_decode_rejects_what_the_encoder_never_writes)
     cr_assert_eq(idem__record_decode(enc, len, &out), IDEM_ECORRUPT, "a lease with no deadline");
     free(enc);
 }
+
+Test(core, a_store_inherited_through_fork_is_refused_in_the_child)
+{
+    cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
+    cr_assert_eq(idem_layer_new(&layer, store, NULL), IDEM_OK);
+    int fds[2];
+    cr_assert_eq(pipe(fds), 0);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        idem_request req = req_of("k");
+        job j = job_ok(200, "", 0);
+        idem_reply r = {0};
+        int rc = idem_run(layer, &req, handler, &j, &r);
+        int ok = rc == IDEM_EINVAL && strstr(idem_last_error(), "fork") != NULL && atomic_load(&j.calls) == 0;
+        idem_layer_free(layer);
+        idem_store_close(store); /* frees memory only */
+        _exit(write(fds[1], &ok, sizeof ok) == (ssize_t)sizeof ok ? 0 : 1);
+    }
+    int ok = 0;
+    cr_assert_eq(read(fds[0], &ok, sizeof ok), (ssize_t)sizeof ok);
+    waitpid(pid, NULL, 0);
+    cr_assert(ok, "the child used its parent's store");
+    idem_request req = req_of("k");
+    job j = job_ok(200, "", 0);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "the parent's store still works");
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    idem_reply_clear(&r);
+    close(fds[0]);
+    close(fds[1]);
+}

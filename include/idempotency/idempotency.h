@@ -83,7 +83,10 @@ IDEM_API const char *idem_last_error(void);
  *   memcached://host:port[,host:port...][?timeout_ms=N]
  *
  * Thread-safe: a store keeps its own pool of connections, so one store
- * serves every thread of a process.
+ * serves every thread of a process. A store belongs to the process that
+ * opened it: after fork(), open another in the child. Requests on an
+ * inherited store return IDEM_EINVAL, and closing it there frees only memory,
+ * never the parent's connections.
  */
 typedef struct idem_store idem_store;
 
