@@ -18,6 +18,7 @@
 #include <idempotency/idempotency.h>
 
 static atomic_int charges;       /* payments actually made */
+static atomic_int next_ref;      /* payment references handed out */
 static int        failures;      /* scenarios that did not behave */
 
 typedef struct payment {
@@ -39,11 +40,15 @@ static int charge(void *arg, idem_response *resp)
         printf("    --- card processor unreachable: nothing charged ---\n");
         return 1;
     }
-    int ref = atomic_fetch_add(&charges, 1) + 1;
+    /* Set the response before the side effect: a response that cannot be
+     * set fails the handler while nothing has been charged yet. */
     char body[128];
     int n = snprintf(body, sizeof body, "{\"status\":\"success\",\"amount\":%d,\"ref\":\"PAY-%d\"}",
-                     p->amount, ref);
-    return idem_response_set(resp, 200, body, (size_t)n) == IDEM_OK ? 0 : 1;
+                     p->amount, atomic_fetch_add(&next_ref, 1) + 1);
+    if (idem_response_set(resp, 200, body, (size_t)n) != IDEM_OK)
+        return 1;
+    atomic_fetch_add(&charges, 1); /* the charge itself */
+    return 0;
 }
 
 static const char *outcome_name(idem_outcome o)
@@ -136,7 +141,9 @@ static const char *default_url(const char *backend, char *buf, size_t len)
 {
     if (strcmp(backend, "sqlite") == 0) {
         const char *tmp = getenv("TMPDIR");
-        snprintf(buf, len, "sqlite://%s/payment_demo.db", tmp && *tmp == '/' ? tmp : "/tmp");
+        if (!tmp || tmp[0] != '/' || strpbrk(tmp, "?#% \t\r\n"))
+            tmp = "/tmp"; /* a path that needs percent-encoding: keep it simple */
+        snprintf(buf, len, "sqlite://%s/payment_demo.db", tmp);
         return buf;
     }
     if (strcmp(backend, "redis") == 0)

@@ -1935,3 +1935,17 @@ Test(core, a_store_inherited_through_fork_is_refused_in_the_child)
     close(fds[0]);
     close(fds[1]);
 }
+
+/* Public structs keep their size across versions (new fields take reserved
+ * space), so a program built against an older header still works. */
+Test(core, public_structs_keep_their_size)
+{
+#if UINTPTR_MAX == UINT64_MAX
+    cr_assert_eq(sizeof(idem_options), 96);
+    cr_assert_eq(sizeof(idem_reply), 64);
+    cr_assert_eq(sizeof(idem_stats), 128);
+    cr_assert_eq(sizeof(idem_request), 32);
+#else
+    cr_assert_eq(sizeof(idem_stats), 128);
+#endif
+}

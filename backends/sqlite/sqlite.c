@@ -24,7 +24,7 @@
 #define CLAIM_ATTEMPTS          3
 
 enum stmt_id {
-    S_LOOKUP, S_INSERT, S_ROLLBACK, S_COMMIT, S_STATE, S_RELEASE, S_EXTEND,
+    S_LOOKUP, S_INSERT, S_COMMIT, S_STATE, S_RELEASE, S_EXTEND,
     S_CLEANUP, S_COUNT
 };
 
@@ -35,7 +35,6 @@ static const char *const stmt_sql[S_COUNT] = {
                  "ON CONFLICT (key) DO UPDATE SET token = excluded.token, state = excluded.state, "
                  "value = excluded.value, expires_at = excluded.expires_at "
                  "WHERE idem_records.expires_at <= ?6",
-    [S_ROLLBACK] = "ROLLBACK",
     [S_COMMIT] = "UPDATE idem_records SET state = 'C', value = ?1, expires_at = ?2 "
                  "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > ?5",
     [S_STATE] = "SELECT state FROM idem_records WHERE key = ?1 AND token = ?2 AND expires_at > ?3",
@@ -75,6 +74,9 @@ typedef struct store {
 static int fail(const store *s, sqlite3 *db, const char *what)
 {
     int code = db ? sqlite3_extended_errcode(db) : SQLITE_ERROR;
+    if ((code & 0xff) == SQLITE_TOOBIG) /* retrying cannot help */
+        return idem_error_set(IDEM_ETOOBIG, "sqlite %s: %s: the record is larger than SQLite's "
+                              "length limit", s->path, what);
     const char *hint = (code & 0xff) == SQLITE_BUSY
                            ? "; another process held the write lock past busy_timeout_ms, retry or raise it"
                            : "";
@@ -140,11 +142,6 @@ static int acquire(store *s, conn **out)
 
 static void release_conn(store *s, conn *c)
 {
-    if (!sqlite3_get_autocommit(c->db)) {
-        sqlite3_reset(c->stmt[S_ROLLBACK]);
-        sqlite3_step(c->stmt[S_ROLLBACK]);
-        sqlite3_reset(c->stmt[S_ROLLBACK]);
-    }
     pthread_mutex_lock(&s->mu);
     c->next = s->idle;
     s->idle = c;
@@ -375,14 +372,17 @@ static int sq_release(void *state, const void *key, size_t key_len, const uint8_
     return rc;
 }
 
-/* SQLite refuses values over SQLITE_LIMIT_LENGTH (1e9 bytes by default). */
+/* SQLite refuses rows over SQLITE_LIMIT_LENGTH (1e9 bytes by default); the
+ * record shares its row with the key, token, state and expiry. */
+#define ROW_ALLOWANCE 4096
+
 static size_t sq_max_record_len(void *state)
 {
     store *s = state;
     pthread_mutex_lock(&s->mu);
     int limit = s->idle ? sqlite3_limit(s->idle->db, SQLITE_LIMIT_LENGTH, -1) : 1000000000;
     pthread_mutex_unlock(&s->mu);
-    return (size_t)limit;
+    return limit > ROW_ALLOWANCE ? (size_t)limit - ROW_ALLOWANCE : 0;
 }
 
 const idem_backend idem__sqlite_backend = {

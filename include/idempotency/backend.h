@@ -183,7 +183,9 @@ typedef struct idem_backend {
      * it by record with an expiry of ttl_ms; return IDEM_OK. If it carries
      * token and is COMPLETED (this commit already happened and its reply was
      * lost), change nothing; return IDEM_OK. Otherwise change nothing;
-     * return IDEM_ELOST.
+     * return IDEM_ELOST. A store that refuses the record for its size
+     * returns IDEM_ETOOBIG, which the core does not retry (set
+     * max_record_len so that it never happens).
      */
     int (*commit)(void *state, const void *key, size_t key_len, const uint8_t *token,
                   const void *record, size_t record_len, uint64_t ttl_ms);

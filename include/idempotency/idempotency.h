@@ -117,8 +117,10 @@ typedef struct idem_options {
                                       then two prefixes never make the same store key */
     size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
     size_t      max_response_len;  /* largest accepted response body; default 1 MiB */
-    /* Fields may be appended in later versions; idem_options_init() fills
-     * them all, so always call it before setting fields of your own. */
+    /* Later versions take new fields from this space, so the struct keeps
+     * its size; idem_options_init() fills them all, so always call it before
+     * setting fields of your own. */
+    uint64_t    reserved_[8];
 } idem_options;
 
 /* Fill *opts with the defaults above. NULL is a no-op. */
@@ -169,6 +171,7 @@ typedef struct idem_reply {
     size_t         body_len;
     uint32_t       retry_after_ms;  /* IN_PROGRESS only: time left on the holder's lease */
     int            handler_error;   /* FAILED only: the handler's return value */
+    uint64_t       reserved_[4];    /* room for fields of later versions; zero */
 } idem_reply;
 
 /* Release a reply's body and zero it, ready for reuse. NULL is a no-op.
@@ -274,6 +277,7 @@ typedef struct idem_stats {
     uint64_t failed;         /* failed handlers and idem_abort() calls */
     uint64_t lost;           /* claims found taken over (IDEM_ELOST) */
     uint64_t backend_errors; /* store calls that failed, retries included */
+    uint64_t reserved_[9];   /* room for counters of later versions; zero */
 } idem_stats;
 
 /* Counters since idem_layer_new(), read without locking (each is exact; the
