@@ -464,6 +464,62 @@ Test(memcached, with_two_servers_a_dead_one_fails_only_its_own_keys_and_they_wor
     idem_store_close(s);
 }
 
+/* Claim SPREAD keys through one URL, then try them through others naming
+ * the same two servers: every one must meet the first claim. */
+Test(memcached, every_spelling_and_order_of_the_same_servers_sends_a_key_to_the_same_server)
+{
+    start(2);
+    char urls[3][160];
+    snprintf(urls[0], sizeof urls[0], "memcached://127.0.0.1:%u,127.0.0.1:%u", srv.ports[0], srv.ports[1]);
+    snprintf(urls[1], sizeof urls[1], "memcached://localhost:%u,localhost:%u", srv.ports[0], srv.ports[1]);
+    snprintf(urls[2], sizeof urls[2], "memcached://localhost:%u,127.0.0.1:%u", srv.ports[1], srv.ports[0]);
+    idem_store *s[3];
+    idem_layer *l[3];
+    for (int u = 0; u < 3; u++) {
+        s[u] = open_store(urls[u]);
+        l[u] = new_layer(s[u], 10000, 3600);
+    }
+    idem_claim *held[SPREAD];
+    for (int i = 0; i < SPREAD; i++) {
+        char key[32];
+        int n = snprintf(key, sizeof key, "spell%d", i);
+        idem_request req = {.key = key, .key_len = (size_t)n};
+        idem_reply r = {0};
+        cr_assert_eq(idem_begin(l[0], &req, &held[i], &r), IDEM_OK, "%s", idem_last_error());
+        cr_assert_not_null(held[i], "%s is new", key);
+        for (int u = 1; u < 3; u++) {
+            idem_claim *dup = NULL;
+            cr_assert_eq(idem_begin(l[u], &req, &dup, &r), IDEM_OK, "%s", idem_last_error());
+            if (dup)
+                idem_abort(dup);
+            cr_assert_null(dup, "%s claimed twice: through %s and through %s (they name the same "
+                           "servers)", key, urls[0], urls[u]);
+            cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+        }
+    }
+    for (int i = 0; i < SPREAD; i++)
+        cr_assert_eq(idem_abort(held[i]), IDEM_OK, "%s", idem_last_error());
+    for (int u = 0; u < 3; u++) {
+        idem_layer_free(l[u]);
+        idem_store_close(s[u]);
+    }
+
+    /* One server under two names is one server named twice. */
+    char twice[160];
+    snprintf(twice, sizeof twice, "memcached://127.0.0.1:%u,localhost:%u", srv.ports[0], srv.ports[0]);
+    idem_store *bad = NULL;
+    cr_assert_eq(idem_store_open(&bad, twice), IDEM_EINVAL, "%s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "twice"), "%s", idem_last_error());
+
+    /* Messages name the server as the URL wrote it, and its address. */
+    uint16_t nobody = idem_test_free_port();
+    char gone[160], want[96];
+    snprintf(gone, sizeof gone, "memcached://localhost:%u", nobody);
+    cr_assert_eq(idem_store_open(&bad, gone), IDEM_EBACKEND);
+    snprintf(want, sizeof want, "memcached localhost:%u (127.0.0.1): ", nobody);
+    cr_assert(strncmp(idem_last_error(), want, strlen(want)) == 0, "%s", idem_last_error());
+}
+
 static void delete_behind_the_back(void *arg)
 {
     char *ans = raw_str(*(uint16_t *)arg, "delete idem:vanish\r\n");

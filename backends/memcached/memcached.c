@@ -2,7 +2,9 @@
  * memcached driver: memcached://host:port[,host:port...][?timeout_ms=N]
  *
  * Keys are spread over the servers by consistent hashing (ketama), so adding
- * a server moves few keys. A server that is down is never replaced by
+ * a server moves few keys. Servers are placed by their address, resolved
+ * once at open, not by how the URL spells them: every client that lists the
+ * same servers, in any order and spelling, sends a key to the same one. A server that is down is never replaced by
  * another for its keys: those keys fail with IDEM_EBACKEND until it is back,
  * because moving them would let a duplicate run on the other server.
  *
@@ -31,6 +33,7 @@
  * or extend recognises its own token in the store.
  */
 #include <inttypes.h>
+#include <netdb.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -64,12 +67,23 @@ typedef struct conn {
     struct conn  *next;
 } conn;
 
+/* One server of the URL: the address it resolved to, which is what the
+ * consistent hashing sees, and the host as the user wrote it, for messages. */
+typedef struct mc_server {
+    char        addr[NI_MAXHOST];
+    uint16_t    port;
+    const char *written;     /* points into the URL during open; NULL after */
+    char       *label;       /* "localhost:11211 (127.0.0.1)" or "127.0.0.1:11211" */
+} mc_server;
+
 typedef struct store {
     memcached_st   *master;  /* configured, never used for requests */
     pthread_mutex_t mu;
     conn           *idle;
     uint32_t        timeout_ms;
     size_t          max_record;
+    mc_server      *servers;
+    size_t          nservers;
 } store;
 
 /* ---- keys ---- */
@@ -221,6 +235,17 @@ static bool answered(memcached_return_t rc)
     }
 }
 
+/* The server as the user named it: "localhost:11211 (127.0.0.1)" when the
+ * URL spelled it otherwise than its address, else "127.0.0.1:11211". */
+static const char *server_label(const store *s, const char *addr, unsigned port, char *buf, size_t len)
+{
+    for (size_t i = 0; i < s->nservers; i++)
+        if (s->servers[i].port == port && strcmp(s->servers[i].addr, addr) == 0 && s->servers[i].label)
+            return s->servers[i].label;
+    snprintf(buf, len, "%s:%u", addr, port);
+    return buf;
+}
+
 static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen, memcached_return_t rc,
                 const char *what)
 {
@@ -228,6 +253,8 @@ static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen
     const memcached_instance_st *srv = memcached_server_by_key(mc, ekey, eklen, &lookup);
     const char *host = srv ? memcached_server_name(srv) : "?";
     unsigned port = srv ? memcached_server_port(srv) : 0;
+    char labelbuf[NI_MAXHOST + 16];
+    const char *where = server_label(s, host, port, labelbuf, sizeof labelbuf);
     if (rc == MEMCACHED_FAILURE || rc == MEMCACHED_SOME_ERRORS) {
         memcached_return_t last = memcached_last_error(mc);
         if (memcached_failed(last))
@@ -239,27 +266,27 @@ static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen
              err ? strerror(err) : "", err ? ")" : "");
     switch (rc) {
     case MEMCACHED_TIMEOUT:
-        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: no answer within %" PRIu32 " ms; is "
+        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: no answer within %" PRIu32 " ms; is "
                               "the server overloaded or unreachable? (the limit is ?timeout_ms= in the "
-                              "store URL)", host, port, what, s->timeout_ms);
+                              "store URL)", where, what, s->timeout_ms);
     case MEMCACHED_E2BIG:
-        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: the item is larger than the server's "
-                              "item_size_max; raise memcached's -I", host, port, what);
+        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: the item is larger than the server's "
+                              "item_size_max; raise memcached's -I", where, what);
     case MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE:
     case MEMCACHED_SERVER_ERROR:
-        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; the server may be out of memory: "
-                              "give it more with -m", host, port, what, detail);
+        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: %s; the server may be out of memory: "
+                              "give it more with -m", where, what, detail);
     case MEMCACHED_MEMORY_ALLOCATION_FAILURE:
-        return idem_error_set(IDEM_ENOMEM, "memcached %s:%u: %s: out of memory", host, port, what);
+        return idem_error_set(IDEM_ENOMEM, "memcached %s: %s: out of memory", where, what);
     default:
         break;
     }
     if (answered(rc) || rc == MEMCACHED_CLIENT_ERROR || rc == MEMCACHED_PROTOCOL_ERROR ||
         rc == MEMCACHED_ERROR)
-        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; is this a memcached server?", host,
-                              port, what, detail);
-    return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; is memcached running? start one with: "
-                          "memcached -p %u -l %s -u nobody", host, port, what, detail, port, host);
+        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: %s; is this a memcached server?", where,
+                              what, detail);
+    return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: %s; is memcached running? start one with: "
+                          "memcached -p %u -l %s -u nobody", where, what, detail, port, host);
 }
 
 /* ---- connections ---- */
@@ -581,22 +608,22 @@ static memcached_return_t stat_item_size(const memcached_instance_st *server, co
 }
 
 /* Ask one server for its item_size_max ("stats settings"): it must answer. */
-static int probe_server(store *s, const char *host, uint16_t port, size_t *item_size_max)
+static int probe_server(store *s, const mc_server *sv, size_t *item_size_max)
 {
     memcached_st *mc = memcached_create(NULL);
     if (!mc)
         return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
     int rc = configure(mc, s->timeout_ms);
-    if (rc == IDEM_OK && memcached_failed(memcached_server_add(mc, host, port)))
-        rc = idem_error_set(IDEM_EINVAL, "memcached %s:%u: cannot use this server address (%s)", host,
-                            port, memcached_last_error_message(mc));
+    if (rc == IDEM_OK && memcached_failed(memcached_server_add(mc, sv->addr, sv->port)))
+        rc = idem_error_set(IDEM_EINVAL, "memcached %s: cannot use this server address (%s)", sv->label,
+                            memcached_last_error_message(mc));
     probe p = {0};
     memcached_return_t mrc = MEMCACHED_SUCCESS;
     if (rc == IDEM_OK && memcached_failed(mrc = memcached_stat_execute(mc, "settings", stat_item_size, &p)))
         rc = fail(s, mc, "x", 1, mrc, "connecting");
     if (rc == IDEM_OK && p.item_size_max == 0)
-        rc = idem_error_set(IDEM_EBACKEND, "memcached %s:%u: 'stats settings' names no item_size_max; "
-                            "is this a memcached server (1.4 or later)?", host, port);
+        rc = idem_error_set(IDEM_EBACKEND, "memcached %s: 'stats settings' names no item_size_max; "
+                            "is this a memcached server (1.4 or later)?", sv->label);
     memcached_free(mc);
     *item_size_max = p.item_size_max;
     return rc;
@@ -611,7 +638,60 @@ static void store_free(store *s)
     }
     memcached_free(s->master);
     pthread_mutex_destroy(&s->mu);
+    for (size_t i = 0; i < s->nservers; i++)
+        free(s->servers[i].label);
+    free(s->servers);
     free(s);
+}
+
+/*
+ * The address a server is known by: the host resolved once, here, to its
+ * first IPv4 address (its first address when it has none), written as
+ * digits. Consistent hashing places a server by this text, so every
+ * spelling of one server (localhost, 127.0.0.1) must come out the same, or
+ * two clients would send one key to two servers and both win its claim.
+ */
+static int resolve(mc_server *sv)
+{
+    char port_s[8];
+    snprintf(port_s, sizeof port_s, "%u", sv->port);
+    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *res = NULL;
+    int g = getaddrinfo(sv->written, port_s, &hints, &res);
+    if (g != 0 || !res) {
+        if (res)
+            freeaddrinfo(res);
+        return idem_error_set(g == EAI_MEMORY ? IDEM_ENOMEM : IDEM_EBACKEND,
+                              "memcached %s:%u: cannot resolve the host name (%s); check it, or name "
+                              "the server by its address", sv->written, sv->port,
+                              g ? gai_strerror(g) : "no address");
+    }
+    const struct addrinfo *pick = res;
+    for (const struct addrinfo *a = res; a; a = a->ai_next)
+        if (a->ai_family == AF_INET) {
+            pick = a;
+            break;
+        }
+    g = getnameinfo(pick->ai_addr, pick->ai_addrlen, sv->addr, sizeof sv->addr, NULL, 0, NI_NUMERICHOST);
+    freeaddrinfo(res);
+    if (g != 0)
+        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: cannot write its address as digits (%s)",
+                              sv->written, sv->port, gai_strerror(g));
+    int n = strcmp(sv->written, sv->addr) == 0
+                ? asprintf(&sv->label, "%s:%u", sv->addr, sv->port)
+                : asprintf(&sv->label, "%s:%u (%s)", sv->written, sv->port, sv->addr);
+    if (n < 0) {
+        sv->label = NULL;
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
+    }
+    return IDEM_OK;
+}
+
+/* Servers in one order, whatever the URL's: by address, then port. */
+static int server_cmp(const void *a, const void *b)
+{
+    const mc_server *x = a, *y = b;
+    int c = strcmp(x->addr, y->addr);
+    return c ? c : (int)x->port - (int)y->port;
 }
 
 static int mc_open(void **state, const idem_url *url)
@@ -650,6 +730,29 @@ static int mc_open(void **state, const idem_url *url)
         return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
     pthread_mutex_init(&s->mu, NULL);
     s->timeout_ms = (uint32_t)timeout;
+    if (!(s->servers = calloc(url->nhosts, sizeof *s->servers))) {
+        store_free(s);
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
+    }
+    for (size_t i = 0; i < url->nhosts; i++, s->nservers++) {
+        mc_server *sv = &s->servers[i];
+        sv->written = url->hosts[i].host;
+        sv->port = url->hosts[i].port ? url->hosts[i].port : DEFAULT_PORT;
+        if ((rc = resolve(sv))) {
+            s->nservers++;
+            store_free(s);
+            return rc;
+        }
+        for (size_t j = 0; j < i; j++)
+            if (s->servers[j].port == sv->port && strcmp(s->servers[j].addr, sv->addr) == 0) {
+                rc = idem_error_set(IDEM_EINVAL, "memcached URL names server %s:%u twice (as %s and %s)",
+                                    sv->addr, sv->port, s->servers[j].written, sv->written);
+                s->nservers++;
+                store_free(s);
+                return rc;
+            }
+    }
+    qsort(s->servers, s->nservers, sizeof *s->servers, server_cmp);
     if (!(s->master = memcached_create(NULL))) {
         store_free(s);
         return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
@@ -661,23 +764,24 @@ static int mc_open(void **state, const idem_url *url)
     /* Contact every server now, so a wrong URL fails here and not at the
      * first request, and learn the largest item the smallest one holds. */
     size_t smallest = SIZE_MAX;
-    for (size_t i = 0; i < url->nhosts; i++) {
-        const char *host = url->hosts[i].host;
-        uint16_t port = url->hosts[i].port ? url->hosts[i].port : DEFAULT_PORT;
+    for (size_t i = 0; i < s->nservers; i++) {
+        const mc_server *sv = &s->servers[i];
         size_t item_max = 0;
-        if ((rc = probe_server(s, host, port, &item_max))) {
+        if ((rc = probe_server(s, sv, &item_max))) {
             store_free(s);
             return rc;
         }
         if (item_max < smallest)
             smallest = item_max;
-        if (memcached_failed(memcached_server_add(s->master, host, port))) {
-            rc = idem_error_set(IDEM_EINVAL, "memcached %s:%u: cannot use this server address (%s)", host,
-                                port, memcached_last_error_message(s->master));
+        if (memcached_failed(memcached_server_add(s->master, sv->addr, sv->port))) {
+            rc = idem_error_set(IDEM_EINVAL, "memcached %s: cannot use this server address (%s)", sv->label,
+                                memcached_last_error_message(s->master));
             store_free(s);
             return rc;
         }
     }
+    for (size_t i = 0; i < s->nservers; i++)
+        s->servers[i].written = NULL; /* the URL is the caller's */
     s->max_record = smallest > ITEM_OVERHEAD + ENVELOPE_LEN ? smallest - ITEM_OVERHEAD - ENVELOPE_LEN : 0;
     *state = s;
     return IDEM_OK;
