@@ -841,6 +841,23 @@ Test(memcached, open_contacts_every_server_and_says_how_to_start_a_missing_one)
     cr_assert(strstr(msg, hint), "%s", msg);
 }
 
+Test(memcached, server_without_cas_is_refused_at_open_with_what_to_do)
+{
+    static const char *const no_cas[] = {"-C", NULL};
+    memset(&srv, 0, sizeof srv);
+    srv.dir = idem_test_tmpdir("memcached-nocas");
+    cr_assert(srv.dir);
+    cr_assert_eq(idem_test_start_memcached_with(&srv, 1, no_cas), 0);
+    idem_store *s = NULL;
+    int rc = idem_store_open(&s, srv.url);
+    if (s)
+        idem_store_close(s);
+    cr_assert_eq(rc, IDEM_EBACKEND, "a server started with -C was accepted (%d)", rc);
+    cr_assert_null(s);
+    cr_assert(message_names(idem_last_error(), srv.ports[0]), "%s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "restart memcached without -C"), "%s", idem_last_error());
+}
+
 Test(memcached, malformed_urls_are_refused_with_a_message)
 {
     static const char *const bad[] = {

@@ -590,24 +590,32 @@ static int with_conn(store *s, op *o, op_fn fn)
 
 typedef struct probe {
     size_t item_size_max;
+    bool   cas_disabled;     /* "cas_enabled no": started with -C */
 } probe;
 
-static memcached_return_t stat_item_size(const memcached_instance_st *server, const char *key,
-                                         size_t key_len, const char *value, size_t value_len, void *ctx)
+static bool stat_is(const char *key, size_t key_len, const char *name)
+{
+    return key_len == strlen(name) && memcmp(key, name, key_len) == 0;
+}
+
+static memcached_return_t stat_setting(const memcached_instance_st *server, const char *key,
+                                       size_t key_len, const char *value, size_t value_len, void *ctx)
 {
     (void)server;
     probe *p = ctx;
-    if (key_len == strlen("item_size_max") && memcmp(key, "item_size_max", key_len) == 0) {
-        char buf[32];
-        size_t n = value_len < sizeof buf - 1 ? value_len : sizeof buf - 1;
-        memcpy(buf, value, n);
-        buf[n] = '\0';
+    char buf[32];
+    size_t n = value_len < sizeof buf - 1 ? value_len : sizeof buf - 1;
+    memcpy(buf, value, n);
+    buf[n] = '\0';
+    if (stat_is(key, key_len, "item_size_max"))
         p->item_size_max = strtoull(buf, NULL, 10);
-    }
+    else if (stat_is(key, key_len, "cas_enabled"))
+        p->cas_disabled = strcmp(buf, "no") == 0;
     return MEMCACHED_SUCCESS;
 }
 
-/* Ask one server for its item_size_max ("stats settings"): it must answer. */
+/* Ask one server for its item_size_max and whether it keeps CAS values
+ * ("stats settings"): it must answer, and it must. */
 static int probe_server(store *s, const mc_server *sv, size_t *item_size_max)
 {
     memcached_st *mc = memcached_create(NULL);
@@ -619,11 +627,17 @@ static int probe_server(store *s, const mc_server *sv, size_t *item_size_max)
                             memcached_last_error_message(mc));
     probe p = {0};
     memcached_return_t mrc = MEMCACHED_SUCCESS;
-    if (rc == IDEM_OK && memcached_failed(mrc = memcached_stat_execute(mc, "settings", stat_item_size, &p)))
+    if (rc == IDEM_OK && memcached_failed(mrc = memcached_stat_execute(mc, "settings", stat_setting, &p)))
         rc = fail(s, mc, "x", 1, mrc, "connecting");
     if (rc == IDEM_OK && p.item_size_max == 0)
         rc = idem_error_set(IDEM_EBACKEND, "memcached %s: 'stats settings' names no item_size_max; "
                             "is this a memcached server (1.4 or later)?", sv->label);
+    /* Without CAS every commit would fail until its lease ended, and the
+     * key would then free itself: a handler that succeeded would run again. */
+    if (rc == IDEM_OK && p.cas_disabled)
+        rc = idem_error_set(IDEM_EBACKEND, "memcached %s: the server runs with CAS disabled (-C), and "
+                            "this driver needs CAS to store a response only while the claim is its own; "
+                            "restart memcached without -C", sv->label);
     memcached_free(mc);
     *item_size_max = p.item_size_max;
     return rc;
