@@ -25,6 +25,7 @@
 #include <idempotency/idempotency.h>
 
 #include "harness.h"
+#include "internal.h"
 #include "memcached_server.h"
 
 #define ITEM_OVERHEAD_OF_DRIVER 320   /* what the driver reserves beside a value */
@@ -818,6 +819,89 @@ Test(memcached, value_another_program_wrote_is_corrupt_and_never_overwritten)
     cr_assert(strstr(ans, "hello"), "%s", ans);
     free(ans);
     idem_layer_free(l);
+    idem_store_close(s);
+}
+
+/* ---- the driver's own claim, called directly ---- */
+
+#define DRIVER_FLAGS 0x69646d31u /* the item flags the driver marks its items with */
+
+static void be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+/* A record as the core writes it: header, and for COMPLETED status 200 and body "ok". */
+static size_t record_of(uint8_t *buf, int state, uint8_t token_byte, uint64_t deadline_ms)
+{
+    memset(buf, 0, COMPLETED_OVERHEAD + 2);
+    memcpy(buf, "IDEM", 4);
+    buf[4] = 1;
+    buf[5] = (uint8_t)state;
+    memset(buf + 8, token_byte, 16);
+    if (state == 'S') {
+        be64(buf + 24, deadline_ms);
+        return 64;
+    }
+    buf[64 + 2] = 200 >> 8, buf[64 + 3] = 200 & 0xff;
+    buf[64 + 7] = 2;
+    memcpy(buf + COMPLETED_OVERHEAD, "ok", 2);
+    return COMPLETED_OVERHEAD + 2;
+}
+
+/* Put an item under key as the driver would: envelope deadline, then record. */
+static void plant(uint16_t port, const char *key, uint64_t deadline_ms, const uint8_t *rec, size_t len)
+{
+    char cmd[512];
+    int h = snprintf(cmd, sizeof cmd, "set %s %u 60 %zu\r\n", key, DRIVER_FLAGS, ENVELOPE + len);
+    be64((uint8_t *)cmd + h, deadline_ms);
+    memcpy(cmd + h + ENVELOPE, rec, len);
+    memcpy(cmd + h + ENVELOPE + len, "\r\n", 2);
+    char *ans = raw(port, cmd, (size_t)h + ENVELOPE + len + 2);
+    cr_assert_str_eq(ans, "STORED\r\n");
+    free(ans);
+}
+
+/* claim through the driver: 1 when it claimed, 0 when it returned a record. */
+static int driver_claim(idem_store *s, const char *key, uint8_t token_byte)
+{
+    uint8_t rec[COMPLETED_OVERHEAD + 2];
+    size_t len = record_of(rec, 'S', token_byte, idem_now_ms() + 10000);
+    void *existing = NULL;
+    size_t existing_len = 0;
+    uint32_t remaining = 0;
+    int rc = s->ops->claim(s->state, key, strlen(key), rec, len, 10000, &existing, &existing_len, &remaining);
+    cr_assert_eq(rc, IDEM_OK, "%s", idem_last_error());
+    free(existing);
+    return existing == NULL;
+}
+
+Test(memcached, a_claim_meeting_its_own_token_claims_only_a_live_started_record)
+{
+    start(1);
+    idem_store *s = open_store(srv.url);
+    uint8_t rec[COMPLETED_OVERHEAD + 2];
+    uint64_t now = idem_now_ms();
+
+    /* Our token, but the lease ended: the claim must take the key over for
+     * real, or it would hold a key that the next claimant also takes. */
+    size_t len = record_of(rec, 'S', 0x11, now - 1000);
+    plant(srv.ports[0], "idem:expired", now - 1000, rec, len);
+    cr_assert_eq(driver_claim(s, "idem:expired", 0x11), 1, "the key was free");
+    cr_assert_eq(driver_claim(s, "idem:expired", 0x22), 0, "a second token claimed a key that the "
+                 "first had just claimed: the first claim wrote nothing over its expired record");
+
+    /* Our token, COMPLETED: that is a response to replay, not a claim. */
+    len = record_of(rec, 'C', 0x33, 0);
+    plant(srv.ports[0], "idem:done", now + 60000, rec, len);
+    cr_assert_eq(driver_claim(s, "idem:done", 0x33), 0, "a completed record was taken for a claim: "
+                 "its handler would run again");
+
+    /* Our token, STARTED and live: a claim retried after its answer was lost. */
+    len = record_of(rec, 'S', 0x44, now + 10000);
+    plant(srv.ports[0], "idem:mine", now + 10000, rec, len);
+    cr_assert_eq(driver_claim(s, "idem:mine", 0x44), 1, "our own live claim is ours");
     idem_store_close(s);
 }
 

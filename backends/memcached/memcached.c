@@ -447,8 +447,9 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
         if (!it.found)
             continue; /* gone between add and gets: add again */
         now = idem_now_ms();
-        int state;
-        if (o->token && item_has_token(&it, o->token, &state)) {
+        int state = 0;
+        if (o->token && item_live(&it, now) && item_has_token(&it, o->token, &state) &&
+            state == IDEM_STATE_STARTED) {
             ret = IDEM_OK; /* our own claim, from a try whose answer was lost */
             break;
         }
