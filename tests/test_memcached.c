@@ -905,6 +905,41 @@ Test(memcached, a_claim_meeting_its_own_token_claims_only_a_live_started_record)
     idem_store_close(s);
 }
 
+Test(memcached, commit_the_server_refuses_for_its_size_is_etoobig_and_the_claim_stays)
+{
+    static const char *const small[] = {"-I", "64k", "-o", "slab_chunk_max=32768", NULL};
+    memset(&srv, 0, sizeof srv);
+    srv.dir = idem_test_tmpdir("memcached-small");
+    cr_assert(srv.dir);
+    cr_assert_eq(idem_test_start_memcached_with(&srv, 1, small), 0);
+    idem_store *s = open_store(srv.url);
+    cr_assert_eq(driver_claim(s, "idem:big", 0x55), 1);
+
+    /* Past the limit the driver announced (the core would refuse it up
+     * front; a server restarted with a smaller -I would not). */
+    size_t body = 100000, len = COMPLETED_OVERHEAD + body;
+    uint8_t *rec = malloc(len);
+    record_of(rec, 'C', 0x55, 0);
+    rec[64 + 4] = (uint8_t)(body >> 24), rec[64 + 5] = (uint8_t)(body >> 16);
+    rec[64 + 6] = (uint8_t)(body >> 8), rec[64 + 7] = (uint8_t)body;
+    memset(rec + COMPLETED_OVERHEAD, 'z', body);
+    uint8_t token[16];
+    memset(token, 0x55, sizeof token);
+    int rc = s->ops->commit(s->state, "idem:big", 8, token, rec, len, 3600000);
+    free(rec);
+    cr_assert_eq(rc, IDEM_ETOOBIG, "got %d: %s", rc, idem_last_error());
+    cr_assert(message_names(idem_last_error(), srv.ports[0]), "%s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "-I") && strstr(idem_last_error(), "max_response_len"), "%s",
+              idem_last_error());
+
+    /* The claim is intact: a response that fits is stored. */
+    uint8_t ok[COMPLETED_OVERHEAD + 2];
+    size_t ok_len = record_of(ok, 'C', 0x55, 0);
+    cr_assert_eq(s->ops->commit(s->state, "idem:big", 8, token, ok, ok_len, 3600000), IDEM_OK, "%s",
+                 idem_last_error());
+    idem_store_close(s);
+}
+
 /* ---- opening ---- */
 
 Test(memcached, open_contacts_every_server_and_says_how_to_start_a_missing_one)

@@ -247,7 +247,7 @@ static const char *server_label(const store *s, const char *addr, unsigned port,
 }
 
 static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen, memcached_return_t rc,
-                const char *what)
+                const char *what, bool too_big_is_final)
 {
     memcached_return_t lookup;
     const memcached_instance_st *srv = memcached_server_by_key(mc, ekey, eklen, &lookup);
@@ -264,6 +264,16 @@ static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen
     char detail[160];
     snprintf(detail, sizeof detail, "%s%s%s%s", memcached_strerror(mc, rc), err ? " (" : "",
              err ? strerror(err) : "", err ? ")" : "");
+    /* A commit that the server refuses for its size fails the same way
+     * every time: IDEM_ETOOBIG, which the core does not retry. */
+    if (too_big_is_final && rc == MEMCACHED_E2BIG)
+        return idem_error_set(IDEM_ETOOBIG, "memcached %s: %s: the record is larger than the server's "
+                              "item_size_max; raise memcached's -I on every server, or lower "
+                              "max_response_len", where, what);
+    if (too_big_is_final && rc == MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE)
+        return idem_error_set(IDEM_ETOOBIG, "memcached %s: %s: the server has no memory for an item "
+                              "this large (%s); give it more with -m, or lower max_response_len",
+                              where, what, detail);
     switch (rc) {
     case MEMCACHED_TIMEOUT:
         return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: no answer within %" PRIu32 " ms; is "
@@ -403,6 +413,7 @@ typedef struct op {
     size_t         record_len;
     uint64_t       deadline_ms;  /* until when the new record counts */
     bool           maybe_applied;/* an earlier try's write may have reached the server */
+    bool           too_big_is_final; /* commit: a record refused for its size is IDEM_ETOOBIG */
     /* claim's results */
     void          *existing;
     size_t         existing_len;
@@ -573,7 +584,7 @@ static int with_conn(store *s, op *o, op_fn fn)
         bool healthy = answered(mrc);
         if (rc == IDEM_EBACKEND && !healthy) {
             bool again = attempt == 0 && c->used && mrc != MEMCACHED_TIMEOUT;
-            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what);
+            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what, o->too_big_is_final);
             release_conn(s, c, false);
             if (again)
                 continue;
@@ -581,7 +592,7 @@ static int with_conn(store *s, op *o, op_fn fn)
         }
         if (rc == IDEM_EBACKEND && !memcached_success(mrc) && mrc != MEMCACHED_NOTSTORED &&
             mrc != MEMCACHED_DATA_EXISTS && mrc != MEMCACHED_NOTFOUND)
-            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what);
+            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what, o->too_big_is_final);
         release_conn(s, c, healthy);
         return rc;
     }
@@ -629,7 +640,7 @@ static int probe_server(store *s, const mc_server *sv, size_t *item_size_max)
     probe p = {0};
     memcached_return_t mrc = MEMCACHED_SUCCESS;
     if (rc == IDEM_OK && memcached_failed(mrc = memcached_stat_execute(mc, "settings", stat_setting, &p)))
-        rc = fail(s, mc, "x", 1, mrc, "connecting");
+        rc = fail(s, mc, "x", 1, mrc, "connecting", false);
     if (rc == IDEM_OK && p.item_size_max == 0)
         rc = idem_error_set(IDEM_EBACKEND, "memcached %s: 'stats settings' names no item_size_max; "
                             "is this a memcached server (1.4 or later)?", sv->label);
@@ -848,7 +859,7 @@ static int mc_commit(void *state, const void *key, size_t key_len, const uint8_t
 {
     char ekey[MAX_KEY + 1];
     op o = {.what = "storing a response", .ekey = ekey, .token = token, .record = record,
-            .record_len = record_len, .deadline_ms = idem_now_ms() + ttl_ms};
+            .record_len = record_len, .deadline_ms = idem_now_ms() + ttl_ms, .too_big_is_final = true};
     int rc = encode_key(key, key_len, ekey, &o.eklen);
     return rc ? rc : with_conn(state, &o, do_commit);
 }
