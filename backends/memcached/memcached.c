@@ -12,8 +12,10 @@
  * milliseconds since the Unix epoch (big-endian), followed by the record the
  * core wrote; the item flags mark our items. memcached expires items on a
  * one-second clock, so the item's own expiry is only garbage collection (it
- * is set a second or two late) and the envelope decides, to the
- * millisecond, whether a record still counts.
+ * is set a second or two late) and the envelope decides whether a record
+ * still counts. The deadline is written by one client's wall clock and
+ * judged by another's: hosts sharing the servers need synchronised clocks
+ * (NTP), and a lease can be taken over early by as much as their skew.
  *
  * claim:   add; when the key is taken, gets it; a record past its deadline is
  *          taken over with cas.
