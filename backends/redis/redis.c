@@ -81,8 +81,10 @@ static const char *const script_src[SC_COUNT] = {
         "end\n"
         "if s == " LUA_COMPLETED " then return 2 end\n"
         "return 0\n",
-    /* KEYS[1] key, ARGV[1] token. 1: deleted. 0: lost. */
+    /* KEYS[1] key, ARGV[1] token. 1: deleted. 0: lost. 3: no such key
+     * (lost, or freed by an earlier try of this release). */
     [SC_RELEASE] =
+        "if redis.call('EXISTS', KEYS[1]) == 0 then return 3 end\n"
         LUA_FENCE
         "if s ~= " LUA_STARTED " then return 0 end\n"
         "redis.call('DEL', KEYS[1])\n"
@@ -380,10 +382,12 @@ static redisReply *eval(const store *s, redisContext *ctx, enum script_id id, si
  * one: every script is safe to run twice (see the callers).
  */
 static int run_script(store *s, enum script_id id, size_t nargs, const char *const *args,
-                      const size_t *lens, redisReply **out)
+                      const size_t *lens, redisReply **out, bool *retried)
 {
     const char *what = script_what[id];
     for (int attempt = 0;; attempt++) {
+        if (retried)
+            *retried = attempt > 0;
         conn *c;
         bool fresh;
         int rc = acquire(s, &c, &fresh);
@@ -416,15 +420,21 @@ static int unexpected(const store *s, enum script_id id, const redisReply *r)
                          "a Redis server (or a proxy that rewrites replies)?", r->type);
 }
 
-/* Run a fenced script whose reply is the integer 0 (lost) or one of ok. */
+/* Run a fenced script whose reply is the integer 0 (lost) or one of ok.
+ * 3 is "no such key": lost, unless an earlier try on a connection that
+ * closed before its reply may have run the script and freed the key. */
 static int run_fenced(store *s, enum script_id id, size_t nargs, const char *const *args,
                       const size_t *lens, long long max_ok)
 {
     redisReply *r;
-    int rc = run_script(s, id, nargs, args, lens, &r);
+    bool retried = false;
+    int rc = run_script(s, id, nargs, args, lens, &r, &retried);
     if (rc)
         return rc;
-    if (r->type != REDIS_REPLY_INTEGER || r->integer < 0 || r->integer > max_ok)
+    bool absent = id == SC_RELEASE && r->type == REDIS_REPLY_INTEGER && r->integer == 3;
+    if (absent)
+        rc = retried ? IDEM_OK : IDEM_ELOST;
+    else if (r->type != REDIS_REPLY_INTEGER || r->integer < 0 || r->integer > max_ok)
         rc = unexpected(s, id, r);
     else
         rc = r->integer == 0 ? IDEM_ELOST : IDEM_OK;
@@ -624,7 +634,7 @@ static int rd_claim(void *state, const void *key, size_t key_len, const void *re
     *existing = NULL;
     *existing_len = 0;
     redisReply *r;
-    int rc = run_script(s, SC_CLAIM, 3, args, lens, &r);
+    int rc = run_script(s, SC_CLAIM, 3, args, lens, &r, NULL);
     if (rc)
         return rc;
     if (r->type == REDIS_REPLY_INTEGER && r->integer == 0) {
@@ -671,8 +681,8 @@ static int rd_commit(void *state, const void *key, size_t key_len, const uint8_t
     return run_fenced(state, SC_COMMIT, 4, args, lens, 2);
 }
 
-/* Run twice, the second run finds the key gone: IDEM_ELOST, which the core
- * reports without harm (the key is free either way). */
+/* Run twice (a retry after the server ran it and closed the connection),
+ * the second run finds the key gone: IDEM_OK, the key was freed. */
 static int rd_release(void *state, const void *key, size_t key_len, const uint8_t *token)
 {
     const char *args[2] = {key, (const char *)token};
