@@ -434,8 +434,21 @@ static uint8_t *envelope(const op *o, size_t *len)
     return v;
 }
 
-/* An op: IDEM_* result, or -1 - memcached_return_t cast when memcached failed. */
+/* An op, run by with_conn(): it returns an IDEM_* code and leaves in *mrc
+ * memcached's last answer, from which with_conn() tells a dead connection
+ * from a server's answer and words the message of an IDEM_EBACKEND. */
 typedef int (*op_fn)(memcached_st *mc, op *o, memcached_return_t *mrc);
+
+/* An op that ran out of gets/cas rounds while other clients kept changing
+ * the key: say so. Any other failure is left for with_conn() to describe. */
+static int rounds_exhausted(const op *o, memcached_return_t mrc, int ret)
+{
+    if (ret == IDEM_EBACKEND && answered(mrc) && mrc != MEMCACHED_E2BIG &&
+        mrc != MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE)
+        ret = idem_error_set(IDEM_EBACKEND, "memcached: %s: the key changed %d times while we looked; "
+                             "retry", o->what, MAX_ROUNDS);
+    return ret;
+}
 
 static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
 {
@@ -453,7 +466,7 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
             ret = IDEM_OK;
             break;
         }
-        if (*mrc != MEMCACHED_NOTSTORED && *mrc != MEMCACHED_DATA_EXISTS)
+        if (*mrc != MEMCACHED_NOTSTORED) /* the text protocol's add answers only this when taken */
             break;
         if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
             break;
@@ -490,10 +503,7 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
             break;
         item_clear(&it); /* changed under us: look again */
     }
-    if (ret == IDEM_EBACKEND && answered(*mrc) && *mrc != MEMCACHED_E2BIG &&
-        *mrc != MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE)
-        ret = idem_error_set(IDEM_EBACKEND, "memcached: claiming a key: it changed %d times while we "
-                             "looked; retry", MAX_ROUNDS);
+    ret = rounds_exhausted(o, *mrc, ret);
     item_clear(&it);
     free(v);
     return ret;
@@ -543,10 +553,7 @@ static int do_fenced(memcached_st *mc, op *o, memcached_return_t *mrc, enum fenc
             break;
         item_clear(&it); /* changed under us: look again */
     }
-    if (ret == IDEM_EBACKEND && answered(*mrc) && *mrc != MEMCACHED_E2BIG &&
-        *mrc != MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE)
-        ret = idem_error_set(IDEM_EBACKEND, "memcached: %s: the key changed %d times while we looked; "
-                             "retry", o->what, MAX_ROUNDS);
+    ret = rounds_exhausted(o, *mrc, ret);
     item_clear(&it);
     free(v);
     return ret;
