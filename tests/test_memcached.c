@@ -6,6 +6,7 @@
  * own servers; a missing memcached fails the tests, nothing is skipped.
  */
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <errno.h>
 #include <netinet/in.h>
 #include <poll.h>
@@ -705,6 +706,40 @@ Test(memcached, restart_while_idle_leaves_no_stale_connection_to_fail_the_next_r
     idem_store_close(s);
 }
 
+/* Has every thread of pid reached the stopped state ('T' in its stat)? */
+static bool all_threads_stopped(pid_t pid, int timeout_ms)
+{
+    for (int waited = 0; waited <= timeout_ms; waited += 5) {
+        char path[64];
+        snprintf(path, sizeof path, "/proc/%d/task", (int)pid);
+        DIR *d = opendir(path);
+        if (!d)
+            return false;
+        bool all = true;
+        int seen = 0;
+        for (struct dirent *e; (e = readdir(d)) != NULL;) {
+            if (e->d_name[0] == '.')
+                continue;
+            char stat[384], buf[512];
+            snprintf(stat, sizeof stat, "%s/%s/stat", path, e->d_name);
+            FILE *f = fopen(stat, "r");
+            size_t n = f ? fread(buf, 1, sizeof buf - 1, f) : 0;
+            if (f)
+                fclose(f);
+            buf[n] = '\0';
+            const char *close_paren = strrchr(buf, ')'); /* the state follows "(comm) " */
+            seen++;
+            if (!close_paren || close_paren[1] != ' ' || (close_paren[2] != 'T' && close_paren[2] != 't'))
+                all = false;
+        }
+        closedir(d);
+        if (all && seen > 0)
+            return true;
+        sleep_ms(5);
+    }
+    return false;
+}
+
 Test(memcached, server_that_stops_answering_costs_timeout_ms_not_a_hang)
 {
     start(1);
@@ -717,10 +752,18 @@ Test(memcached, server_that_stops_answering_costs_timeout_ms_not_a_hang)
     cr_assert_eq(run(l, "warm", 4, &j, &r), IDEM_OK, "%s", idem_last_error());
 
     kill(srv.pids[0], SIGSTOP); /* connected, but never answers */
+    /* kill() returns before the server's threads stop: on a busy machine a
+     * worker thread could still answer the claim, and then the commit is
+     * retried for the whole lease (10 s), as it must be. Wait until every
+     * thread is stopped, so what is timed is one call to a silent server. */
+    cr_assert(all_threads_stopped(srv.pids[0], 5000), "memcached did not stop within 5 s");
+    int calls = atomic_load(&j.calls);
     uint64_t t0 = mono_ms();
     int rc = run(l, "frozen", 6, &j, &r);
     uint64_t took = mono_ms() - t0;
     kill(srv.pids[0], SIGCONT);
+    cr_assert_eq(atomic_load(&j.calls), calls, "the claim reached the stopped server: %s",
+                 idem_last_error());
     cr_assert_eq(rc, IDEM_EBACKEND, "%s", idem_last_error());
     cr_assert(strstr(idem_last_error(), "no answer within 200 ms"), "%s", idem_last_error());
     cr_assert_lt(took, 1000u, "took %llu ms with timeout_ms=200", (unsigned long long)took);
