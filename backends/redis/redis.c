@@ -67,8 +67,8 @@ static const char *const script_src[SC_COUNT] = {
      * 0: claimed. {record, pttl}: the key was taken; record is "" for a
      * value that is not a string. */
     [SC_CLAIM] =
-        "if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end\n"
-        "local v = redis.pcall('GET', KEYS[1])\n"
+        "local v = redis.pcall('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')\n"
+        "if v == false then return 0 end\n"
         "if type(v) ~= 'string' then v = '' end\n"
         "return {v, redis.call('PTTL', KEYS[1])}\n",
     /* KEYS[1] key, ARGV[1] token, ARGV[2] record, ARGV[3] ttl ms.
