@@ -55,6 +55,9 @@ typedef struct idem_record {
 /* Bytes a COMPLETED record adds to its body. */
 #define IDEM_RECORD_COMPLETED_OVERHEAD (IDEM_RECORD_HEADER_LEN + 8)
 
+/* The encoded length of rec, and its encoding into p (that many bytes). */
+size_t idem__record_len(const idem_record *rec);
+void   idem__record_write(const idem_record *rec, uint8_t *p);
 /* Encode rec into a new malloc'd buffer. IDEM_OK or IDEM_ENOMEM. */
 int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len);
 /* Decode; rec->body points into buf. IDEM_OK or IDEM_ECORRUPT (no message set). */

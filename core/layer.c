@@ -308,7 +308,7 @@ static int backend_failed(idem_layer *l, int rc)
 }
 
 /* Turn the record that beat our claim into a reply. */
-static int reply_existing(idem_layer *l, const idem_claim *c, const void *buf, size_t len,
+static int reply_existing(idem_layer *l, const idem_record *mine, const void *buf, size_t len,
                           uint32_t remaining_ms, idem_reply *reply)
 {
     idem_record old;
@@ -317,8 +317,8 @@ static int reply_existing(idem_layer *l, const idem_claim *c, const void *buf, s
                               "%s store holds a %zu-byte value under this key that libidempotency did "
                               "not write; delete it, or give this layer a key_prefix of its own",
                               l->store->ops->name, len);
-    if (c->rec.has_fingerprint && old.has_fingerprint &&
-        memcmp(c->rec.digest, old.digest, IDEM_DIGEST_LEN) != 0) {
+    if (mine->has_fingerprint && old.has_fingerprint &&
+        memcmp(mine->digest, old.digest, IDEM_DIGEST_LEN) != 0) {
         count(&l->mismatched);
         reply->outcome = IDEM_MISMATCH;
         reply->status = 422;
@@ -359,46 +359,42 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     if (rc)
         return rc;
 
+    /* Key and record are built on the stack: a claim is allocated only
+     * when it wins, so a duplicate costs no allocation of ours but its reply. */
+    uint8_t key[IDEM_MAX_PREFIX_LEN + MAX_KEY_LEN_LIMIT];
     size_t key_len = l->prefix_len + req->key_len;
-    idem_claim *c = calloc(1, sizeof *c + key_len);
-    if (!c)
-        return idem_error_set(IDEM_ENOMEM, "out of memory claiming a key");
-    c->layer = l;
-    c->key_len = key_len;
-    memcpy(c->key, l->prefix, l->prefix_len);
-    memcpy(c->key + l->prefix_len, req->key, req->key_len);
-    c->rec.state = IDEM_STATE_STARTED;
-    c->rec.has_fingerprint = req->fingerprint != NULL;
-    if (c->rec.has_fingerprint)
-        rc = idem__digest(req->fingerprint, req->fingerprint_len, c->rec.digest);
+    memcpy(key, l->prefix, l->prefix_len);
+    memcpy(key + l->prefix_len, req->key, req->key_len);
+    idem_record rec = {.state = IDEM_STATE_STARTED, .has_fingerprint = req->fingerprint != NULL};
+    if (rec.has_fingerprint)
+        rc = idem__digest(req->fingerprint, req->fingerprint_len, rec.digest);
     if (rc == IDEM_OK)
-        rc = idem__random_bytes(c->rec.token, IDEM_TOKEN_LEN);
-    if (rc) {
-        free(c);
+        rc = idem__random_bytes(rec.token, IDEM_TOKEN_LEN);
+    if (rc)
         return rc;
-    }
 
-    uint8_t *enc;
-    size_t enc_len;
-    c->lease_end = mono_ms() + l->opts.lease_ms;
-    c->rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
-    if ((rc = idem__record_encode(&c->rec, &enc, &enc_len))) {
-        free(c);
-        return idem_error_set(rc, "out of memory encoding a claim");
-    }
+    uint64_t lease_end = mono_ms() + l->opts.lease_ms;
+    rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
+    uint8_t enc[IDEM_RECORD_HEADER_LEN];
+    idem__record_write(&rec, enc);
     void *existing = NULL;
     size_t existing_len = 0;
     uint32_t remaining = UINT32_MAX;
-    rc = l->store->ops->claim(l->store->state, c->key, c->key_len, enc, enc_len, l->opts.lease_ms,
+    rc = l->store->ops->claim(l->store->state, key, key_len, enc, sizeof enc, l->opts.lease_ms,
                               &existing, &existing_len, &remaining);
-    free(enc);
-    if (rc == IDEM_OK && existing)
-        rc = reply_existing(l, c, existing, existing_len, remaining, reply);
-    else if (rc == IDEM_OK)
+    if (rc == IDEM_OK && existing) {
+        rc = reply_existing(l, &rec, existing, existing_len, remaining, reply);
+        free(existing);
+    } else if (rc == IDEM_OK) {
+        idem_claim *c = malloc(sizeof *c + key_len);
+        if (!c) {
+            (void)l->store->ops->release(l->store->state, key, key_len, rec.token);
+            return idem_error_set(IDEM_ENOMEM, "out of memory holding a claim; the key was given up");
+        }
+        *c = (idem_claim){.layer = l, .rec = rec, .lease_end = lease_end, .key_len = key_len};
+        memcpy(c->key, key, key_len);
         *out = c;
-    free(existing);
-    if (*out != c)
-        free(c);
+    }
     return backend_failed(l, rc);
 }
 

@@ -52,13 +52,15 @@ uint64_t idem_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len)
+size_t idem__record_len(const idem_record *rec)
+{
+    return rec->state == IDEM_STATE_COMPLETED ? IDEM_RECORD_COMPLETED_OVERHEAD + rec->body_len
+                                              : IDEM_RECORD_HEADER_LEN;
+}
+
+void idem__record_write(const idem_record *rec, uint8_t *p)
 {
     bool completed = rec->state == IDEM_STATE_COMPLETED;
-    size_t len = completed ? IDEM_RECORD_COMPLETED_OVERHEAD + rec->body_len : IDEM_RECORD_HEADER_LEN;
-    uint8_t *p = malloc(len);
-    if (!p)
-        return IDEM_ENOMEM;
     memcpy(p, magic, sizeof magic);
     p[4] = RECORD_VERSION;
     p[IDEM_RECORD_STATE_OFFSET] = (uint8_t)rec->state;
@@ -76,6 +78,15 @@ int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len)
         if (rec->body_len)
             memcpy(p + IDEM_RECORD_COMPLETED_OVERHEAD, rec->body, rec->body_len);
     }
+}
+
+int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len)
+{
+    size_t len = idem__record_len(rec);
+    uint8_t *p = malloc(len);
+    if (!p)
+        return IDEM_ENOMEM;
+    idem__record_write(rec, p);
     *out = p;
     *out_len = len;
     return IDEM_OK;
@@ -130,20 +141,34 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
     return IDEM_OK;
 }
 
-/* OpenSSL 3 looks the algorithm up on every EVP_sha256() use; fetch it once. */
+/* OpenSSL 3 looks the algorithm up on every EVP_sha256() use and allocates
+ * a context in every EVP_Digest(): fetch it once, and keep one context per
+ * thread (freed when the thread exits). */
 static EVP_MD        *sha256;
+static pthread_key_t  ctx_key;
 static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+static _Thread_local EVP_MD_CTX *thread_ctx;
+
+static void ctx_free(void *ctx)
+{
+    EVP_MD_CTX_free(ctx);
+}
 
 static void sha256_fetch(void)
 {
     sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+    (void)pthread_key_create(&ctx_key, ctx_free);
 }
 
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
 {
     unsigned int n = 0;
     (void)pthread_once(&sha256_once, sha256_fetch);
-    if (!sha256 || !EVP_Digest(data, len, out, &n, sha256, NULL) || n != IDEM_DIGEST_LEN)
+    if (!thread_ctx && (thread_ctx = EVP_MD_CTX_new()) != NULL)
+        (void)pthread_setspecific(ctx_key, thread_ctx);
+    if (!sha256 || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, sha256, NULL) ||
+        !EVP_DigestUpdate(thread_ctx, data, len) || !EVP_DigestFinal_ex(thread_ctx, out, &n) ||
+        n != IDEM_DIGEST_LEN)
         return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto");
     return IDEM_OK;
 }
