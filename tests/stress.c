@@ -571,6 +571,7 @@ static unsigned char *body_of(const char *h, size_t *len)
     if (!b)
         die("out of memory");
     *len = strcmp(h, "-") == 0 ? 0 : unhex(b, h, n / 2);
+    b[*len] = '\0'; /* bodies are parsed with sscanf */
     return b;
 }
 
