@@ -27,17 +27,24 @@ const char *idem_error_name(int err)
     return "IDEM_UNKNOWN";
 }
 
-/* The message grows to fit; it is never truncated. A thread that cannot
- * allocate it falls back to the code's fixed message. */
+/* A message is never truncated. A thread that cannot allocate one falls
+ * back to the code's fixed message. */
 static _Thread_local char  *last_msg;
-static _Thread_local size_t last_cap;
 static _Thread_local const char *last_static = "";
 
 /* A thread's buffer is freed when the thread exits. */
 static pthread_key_t  msg_key;
 static pthread_once_t msg_key_once = PTHREAD_ONCE_INIT;
 
-static void msg_free(void *p) { free(p); }
+/* A destructor of the user's that runs after this one may still call in. */
+static void msg_free(void *p)
+{
+    if (p == last_msg) {
+        last_msg = NULL;
+        last_static = "";
+    }
+    free(p);
+}
 static void msg_key_make(void) { (void)pthread_key_create(&msg_key, msg_free); }
 
 const char *idem_last_error(void)
@@ -47,26 +54,21 @@ const char *idem_last_error(void)
 
 int idem_error_setv(int err, const char *fmt, va_list ap)
 {
+    /* Format into a new buffer, so an argument may be the current message. */
     va_list ap2;
     va_copy(ap2, ap);
-    int n = vsnprintf(last_msg, last_cap, fmt, ap2);
+    int n = vsnprintf(NULL, 0, fmt, ap2);
     va_end(ap2);
-    if (n < 0) {
+    char *msg = n < 0 ? NULL : malloc((size_t)n + 1);
+    if (!msg) {
         last_static = idem_strerror(err);
         return err;
     }
-    if ((size_t)n >= last_cap) {
-        char *grown = realloc(last_msg, (size_t)n + 1);
-        if (!grown) {
-            last_static = idem_strerror(err);
-            return err;
-        }
-        last_msg = grown;
-        last_cap = (size_t)n + 1;
-        (void)pthread_once(&msg_key_once, msg_key_make);
-        (void)pthread_setspecific(msg_key, last_msg);
-        vsnprintf(last_msg, last_cap, fmt, ap);
-    }
+    vsnprintf(msg, (size_t)n + 1, fmt, ap);
+    free(last_msg);
+    last_msg = msg;
+    (void)pthread_once(&msg_key_once, msg_key_make);
+    (void)pthread_setspecific(msg_key, last_msg);
     last_static = NULL;
     return err;
 }

@@ -10,9 +10,8 @@
 #include <idempotency/backend.h>
 #include <idempotency/idempotency.h>
 
-/* The longest prefix a layer accepts, and so the longest store key. */
+/* The longest key prefix a layer accepts. */
 #define IDEM_MAX_PREFIX_LEN 255
-#define IDEM_MAX_STORE_KEY  (IDEM_MAX_PREFIX_LEN + 257)
 
 struct idem_store {
     const idem_backend *ops;
@@ -29,6 +28,11 @@ extern const idem_backend *const idem__builtin_backends[];
 /* Why the driver named by scheme is missing from this build, or NULL when
  * the scheme is not one the project knows. */
 const char *idem__missing_backend_hint(const char *scheme);
+
+/* ---- layer.c ---- */
+/* Random bytes from getrandom(), buffered per thread and never repeated
+ * across fork(). IDEM_OK or IDEM_EBACKEND. */
+int idem__random_bytes(uint8_t *buf, size_t len);
 
 /* ---- record.c ---- */
 #define IDEM_DIGEST_LEN 32

@@ -1,5 +1,6 @@
 /* The state machine of one key: claim, then commit or abort (or extend). */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -88,7 +89,7 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     if (opts)
         o = *opts;
     if (!o.key_prefix)
-        o.key_prefix = "";
+        o.key_prefix = "idem:";
     if (o.lease_ms == 0)
         return idem_error_set(IDEM_EINVAL, "idem_options.lease_ms is 0; give the longest a handler may run, e.g. 60000");
     if (o.ttl_s == 0)
@@ -100,6 +101,13 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     if (plen > IDEM_MAX_PREFIX_LEN)
         return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix is %zu bytes; the limit is %d",
                               plen, IDEM_MAX_PREFIX_LEN);
+    /* One ':', at the end: then no prefix plus key can spell another prefix
+     * plus key ("t1:" + "x" against "t1" + ":x"), so layers never meet. */
+    const char *colon = strchr(o.key_prefix, ':');
+    if (plen < 2 || colon != o.key_prefix + plen - 1)
+        return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix must be a name and one ':' at its "
+                              "end, e.g. \"orders:\" or \"shop-{eu}:\", so that two prefixes never make "
+                              "the same store key");
     idem_layer *l = calloc(1, sizeof *l);
     if (!l || !(l->prefix = strdup(o.key_prefix))) {
         free(l);
@@ -208,18 +216,49 @@ int idem_response_set(idem_response *resp, int status, const void *body, size_t 
 
 /* ---- claims ---- */
 
-static int fill_random(uint8_t *buf, size_t len)
+/* Claim tokens come from getrandom() through a per-thread buffer, so a
+ * request costs no system call. A child process after fork() starts with a
+ * copy of its parent's buffer: the generation counter makes it refill, so
+ * two processes never hand out the same bytes. */
+#define RANDOM_POOL 512
+
+static atomic_uint random_generation;
+static pthread_once_t random_atfork_once = PTHREAD_ONCE_INIT;
+static _Thread_local uint8_t  random_pool[RANDOM_POOL];
+static _Thread_local size_t   random_left;
+static _Thread_local unsigned random_pool_generation;
+
+static void random_after_fork(void)
 {
-    while (len) {
-        ssize_t n = getrandom(buf, len, 0);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            return idem_error_set(IDEM_EBACKEND, "getrandom failed: %s", strerror(errno));
+    atomic_fetch_add(&random_generation, 1);
+}
+
+static void random_atfork(void)
+{
+    (void)pthread_atfork(NULL, NULL, random_after_fork);
+}
+
+int idem__random_bytes(uint8_t *buf, size_t len)
+{
+    (void)pthread_once(&random_atfork_once, random_atfork);
+    unsigned gen = atomic_load(&random_generation);
+    if (random_pool_generation != gen || random_left < len) {
+        size_t got = 0;
+        while (got < RANDOM_POOL) {
+            ssize_t n = getrandom(random_pool + got, RANDOM_POOL - got, 0);
+            if (n < 0 && errno != EINTR) {
+                random_left = 0;
+                return idem_error_set(IDEM_EBACKEND, "getrandom failed: %s", strerror(errno));
+            }
+            got += n > 0 ? (size_t)n : 0;
         }
-        buf += n;
-        len -= (size_t)n;
+        random_left = RANDOM_POOL;
+        random_pool_generation = gen;
     }
+    uint8_t *take = random_pool + RANDOM_POOL - random_left;
+    memcpy(buf, take, len);
+    memset(take, 0, len); /* a token is never handed out twice, nor left behind */
+    random_left -= len;
     return IDEM_OK;
 }
 
@@ -242,10 +281,7 @@ static int check_request(const idem_layer *l, const idem_request *req)
 /* Add what follows to the driver's message: "redis ...: timeout; the key ..." */
 static int error_append(int rc, const char *more)
 {
-    char *was = strdup(idem_last_error());
-    idem_error_set(rc, "%s; %s", was ? was : idem_strerror(rc), more);
-    free(was);
-    return rc;
+    return idem_error_set(rc, "%s; %s", idem_last_error(), more);
 }
 
 static int backend_failed(idem_layer *l, int rc)
@@ -318,7 +354,7 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     if (c->rec.has_fingerprint)
         rc = idem__digest(req->fingerprint, req->fingerprint_len, c->rec.digest);
     if (rc == IDEM_OK)
-        rc = fill_random(c->rec.token, IDEM_TOKEN_LEN);
+        rc = idem__random_bytes(c->rec.token, IDEM_TOKEN_LEN);
     if (rc) {
         free(c);
         return rc;
@@ -348,11 +384,6 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     return backend_failed(l, rc);
 }
 
-static void claim_free(idem_claim *c)
-{
-    free(c);
-}
-
 int idem_commit(idem_claim *c, int status, const void *body, size_t len)
 {
     idem__error_clear();
@@ -360,8 +391,8 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
         return idem_error_set(IDEM_EINVAL, "idem_commit: claim is NULL");
     idem_layer *l = c->layer;
     if (c->lost) {
-        claim_free(c);
-        return idem_error_set(IDEM_ELOST, "the claim's lease ended and another request took the key; "
+        free(c);
+        return idem_error_set(IDEM_ELOST, "the claim's lease ended (another request may have taken the key); "
                                           "this response was not stored");
     }
     int rc = check_response(l, status, body, len);
@@ -397,12 +428,13 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
     free(enc);
     if (rc == IDEM_OK) {
         count(&l->executed);
-        claim_free(c);
+        free(c);
     } else if (rc == IDEM_ELOST) {
         count(&l->lost);
-        claim_free(c);
-        idem_error_set(rc, "the claim's lease ended and another request took the key; this response "
-                           "was not stored (raise lease_ms, or call idem_extend() from long handlers)");
+        free(c);
+        idem_error_set(rc, "the claim's lease ended before the commit (another request may have taken "
+                           "the key); this response was not stored (raise lease_ms, or call "
+                           "idem_extend() from long handlers)");
     } else if (rc == IDEM_EBACKEND) {
         error_append(rc, "the response is not stored and the key stays claimed until its lease ends "
                          "(commit again, or abort)");
@@ -421,13 +453,13 @@ int idem_abort(idem_claim *c)
     if (rc == IDEM_ELOST) {
         if (!c->lost)
             count(&l->lost);
-        idem_error_set(rc, "the claim's lease had ended and another request took the key");
+        idem_error_set(rc, "the claim's lease had ended (another request may have taken the key)");
     } else if (rc == IDEM_EBACKEND) {
         count(&l->backend_errors);
         error_append(rc, "the key frees itself when its lease ends");
     }
     count(&l->failed);
-    claim_free(c);
+    free(c);
     return rc;
 }
 
@@ -457,7 +489,7 @@ int idem_extend(idem_claim *c, uint32_t lease_ms)
     } else if (rc == IDEM_ELOST) {
         c->lost = true;
         count(&l->lost);
-        idem_error_set(rc, "the claim's lease ended and another request took the key; "
+        idem_error_set(rc, "the claim's lease ended (another request may have taken the key); "
                            "commit or abort it to free it");
     }
     return backend_failed(l, rc);
@@ -489,15 +521,15 @@ int idem_run(idem_layer *l, const idem_request *req, idem_handler fn, void *arg,
         return IDEM_OK;
     }
     rc = idem_commit(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
-    if (rc == IDEM_EBACKEND)
-        claim_free(c); /* the key stays claimed in the store until its lease ends */
+    if (rc != IDEM_OK && rc != IDEM_ELOST)
+        free(c); /* not stored: the key stays claimed in the store until its lease ends */
     reply->outcome = IDEM_EXECUTED;
     reply->status = resp.status;
     if (resp.body) {
         reply->body = resp.body;
         reply->body_len = resp.len;
-    } else if (reply_body(reply, "", 0) != IDEM_OK) {
-        return IDEM_ENOMEM;
+    } else {
+        (void)reply_body(reply, "", 0); /* on failure body stays NULL: allowed */
     }
     return rc;
 }

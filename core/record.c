@@ -1,4 +1,5 @@
 /* The versioned record encoding (layout in <idempotency/backend.h>). */
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -14,6 +15,7 @@
 #define OFF_DIGEST           32
 #define OFF_STATUS           IDEM_RECORD_HEADER_LEN
 #define OFF_BODY_LEN         (IDEM_RECORD_HEADER_LEN + 4)
+#define MIN_STATUS           100
 #define MAX_STATUS           999
 
 static const uint8_t magic[4] = {'I', 'D', 'E', 'M'};
@@ -110,13 +112,17 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
     rec->deadline_ms = info.deadline_ms;
     rec->has_fingerprint = (p[OFF_FLAGS] & FLAG_FINGERPRINT) != 0;
     memcpy(rec->digest, p + OFF_DIGEST, IDEM_DIGEST_LEN);
+    if (!rec->has_fingerprint)
+        for (int i = 0; i < IDEM_DIGEST_LEN; i++)
+            if (rec->digest[i])
+                return IDEM_ECORRUPT;
     if (info.state == IDEM_STATE_STARTED)
-        return IDEM_OK;
+        return info.deadline_ms != 0 ? IDEM_OK : IDEM_ECORRUPT;
     if (info.deadline_ms != 0)
         return IDEM_ECORRUPT;
     uint32_t status = get_be32(p + OFF_STATUS);
     uint32_t body_len = get_be32(p + OFF_BODY_LEN);
-    if (status > MAX_STATUS || body_len != len - IDEM_RECORD_COMPLETED_OVERHEAD)
+    if (status < MIN_STATUS || status > MAX_STATUS || body_len != len - IDEM_RECORD_COMPLETED_OVERHEAD)
         return IDEM_ECORRUPT;
     rec->status = (int)status;
     rec->body = p + IDEM_RECORD_COMPLETED_OVERHEAD;
@@ -124,10 +130,20 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
     return IDEM_OK;
 }
 
+/* OpenSSL 3 looks the algorithm up on every EVP_sha256() use; fetch it once. */
+static EVP_MD        *sha256;
+static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+
+static void sha256_fetch(void)
+{
+    sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
+}
+
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
 {
     unsigned int n = 0;
-    if (!EVP_Digest(data, len, out, &n, EVP_sha256(), NULL) || n != IDEM_DIGEST_LEN)
+    (void)pthread_once(&sha256_once, sha256_fetch);
+    if (!sha256 || !EVP_Digest(data, len, out, &n, sha256, NULL) || n != IDEM_DIGEST_LEN)
         return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto");
     return IDEM_OK;
 }

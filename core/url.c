@@ -275,6 +275,8 @@ const char *idem_url_param_get(const idem_url *url, const char *name)
 
 int idem_url_param_uint(const idem_url *url, const char *name, uint64_t min, uint64_t max, uint64_t *out)
 {
+    if (!url || !name || !out)
+        return idem_error_set(IDEM_EINVAL, "idem_url_param_uint: url, name and out must not be NULL");
     const char *v = idem_url_param_get(url, name);
     if (!v)
         return IDEM_OK;

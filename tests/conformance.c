@@ -532,7 +532,7 @@ Test(conformance, damaged_record_of_ours_is_corrupt_and_nothing_runs)
 Test(conformance, layers_with_different_prefixes_never_see_each_others_records)
 {
     char other_prefix[80];
-    snprintf(other_prefix, sizeof other_prefix, "%sother:", prefix);
+    snprintf(other_prefix, sizeof other_prefix, "o%s", prefix);
     idem_options o = test_options(10000);
     o.key_prefix = other_prefix;
     idem_layer *l;

@@ -3,8 +3,7 @@
  *
  * One table, one row per key. A claim first reads (a replay or an
  * in-progress answer needs no write lock), and only when the key is free
- * takes the write lock for a conditional insert, in one IMMEDIATE
- * transaction. Commit, release and extend are single statements fenced by
+ * writes: one conditional insert that loses to a live record. Commit, release and extend are single statements fenced by
  * token, state and expiry. WAL mode lets readers run beside the writer, and
  * the busy timeout serialises writers across processes.
  */
@@ -22,21 +21,20 @@
 #define DEFAULT_BUSY_TIMEOUT_MS 5000
 #define CLEANUP_INTERVAL_MS     1000
 #define CLEANUP_BATCH           "256"
+#define CLAIM_ATTEMPTS          3
 
 enum stmt_id {
-    S_LOOKUP, S_BEGIN, S_INSERT, S_COMMIT_TX, S_ROLLBACK, S_COMMIT, S_STATE, S_RELEASE, S_EXTEND,
+    S_LOOKUP, S_INSERT, S_ROLLBACK, S_COMMIT, S_STATE, S_RELEASE, S_EXTEND,
     S_CLEANUP, S_COUNT
 };
 
 static const char *const stmt_sql[S_COUNT] = {
     [S_LOOKUP] = "SELECT value, expires_at FROM idem_records WHERE key = ?1 AND expires_at > ?2",
-    [S_BEGIN] = "BEGIN IMMEDIATE",
     [S_INSERT] = "INSERT INTO idem_records (key, token, state, value, expires_at) "
                  "VALUES (?1, ?2, ?3, ?4, ?5) "
                  "ON CONFLICT (key) DO UPDATE SET token = excluded.token, state = excluded.state, "
                  "value = excluded.value, expires_at = excluded.expires_at "
                  "WHERE idem_records.expires_at <= ?6",
-    [S_COMMIT_TX] = "COMMIT",
     [S_ROLLBACK] = "ROLLBACK",
     [S_COMMIT] = "UPDATE idem_records SET state = 'C', value = ?1, expires_at = ?2 "
                  "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > ?5",
@@ -247,8 +245,7 @@ static int lookup(store *s, conn *c, const void *key, size_t key_len, uint64_t n
     return ret;
 }
 
-/* Delete a batch of expired rows, at most once a second per store, inside
- * a write transaction we hold anyway. */
+/* Delete a batch of expired rows, at most once a second per store. */
 static void maybe_cleanup(store *s, conn *c, uint64_t now)
 {
     uint64_t due = atomic_load_explicit(&s->next_cleanup_ms, memory_order_relaxed);
@@ -266,42 +263,39 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
     int rc = acquire(s, &c);
     if (rc)
         return rc;
-    uint64_t now = idem_now_ms();
-    *existing = NULL;
-    *existing_len = 0;
-    /* The common duplicate needs no write lock. */
-    rc = lookup(s, c, key, key_len, now, existing, existing_len, remaining_ms);
-    if (rc || *existing)
-        goto out;
-
-    if (run(c->stmt[S_BEGIN]) != SQLITE_DONE) {
-        rc = fail(s, c->db, "taking the write lock");
-        goto out;
-    }
     idem_record_info info;
     bool ours = idem_record_peek(record, record_len, &info) == IDEM_OK;
-    sqlite3_stmt *st = c->stmt[S_INSERT];
-    sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
-    if (ours) {
-        sqlite3_bind_blob(st, 2, info.token, IDEM_TOKEN_LEN, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, info.state == IDEM_STATE_STARTED ? "S" : "C", 1, SQLITE_STATIC);
-    }
-    sqlite3_bind_blob(st, 4, record, (int)record_len, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, (sqlite3_int64)(now + lease_ms));
-    sqlite3_bind_int64(st, 6, (sqlite3_int64)now);
-    if (run(st) != SQLITE_DONE) {
-        rc = fail(s, c->db, "claiming a key");
-        goto out;
-    }
-    if (sqlite3_changes(c->db) == 0) /* taken between our read and our lock */
+    *existing = NULL;
+    *existing_len = 0;
+    /* Read first: a duplicate needs no write lock. The insert is one
+     * autocommit statement that loses to a live record; when it loses, the
+     * record that beat it is read again (and if that one is already gone,
+     * the claim is tried again). */
+    for (int attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
+        uint64_t now = idem_now_ms();
         rc = lookup(s, c, key, key_len, now, existing, existing_len, remaining_ms);
-    if (rc == IDEM_OK)
-        maybe_cleanup(s, c, now);
-    if (rc == IDEM_OK && run(c->stmt[S_COMMIT_TX]) != SQLITE_DONE) {
-        rc = fail(s, c->db, "committing a claim");
-        free(*existing);
-        *existing = NULL;
+        if (rc || *existing)
+            goto out;
+        sqlite3_stmt *st = c->stmt[S_INSERT];
+        sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
+        if (ours) {
+            sqlite3_bind_blob(st, 2, info.token, IDEM_TOKEN_LEN, SQLITE_STATIC);
+            sqlite3_bind_text(st, 3, info.state == IDEM_STATE_STARTED ? "S" : "C", 1, SQLITE_STATIC);
+        }
+        sqlite3_bind_blob(st, 4, record, (int)record_len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 5, (sqlite3_int64)(now + lease_ms));
+        sqlite3_bind_int64(st, 6, (sqlite3_int64)now);
+        if (run(st) != SQLITE_DONE) {
+            rc = fail(s, c->db, "claiming a key");
+            goto out;
+        }
+        if (sqlite3_changes(c->db) == 1) {
+            maybe_cleanup(s, c, now);
+            goto out;
+        }
     }
+    rc = idem_error_set(IDEM_EBACKEND, "sqlite %s: the key changed hands %d times while it was being "
+                        "claimed; retry", s->path, CLAIM_ATTEMPTS);
 out:
     release_conn(s, c);
     return rc;
@@ -381,6 +375,16 @@ static int sq_release(void *state, const void *key, size_t key_len, const uint8_
     return rc;
 }
 
+/* SQLite refuses values over SQLITE_LIMIT_LENGTH (1e9 bytes by default). */
+static size_t sq_max_record_len(void *state)
+{
+    store *s = state;
+    pthread_mutex_lock(&s->mu);
+    int limit = s->idle ? sqlite3_limit(s->idle->db, SQLITE_LIMIT_LENGTH, -1) : 1000000000;
+    pthread_mutex_unlock(&s->mu);
+    return (size_t)limit;
+}
+
 const idem_backend idem__sqlite_backend = {
     .version = IDEM_BACKEND_VERSION,
     .name = "sqlite",
@@ -390,4 +394,5 @@ const idem_backend idem__sqlite_backend = {
     .commit = sq_commit,
     .release = sq_release,
     .extend = sq_extend,
+    .max_record_len = sq_max_record_len,
 };

@@ -122,7 +122,7 @@ IDEM_API int idem_url_param_uint(const idem_url *url, const char *name, uint64_t
  * return err, so a driver can write `return idem_error_set(IDEM_EBACKEND,
  * "redis %s:%u: %s", ...)`. Start messages with the driver's name and the
  * server, end them with what to do next when there is something to do, and
- * never include a password. */
+ * never include a password. An argument may be idem_last_error() itself. */
 IDEM_API int idem_error_set(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 IDEM_API int idem_error_setv(int err, const char *fmt, va_list ap);
 

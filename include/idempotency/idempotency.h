@@ -109,7 +109,9 @@ IDEM_API const char *idem_store_backend(const idem_store *store);
 typedef struct idem_options {
     uint32_t    lease_ms;          /* how long a claim blocks its key if its holder dies; default 60000 */
     uint32_t    ttl_s;             /* how long a completed response is replayed; default 86400 */
-    const char *key_prefix;        /* prepended to every key in the store; default "idem:"; copied */
+    const char *key_prefix;        /* prepended to every key in the store; default "idem:"; copied.
+                                      A name and one ':' at its end ("orders:"), 2..255 bytes:
+                                      then two prefixes never make the same store key */
     size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
     size_t      max_response_len;  /* largest accepted response body; default 1 MiB */
     /* Fields may be appended in later versions; idem_options_init() fills
@@ -129,8 +131,9 @@ typedef struct idem_layer idem_layer;
 
 /* Make a layer. opts NULL means the defaults; opts is copied. The store must
  * outlive the layer.
- * Errors: IDEM_EINVAL (NULL out or store; lease_ms, ttl_s or max_key_len 0;
- * a prefix longer than 255 bytes), IDEM_ENOMEM. */
+ * Errors: IDEM_EINVAL (NULL out or store; lease_ms or ttl_s 0; max_key_len
+ * 0 or over 1024; a key_prefix that is not a name and one ':' at its end, or
+ * longer than 255 bytes), IDEM_ENOMEM. */
 IDEM_API int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts);
 
 /* Free a layer. Every claim made through it must have been committed or
@@ -241,19 +244,21 @@ IDEM_API int idem_begin(idem_layer *layer, const idem_request *req, idem_claim *
  *                or abort)
  *   IDEM_EINVAL  NULL claim, status out of range, NULL body with len > 0
  *                (the claim, if any, stays)
+ *   IDEM_ENOMEM  the claim stays
  */
 IDEM_API int idem_commit(idem_claim *claim, int status, const void *body, size_t len);
 
 /* Give the key up so a retry runs, and free the claim (always, even on
- * error). IDEM_ELOST: the key had already been taken over. IDEM_EBACKEND:
- * the store could not be told; the key frees itself when the lease ends.
- * NULL is IDEM_EINVAL. */
+ * error). IDEM_ELOST: the lease had already ended, and the key may have been
+ * taken over. IDEM_EBACKEND or IDEM_ENOMEM: the store could not be told; the
+ * key frees itself when the lease ends. NULL is IDEM_EINVAL. */
 IDEM_API int idem_abort(idem_claim *claim);
 
 /* Renew the lease to lease_ms from now, for a handler that runs long.
- * IDEM_ELOST: the claim was taken over; it must still be committed or
- * aborted, and both then return IDEM_ELOST and free it. IDEM_EBACKEND: the
- * store failed; the old lease stands. IDEM_EINVAL: NULL claim or lease 0. */
+ * IDEM_ELOST: the lease had ended (the key may have been taken over); the
+ * claim must still be committed or aborted, and both then return IDEM_ELOST
+ * and free it. IDEM_EBACKEND or IDEM_ENOMEM: the old lease stands.
+ * IDEM_EINVAL: NULL claim or lease 0. */
 IDEM_API int idem_extend(idem_claim *claim, uint32_t lease_ms);
 
 /* ------------------------------------------------------------------------ */
@@ -261,7 +266,11 @@ IDEM_API int idem_extend(idem_claim *claim, uint32_t lease_ms);
 /* ------------------------------------------------------------------------ */
 
 typedef struct idem_stats {
-    uint64_t executed, replayed, in_progress, mismatched, failed, lost, backend_errors;
+    uint64_t executed;       /* responses stored (idem_run or idem_commit returned IDEM_OK) */
+    uint64_t replayed, in_progress, mismatched;   /* outcomes of claims that lost */
+    uint64_t failed;         /* failed handlers and idem_abort() calls */
+    uint64_t lost;           /* claims found taken over (IDEM_ELOST) */
+    uint64_t backend_errors; /* store calls that failed, retries included */
 } idem_stats;
 
 /* Counters since idem_layer_new(), read without locking (each is exact; the

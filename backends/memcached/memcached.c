@@ -1,0 +1,769 @@
+/*
+ * memcached driver: memcached://host:port[,host:port...][?timeout_ms=N]
+ *
+ * Keys are spread over the servers by consistent hashing (ketama), so adding
+ * a server moves few keys. A server that is down is never replaced by
+ * another for its keys: those keys fail with IDEM_EBACKEND until it is back,
+ * because moving them would let a duplicate run on the other server.
+ *
+ * Each stored item is an 8-byte envelope, the lease or ttl deadline in
+ * milliseconds since the Unix epoch (big-endian), followed by the record the
+ * core wrote; the item flags mark our items. memcached expires items on a
+ * one-second clock, so the item's own expiry is only garbage collection (it
+ * is set a second or two late) and the envelope decides, to the
+ * millisecond, whether a record still counts.
+ *
+ * claim:   add; when the key is taken, gets it; a record past its deadline is
+ *          taken over with cas.
+ * commit, extend, release: gets, check the token, then cas, so nothing
+ *          happens to a record another claim took over. memcached's text
+ *          protocol has no delete-if-cas, so release is a cas that replaces
+ *          the record by an empty item whose expiry is an absolute time in
+ *          the past (1970): the server stores it as already expired, and it
+ *          is gone for every later get and add.
+ *
+ * Connections: a mutex-protected list of clones of one configured
+ * memcached_st, one per thread in flight. A clone that saw a connection
+ * error is thrown away, never pooled (libmemcached would otherwise refuse
+ * the server for a while after a failure), and an operation that failed on
+ * a pooled connection (a server that restarted since) is tried once more on
+ * a fresh one. Every operation is safe to repeat: a repeated claim, commit
+ * or extend recognises its own token in the store.
+ */
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <libmemcached/memcached.h>
+#include <openssl/evp.h>
+
+#include <idempotency/backend.h>
+
+#define DEFAULT_PORT        11211
+#define DEFAULT_TIMEOUT_MS  1000
+#define MAX_TIMEOUT_MS      600000
+#define MAX_KEY             250      /* memcached's key limit, in bytes */
+#define HASHED_PREFIX       "%%sha256:"
+#define ENVELOPE_LEN        8
+#define ITEM_FLAGS          0x69646d31u  /* "idm1": an item this driver wrote */
+/* What an item costs beside its value, measured on memcached 1.6 (64-bit):
+ * 48 bytes of item header, 8 of CAS, 4 of flags, the key and its NUL, and
+ * the value's CRLF; 313 bytes with a 250-byte key. Rounded up a little. */
+#define ITEM_OVERHEAD       320
+#define MAX_RELATIVE_EXPIRY 2592000  /* 30 days; larger expiries are absolute times */
+#define EXPIRED_ABSOLUTE    2592001  /* an absolute time in 1970: "expired already" */
+#define MAX_ROUNDS          16       /* gets/cas rounds before giving up under contention */
+
+typedef struct conn {
+    memcached_st *mc;
+    bool          used;      /* has served a request: its sockets may be stale */
+    struct conn  *next;
+} conn;
+
+typedef struct store {
+    memcached_st   *master;  /* configured, never used for requests */
+    pthread_mutex_t mu;
+    conn           *idle;
+    uint32_t        timeout_ms;
+    size_t          max_record;
+} store;
+
+/* ---- keys ---- */
+
+static bool plain_byte(uint8_t b)
+{
+    return b > 0x20 && b < 0x7f && b != '%';
+}
+
+/*
+ * memcached keys are at most 250 bytes without spaces or control
+ * characters. Printable ASCII passes through except '%', which, like every
+ * other byte, becomes %XX. A key whose encoding would be longer than 250
+ * bytes becomes "%%sha256:" and the hex SHA-256 of the raw key: "%%" never
+ * occurs in a direct encoding (its '%' is always followed by a hex digit),
+ * so the two forms cannot collide. out has room for MAX_KEY + 1 bytes.
+ */
+static int encode_key(const void *key, size_t len, char *out, size_t *out_len)
+{
+    static const char hex[] = "0123456789ABCDEF";
+    const uint8_t *k = key;
+    size_t n = 0;
+    for (size_t i = 0; i < len && n <= MAX_KEY; i++) {
+        if (plain_byte(k[i])) {
+            if (n + 1 > MAX_KEY) {
+                n = MAX_KEY + 1;
+                break;
+            }
+            out[n++] = (char)k[i];
+        } else {
+            if (n + 3 > MAX_KEY) {
+                n = MAX_KEY + 1;
+                break;
+            }
+            out[n++] = '%';
+            out[n++] = hex[k[i] >> 4];
+            out[n++] = hex[k[i] & 15];
+        }
+    }
+    if (n <= MAX_KEY) {
+        out[n] = '\0';
+        *out_len = n;
+        return IDEM_OK;
+    }
+    uint8_t digest[32];
+    unsigned int dlen = 0;
+    if (!EVP_Digest(key, len, digest, &dlen, EVP_sha256(), NULL) || dlen != sizeof digest)
+        return idem_error_set(IDEM_ENOMEM, "memcached: computing the SHA-256 of a long key failed in libcrypto");
+    n = strlen(HASHED_PREFIX);
+    memcpy(out, HASHED_PREFIX, n);
+    for (size_t i = 0; i < sizeof digest; i++) {
+        out[n++] = "0123456789abcdef"[digest[i] >> 4];
+        out[n++] = "0123456789abcdef"[digest[i] & 15];
+    }
+    out[n] = '\0';
+    *out_len = n;
+    return IDEM_OK;
+}
+
+/* ---- items ---- */
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+
+static uint64_t get_be64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* An item read with gets. */
+typedef struct item {
+    bool     found;
+    bool     ours;          /* written by this driver (flags and length) */
+    uint64_t cas;
+    uint64_t deadline_ms;   /* from the envelope */
+    uint8_t *value;         /* malloc'd; the whole value */
+    size_t   len;
+} item;
+
+static void item_clear(item *it)
+{
+    free(it->value);
+    memset(it, 0, sizeof *it);
+}
+
+static const uint8_t *item_record(const item *it)
+{
+    return it->value + ENVELOPE_LEN;
+}
+
+static size_t item_record_len(const item *it)
+{
+    return it->len - ENVELOPE_LEN;
+}
+
+/* Does the item hold an unexpired record? Foreign values never expire. */
+static bool item_live(const item *it, uint64_t now)
+{
+    return it->found && (!it->ours || it->deadline_ms > now);
+}
+
+/* Does the live item hold a record written under token? *state gets its state. */
+static bool item_has_token(const item *it, const uint8_t *token, int *state)
+{
+    idem_record_info info;
+    if (!it->ours || idem_record_peek(item_record(it), item_record_len(it), &info) != IDEM_OK)
+        return false;
+    *state = info.state;
+    return memcmp(info.token, token, IDEM_TOKEN_LEN) == 0;
+}
+
+/* The expiry to send for an item that counts until deadline_ms: seconds
+ * from now, rounded up, plus one for memcached's one-second clock; an
+ * absolute Unix time beyond 30 days, as memcached requires; 0 (no expiry,
+ * only eviction) beyond what memcached can represent (2038). */
+static time_t server_expiry(uint64_t deadline_ms, uint64_t now)
+{
+    uint64_t left = deadline_ms > now ? deadline_ms - now : 0;
+    uint64_t secs = (left + 999) / 1000 + 1;
+    if (secs <= MAX_RELATIVE_EXPIRY)
+        return (time_t)secs;
+    uint64_t abs_time = (uint64_t)(now / 1000) + secs;
+    return abs_time > INT32_MAX ? 0 : (time_t)abs_time;
+}
+
+/* ---- errors ---- */
+
+/* Did the answer come from the server, leaving the connection usable? */
+static bool answered(memcached_return_t rc)
+{
+    switch (rc) {
+    case MEMCACHED_SUCCESS:
+    case MEMCACHED_STORED:
+    case MEMCACHED_NOTSTORED:
+    case MEMCACHED_NOTFOUND:
+    case MEMCACHED_DATA_EXISTS:
+    case MEMCACHED_END:
+    case MEMCACHED_E2BIG:
+    case MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE:
+        return true;
+    default:
+        return false;
+    }
+}
+
+static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen, memcached_return_t rc,
+                const char *what)
+{
+    memcached_return_t lookup;
+    const memcached_instance_st *srv = memcached_server_by_key(mc, ekey, eklen, &lookup);
+    const char *host = srv ? memcached_server_name(srv) : "?";
+    unsigned port = srv ? memcached_server_port(srv) : 0;
+    if (rc == MEMCACHED_FAILURE || rc == MEMCACHED_SOME_ERRORS) {
+        memcached_return_t last = memcached_last_error(mc);
+        if (memcached_failed(last))
+            rc = last;
+    }
+    int err = memcached_last_error_errno(mc);
+    char detail[160];
+    snprintf(detail, sizeof detail, "%s%s%s%s", memcached_strerror(mc, rc), err ? " (" : "",
+             err ? strerror(err) : "", err ? ")" : "");
+    switch (rc) {
+    case MEMCACHED_TIMEOUT:
+        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: no answer within %" PRIu32 " ms; is "
+                              "the server overloaded or unreachable? (the limit is ?timeout_ms= in the "
+                              "store URL)", host, port, what, s->timeout_ms);
+    case MEMCACHED_E2BIG:
+        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: the item is larger than the server's "
+                              "item_size_max; raise memcached's -I", host, port, what);
+    case MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE:
+    case MEMCACHED_SERVER_ERROR:
+        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; the server may be out of memory: "
+                              "give it more with -m", host, port, what, detail);
+    case MEMCACHED_MEMORY_ALLOCATION_FAILURE:
+        return idem_error_set(IDEM_ENOMEM, "memcached %s:%u: %s: out of memory", host, port, what);
+    default:
+        break;
+    }
+    if (answered(rc) || rc == MEMCACHED_CLIENT_ERROR || rc == MEMCACHED_PROTOCOL_ERROR ||
+        rc == MEMCACHED_ERROR)
+        return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; is this a memcached server?", host,
+                              port, what, detail);
+    return idem_error_set(IDEM_EBACKEND, "memcached %s:%u: %s: %s; is memcached running? start one with: "
+                          "memcached -p %u -l %s -u nobody", host, port, what, detail, port, host);
+}
+
+/* ---- connections ---- */
+
+static int configure(memcached_st *mc, uint32_t timeout_ms)
+{
+    static const struct {
+        memcached_behavior_t what;
+        uint64_t             value;
+    } settings[] = {
+        {MEMCACHED_BEHAVIOR_KETAMA, 1},                /* consistent hashing */
+        {MEMCACHED_BEHAVIOR_REMOVE_FAILED_SERVERS, 0}, /* never remap a down server's keys */
+        {MEMCACHED_BEHAVIOR_SUPPORT_CAS, 1},
+        {MEMCACHED_BEHAVIOR_TCP_NODELAY, 1},
+        {MEMCACHED_BEHAVIOR_VERIFY_KEY, 1},
+        {MEMCACHED_BEHAVIOR_RETRY_TIMEOUT, 0},
+    };
+    for (size_t i = 0; i < sizeof settings / sizeof settings[0]; i++)
+        if (memcached_failed(memcached_behavior_set(mc, settings[i].what, settings[i].value)))
+            return idem_error_set(IDEM_EBACKEND, "memcached: this libmemcached refuses a setting (%s)",
+                                  memcached_last_error_message(mc));
+    if (memcached_failed(memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT, timeout_ms)) ||
+        memcached_failed(memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, timeout_ms)))
+        return idem_error_set(IDEM_EBACKEND, "memcached: this libmemcached refuses timeout_ms=%" PRIu32,
+                              timeout_ms);
+    return IDEM_OK;
+}
+
+/* A pooled connection, or a new one when fresh or the pool is empty. */
+static int acquire(store *s, bool fresh, conn **out)
+{
+    pthread_mutex_lock(&s->mu);
+    conn *c = fresh ? NULL : s->idle;
+    if (c) {
+        s->idle = c->next;
+    } else if ((c = calloc(1, sizeof *c)) && !(c->mc = memcached_clone(NULL, s->master))) {
+        free(c);
+        c = NULL;
+    }
+    pthread_mutex_unlock(&s->mu);
+    if (!c)
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory making a connection");
+    *out = c;
+    return IDEM_OK;
+}
+
+static void conn_free(conn *c)
+{
+    memcached_free(c->mc);
+    free(c);
+}
+
+/* Back to the pool, or away when its connection failed. */
+static void release_conn(store *s, conn *c, bool healthy)
+{
+    if (!healthy) {
+        conn_free(c);
+        return;
+    }
+    c->used = true;
+    pthread_mutex_lock(&s->mu);
+    c->next = s->idle;
+    s->idle = c;
+    pthread_mutex_unlock(&s->mu);
+}
+
+/* gets: IDEM_OK with it->found false when there is no item. */
+static memcached_return_t mc_gets(memcached_st *mc, const char *ekey, size_t eklen, item *it)
+{
+    memset(it, 0, sizeof *it);
+    const char *keys[1] = {ekey};
+    size_t lens[1] = {eklen};
+    memcached_return_t rc = memcached_mget(mc, keys, lens, 1);
+    if (memcached_failed(rc))
+        return rc;
+    memcached_result_st res;
+    if (!memcached_result_create(mc, &res))
+        return MEMCACHED_MEMORY_ALLOCATION_FAILURE;
+    memcached_return_t ret = MEMCACHED_SUCCESS;
+    while (memcached_fetch_result(mc, &res, &rc)) {
+        if (it->found)
+            continue; /* one key asked for: drain anything else */
+        size_t len = memcached_result_length(&res);
+        it->value = malloc(len ? len : 1);
+        if (!it->value) {
+            ret = MEMCACHED_MEMORY_ALLOCATION_FAILURE;
+            continue;
+        }
+        if (len)
+            memcpy(it->value, memcached_result_value(&res), len);
+        it->len = len;
+        it->found = true;
+        it->cas = memcached_result_cas(&res);
+        it->ours = memcached_result_flags(&res) == ITEM_FLAGS && len >= ENVELOPE_LEN;
+        if (it->ours)
+            it->deadline_ms = get_be64(it->value);
+    }
+    memcached_result_free(&res);
+    if (rc != MEMCACHED_END && rc != MEMCACHED_NOTFOUND && rc != MEMCACHED_SUCCESS)
+        ret = rc;
+    if (ret != MEMCACHED_SUCCESS)
+        item_clear(it);
+    return ret;
+}
+
+/* ---- operations, each run by with_conn() ---- */
+
+typedef struct op {
+    const char    *what;         /* for messages: "claiming a key" */
+    const char    *ekey;
+    size_t         eklen;
+    const uint8_t *token;        /* claim: the token of record */
+    const void    *record;
+    size_t         record_len;
+    uint64_t       deadline_ms;  /* until when the new record counts */
+    bool           maybe_applied;/* an earlier try's write may have reached the server */
+    /* claim's results */
+    void          *existing;
+    size_t         existing_len;
+    uint32_t       remaining_ms;
+} op;
+
+/* The value to store: envelope + record. NULL when out of memory. */
+static uint8_t *envelope(const op *o, size_t *len)
+{
+    uint8_t *v = malloc(ENVELOPE_LEN + o->record_len);
+    if (!v)
+        return NULL;
+    put_be64(v, o->deadline_ms);
+    memcpy(v + ENVELOPE_LEN, o->record, o->record_len);
+    *len = ENVELOPE_LEN + o->record_len;
+    return v;
+}
+
+/* An op: IDEM_* result, or -1 - memcached_return_t cast when memcached failed. */
+typedef int (*op_fn)(memcached_st *mc, op *o, memcached_return_t *mrc);
+
+static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
+{
+    size_t vlen;
+    uint8_t *v = envelope(o, &vlen);
+    if (!v)
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory %s", o->what);
+    int ret = IDEM_EBACKEND;
+    item it = {0};
+    for (int round = 0; round < MAX_ROUNDS; round++) {
+        uint64_t now = idem_now_ms();
+        time_t exp = server_expiry(o->deadline_ms, now);
+        *mrc = memcached_add(mc, o->ekey, o->eklen, (const char *)v, vlen, exp, ITEM_FLAGS);
+        if (*mrc == MEMCACHED_SUCCESS) {
+            ret = IDEM_OK;
+            break;
+        }
+        if (*mrc != MEMCACHED_NOTSTORED && *mrc != MEMCACHED_DATA_EXISTS)
+            break;
+        if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+            break;
+        if (!it.found)
+            continue; /* gone between add and gets: add again */
+        now = idem_now_ms();
+        int state;
+        if (o->token && item_has_token(&it, o->token, &state)) {
+            ret = IDEM_OK; /* our own claim, from a try whose answer was lost */
+            break;
+        }
+        if (item_live(&it, now)) {
+            uint64_t left = it.ours ? it.deadline_ms - now : UINT32_MAX;
+            o->remaining_ms = left >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)left;
+            o->existing_len = it.ours ? item_record_len(&it) : it.len;
+            o->existing = malloc(o->existing_len ? o->existing_len : 1);
+            if (!o->existing) {
+                ret = idem_error_set(IDEM_ENOMEM, "memcached: out of memory reading a record");
+                break;
+            }
+            memcpy(o->existing, it.ours ? item_record(&it) : it.value, o->existing_len);
+            ret = IDEM_OK;
+            break;
+        }
+        /* Expired by its deadline but not yet by memcached's clock: take over. */
+        *mrc = memcached_cas(mc, o->ekey, o->eklen, (const char *)v, vlen, server_expiry(o->deadline_ms, now),
+                             ITEM_FLAGS, it.cas);
+        if (*mrc == MEMCACHED_SUCCESS) {
+            ret = IDEM_OK;
+            break;
+        }
+        if (*mrc != MEMCACHED_DATA_EXISTS && *mrc != MEMCACHED_NOTFOUND)
+            break;
+        item_clear(&it); /* changed under us: look again */
+    }
+    if (ret == IDEM_EBACKEND && answered(*mrc) && *mrc != MEMCACHED_E2BIG &&
+        *mrc != MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE)
+        ret = idem_error_set(IDEM_EBACKEND, "memcached: claiming a key: it changed %d times while we "
+                             "looked; retry", MAX_ROUNDS);
+    item_clear(&it);
+    free(v);
+    return ret;
+}
+
+enum fenced_kind { F_COMMIT, F_EXTEND, F_RELEASE };
+
+/* gets, check the token, cas: the shared body of commit, extend and release. */
+static int do_fenced(memcached_st *mc, op *o, memcached_return_t *mrc, enum fenced_kind kind)
+{
+    size_t vlen = 0;
+    uint8_t *v = NULL;
+    if (kind != F_RELEASE && !(v = envelope(o, &vlen)))
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory %s", o->what);
+    int ret = IDEM_EBACKEND;
+    item it = {0};
+    for (int round = 0; round < MAX_ROUNDS; round++) {
+        if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+            break;
+        uint64_t now = idem_now_ms();
+        int state = 0;
+        if (!it.found) {
+            /* A release whose earlier try may have emptied the key did its job. */
+            ret = kind == F_RELEASE && o->maybe_applied ? IDEM_OK : IDEM_ELOST;
+            break;
+        }
+        if (!item_live(&it, now) || !item_has_token(&it, o->token, &state)) {
+            ret = IDEM_ELOST;
+            break;
+        }
+        if (state != IDEM_STATE_STARTED) {
+            /* COMPLETED under our token: a commit already done whose answer was lost. */
+            ret = kind == F_COMMIT ? IDEM_OK : IDEM_ELOST;
+            break;
+        }
+        o->maybe_applied = true;
+        if (kind == F_RELEASE)
+            *mrc = memcached_cas(mc, o->ekey, o->eklen, "", 0, EXPIRED_ABSOLUTE, 0, it.cas);
+        else
+            *mrc = memcached_cas(mc, o->ekey, o->eklen, (const char *)v, vlen,
+                                 server_expiry(o->deadline_ms, now), ITEM_FLAGS, it.cas);
+        if (*mrc == MEMCACHED_SUCCESS) {
+            ret = IDEM_OK;
+            break;
+        }
+        if (*mrc != MEMCACHED_DATA_EXISTS && *mrc != MEMCACHED_NOTFOUND)
+            break;
+        item_clear(&it); /* changed under us: look again */
+    }
+    if (ret == IDEM_EBACKEND && answered(*mrc) && *mrc != MEMCACHED_E2BIG &&
+        *mrc != MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE)
+        ret = idem_error_set(IDEM_EBACKEND, "memcached: %s: the key changed %d times while we looked; "
+                             "retry", o->what, MAX_ROUNDS);
+    item_clear(&it);
+    free(v);
+    return ret;
+}
+
+static int do_commit(memcached_st *mc, op *o, memcached_return_t *mrc)
+{
+    return do_fenced(mc, o, mrc, F_COMMIT);
+}
+
+static int do_extend(memcached_st *mc, op *o, memcached_return_t *mrc)
+{
+    return do_fenced(mc, o, mrc, F_EXTEND);
+}
+
+static int do_release(memcached_st *mc, op *o, memcached_return_t *mrc)
+{
+    return do_fenced(mc, o, mrc, F_RELEASE);
+}
+
+/*
+ * Run fn on a pooled connection. When memcached failed and the connection
+ * had served earlier requests (its socket may be to a server that restarted
+ * since, like every other pooled one), try once more on a new connection,
+ * not another pooled one; a timeout is not retried, so a call never waits
+ * much longer than timeout_ms.
+ */
+static int with_conn(store *s, op *o, op_fn fn)
+{
+    for (int attempt = 0;; attempt++) {
+        conn *c = NULL;
+        int rc = acquire(s, attempt > 0, &c);
+        if (rc)
+            return rc;
+        memcached_return_t mrc = MEMCACHED_SUCCESS;
+        rc = fn(c->mc, o, &mrc);
+        bool healthy = answered(mrc);
+        if (rc == IDEM_EBACKEND && !healthy) {
+            bool again = attempt == 0 && c->used && mrc != MEMCACHED_TIMEOUT;
+            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what);
+            release_conn(s, c, false);
+            if (again)
+                continue;
+            return rc;
+        }
+        if (rc == IDEM_EBACKEND && !memcached_success(mrc) && mrc != MEMCACHED_NOTSTORED &&
+            mrc != MEMCACHED_DATA_EXISTS && mrc != MEMCACHED_NOTFOUND)
+            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what);
+        release_conn(s, c, healthy);
+        return rc;
+    }
+}
+
+/* ---- driver functions ---- */
+
+typedef struct probe {
+    size_t item_size_max;
+} probe;
+
+static memcached_return_t stat_item_size(const memcached_instance_st *server, const char *key,
+                                         size_t key_len, const char *value, size_t value_len, void *ctx)
+{
+    (void)server;
+    probe *p = ctx;
+    if (key_len == strlen("item_size_max") && memcmp(key, "item_size_max", key_len) == 0) {
+        char buf[32];
+        size_t n = value_len < sizeof buf - 1 ? value_len : sizeof buf - 1;
+        memcpy(buf, value, n);
+        buf[n] = '\0';
+        p->item_size_max = strtoull(buf, NULL, 10);
+    }
+    return MEMCACHED_SUCCESS;
+}
+
+/* Ask one server for its item_size_max ("stats settings"): it must answer. */
+static int probe_server(store *s, const char *host, uint16_t port, size_t *item_size_max)
+{
+    memcached_st *mc = memcached_create(NULL);
+    if (!mc)
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
+    int rc = configure(mc, s->timeout_ms);
+    if (rc == IDEM_OK && memcached_failed(memcached_server_add(mc, host, port)))
+        rc = idem_error_set(IDEM_EINVAL, "memcached %s:%u: cannot use this server address (%s)", host,
+                            port, memcached_last_error_message(mc));
+    probe p = {0};
+    memcached_return_t mrc = MEMCACHED_SUCCESS;
+    if (rc == IDEM_OK && memcached_failed(mrc = memcached_stat_execute(mc, "settings", stat_item_size, &p)))
+        rc = fail(s, mc, "x", 1, mrc, "connecting");
+    if (rc == IDEM_OK && p.item_size_max == 0)
+        rc = idem_error_set(IDEM_EBACKEND, "memcached %s:%u: 'stats settings' names no item_size_max; "
+                            "is this a memcached server (1.4 or later)?", host, port);
+    memcached_free(mc);
+    *item_size_max = p.item_size_max;
+    return rc;
+}
+
+static void store_free(store *s)
+{
+    while (s->idle) {
+        conn *c = s->idle;
+        s->idle = c->next;
+        conn_free(c);
+    }
+    memcached_free(s->master);
+    pthread_mutex_destroy(&s->mu);
+    free(s);
+}
+
+static int mc_open(void **state, const idem_url *url)
+{
+    if (strcmp(url->scheme, "memcached") != 0)
+        return idem_error_set(IDEM_EINVAL, "memcached URLs start with memcached:// (not %s://)",
+                              url->scheme);
+    if (url->nhosts == 0)
+        return idem_error_set(IDEM_EINVAL, "memcached URL names no server; use "
+                              "memcached://127.0.0.1:11211[,host:port...]");
+    if (url->user || url->password)
+        return idem_error_set(IDEM_EINVAL, "memcached URL has a user or password, but this driver "
+                              "speaks no SASL; remove them");
+    if (url->path && strcmp(url->path, "/") != 0)
+        return idem_error_set(IDEM_EINVAL, "memcached URL has a path (%s); memcached has no databases, "
+                              "use memcached://host:port[,host:port...]", url->path);
+    uint64_t timeout = DEFAULT_TIMEOUT_MS;
+    int rc = idem_url_param_uint(url, "timeout_ms", 1, MAX_TIMEOUT_MS, &timeout);
+    if (rc)
+        return rc;
+    for (size_t i = 0; i < url->nparams; i++)
+        if (strcmp(url->params[i].name, "timeout_ms") != 0)
+            return idem_error_set(IDEM_EINVAL, "memcached URL parameter '%s' is unknown; the known one "
+                                  "is timeout_ms", url->params[i].name);
+    for (size_t i = 0; i < url->nhosts; i++)
+        for (size_t j = 0; j < i; j++)
+            if (strcmp(url->hosts[i].host, url->hosts[j].host) == 0 &&
+                (url->hosts[i].port ? url->hosts[i].port : DEFAULT_PORT) ==
+                    (url->hosts[j].port ? url->hosts[j].port : DEFAULT_PORT))
+                return idem_error_set(IDEM_EINVAL, "memcached URL names server %s:%u twice",
+                                      url->hosts[i].host,
+                                      url->hosts[i].port ? url->hosts[i].port : DEFAULT_PORT);
+
+    store *s = calloc(1, sizeof *s);
+    if (!s)
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
+    pthread_mutex_init(&s->mu, NULL);
+    s->timeout_ms = (uint32_t)timeout;
+    if (!(s->master = memcached_create(NULL))) {
+        store_free(s);
+        return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
+    }
+    if ((rc = configure(s->master, s->timeout_ms))) {
+        store_free(s);
+        return rc;
+    }
+    /* Contact every server now, so a wrong URL fails here and not at the
+     * first request, and learn the largest item the smallest one holds. */
+    size_t smallest = SIZE_MAX;
+    for (size_t i = 0; i < url->nhosts; i++) {
+        const char *host = url->hosts[i].host;
+        uint16_t port = url->hosts[i].port ? url->hosts[i].port : DEFAULT_PORT;
+        size_t item_max = 0;
+        if ((rc = probe_server(s, host, port, &item_max))) {
+            store_free(s);
+            return rc;
+        }
+        if (item_max < smallest)
+            smallest = item_max;
+        if (memcached_failed(memcached_server_add(s->master, host, port))) {
+            rc = idem_error_set(IDEM_EINVAL, "memcached %s:%u: cannot use this server address (%s)", host,
+                                port, memcached_last_error_message(s->master));
+            store_free(s);
+            return rc;
+        }
+    }
+    s->max_record = smallest > ITEM_OVERHEAD + ENVELOPE_LEN ? smallest - ITEM_OVERHEAD - ENVELOPE_LEN : 0;
+    *state = s;
+    return IDEM_OK;
+}
+
+static void mc_close(void *state)
+{
+    store_free(state);
+}
+
+static size_t mc_max_record_len(void *state)
+{
+    return ((store *)state)->max_record;
+}
+
+static int mc_claim(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
+                    uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms)
+{
+    *existing = NULL;
+    *existing_len = 0;
+    char ekey[MAX_KEY + 1];
+    op o = {.what = "claiming a key", .ekey = ekey, .record = record, .record_len = record_len,
+            .remaining_ms = UINT32_MAX};
+    int rc = encode_key(key, key_len, ekey, &o.eklen);
+    if (rc)
+        return rc;
+    /* The core's records count until the deadline inside them; anything
+     * else (a caller planting bytes) for lease_ms. */
+    idem_record_info info;
+    o.deadline_ms = idem_now_ms() + lease_ms;
+    if (idem_record_peek(record, record_len, &info) == IDEM_OK) {
+        o.token = info.token;
+        if (info.state == IDEM_STATE_STARTED && info.deadline_ms)
+            o.deadline_ms = info.deadline_ms;
+    }
+    rc = with_conn(state, &o, do_claim);
+    if (rc == IDEM_OK && o.existing) {
+        *existing = o.existing;
+        *existing_len = o.existing_len;
+        *remaining_ms = o.remaining_ms;
+    } else {
+        free(o.existing);
+    }
+    return rc;
+}
+
+static int mc_commit(void *state, const void *key, size_t key_len, const uint8_t *token,
+                     const void *record, size_t record_len, uint64_t ttl_ms)
+{
+    char ekey[MAX_KEY + 1];
+    op o = {.what = "storing a response", .ekey = ekey, .token = token, .record = record,
+            .record_len = record_len, .deadline_ms = idem_now_ms() + ttl_ms};
+    int rc = encode_key(key, key_len, ekey, &o.eklen);
+    return rc ? rc : with_conn(state, &o, do_commit);
+}
+
+static int mc_extend(void *state, const void *key, size_t key_len, const uint8_t *token,
+                     const void *record, size_t record_len, uint32_t lease_ms)
+{
+    char ekey[MAX_KEY + 1];
+    op o = {.what = "extending a lease", .ekey = ekey, .token = token, .record = record,
+            .record_len = record_len};
+    idem_record_info info;
+    o.deadline_ms = idem_record_peek(record, record_len, &info) == IDEM_OK && info.deadline_ms
+                        ? info.deadline_ms
+                        : idem_now_ms() + lease_ms;
+    int rc = encode_key(key, key_len, ekey, &o.eklen);
+    return rc ? rc : with_conn(state, &o, do_extend);
+}
+
+static int mc_release(void *state, const void *key, size_t key_len, const uint8_t *token)
+{
+    char ekey[MAX_KEY + 1];
+    op o = {.what = "freeing a key", .ekey = ekey, .token = token};
+    int rc = encode_key(key, key_len, ekey, &o.eklen);
+    return rc ? rc : with_conn(state, &o, do_release);
+}
+
+const idem_backend idem__memcached_backend = {
+    .version = IDEM_BACKEND_VERSION,
+    .name = "memcached",
+    .open = mc_open,
+    .close = mc_close,
+    .claim = mc_claim,
+    .commit = mc_commit,
+    .release = mc_release,
+    .extend = mc_extend,
+    .max_record_len = mc_max_record_len,
+};

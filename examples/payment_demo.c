@@ -1,0 +1,259 @@
+/*
+ * payment_demo: a client's retries never charge a customer twice.
+ *
+ *   payment_demo [--backend sqlite|redis|memcached] [--url URL]
+ *
+ * SQLite is the default and needs no server. Exit status: 0 when every
+ * scenario behaved, 1 when one did not, 2 when the store cannot be used.
+ */
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <idempotency/idempotency.h>
+
+static atomic_int charges;       /* payments actually made */
+static int        failures;      /* scenarios that did not behave */
+
+typedef struct payment {
+    int  amount;
+    bool processor_down;
+    long takes_ms;
+} payment;
+
+/* The handler: charge the card once and describe the result. */
+static int charge(void *arg, idem_response *resp)
+{
+    const payment *p = arg;
+    printf("    --- processing payment of $%d ---\n", p->amount);
+    if (p->takes_ms) {
+        struct timespec ts = {p->takes_ms / 1000, (p->takes_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    if (p->processor_down) {
+        printf("    --- card processor unreachable: nothing charged ---\n");
+        return 1;
+    }
+    int ref = atomic_fetch_add(&charges, 1) + 1;
+    char body[128];
+    int n = snprintf(body, sizeof body, "{\"status\":\"success\",\"amount\":%d,\"ref\":\"PAY-%d\"}",
+                     p->amount, ref);
+    return idem_response_set(resp, 200, body, (size_t)n) == IDEM_OK ? 0 : 1;
+}
+
+static const char *outcome_name(idem_outcome o)
+{
+    switch (o) {
+    case IDEM_EXECUTED: return "executed";
+    case IDEM_REPLAYED: return "replayed from the store, no charge";
+    case IDEM_IN_PROGRESS: return "in progress elsewhere";
+    case IDEM_MISMATCH: return "same key, different request";
+    case IDEM_FAILED: return "handler failed, key freed";
+    }
+    return "?";
+}
+
+/* Send one payment request and print the answer a web service would give. */
+static idem_outcome send(idem_layer *layer, const char *label, const char *key, payment *p)
+{
+    char fp[32];
+    snprintf(fp, sizeof fp, "amount=%d", p->amount);
+    idem_request req = {.key = key, .key_len = strlen(key), .fingerprint = fp,
+                        .fingerprint_len = strlen(fp)};
+    idem_reply reply = {0};
+    int rc = idem_run(layer, &req, charge, p, &reply);
+    if (rc != IDEM_OK) {
+        printf("%s: %s: %s\n", label, idem_error_name(rc), idem_last_error());
+        idem_reply_clear(&reply);
+        failures++;
+        return 0;
+    }
+    switch (reply.outcome) {
+    case IDEM_IN_PROGRESS:
+        printf("%s: 409 Conflict, Retry-After %u ms [%s]\n", label, reply.retry_after_ms,
+               outcome_name(reply.outcome));
+        break;
+    case IDEM_MISMATCH:
+        printf("%s: 422 Unprocessable: key %s was used for another payment [%s]\n", label, key,
+               outcome_name(reply.outcome));
+        break;
+    case IDEM_FAILED:
+        printf("%s: 503 Service Unavailable, try again [%s]\n", label, outcome_name(reply.outcome));
+        break;
+    default:
+        printf("%s: %d %s [%s]\n", label, reply.status, (char *)reply.body, outcome_name(reply.outcome));
+    }
+    idem_outcome o = reply.outcome;
+    idem_reply_clear(&reply);
+    return o;
+}
+
+static void expect(const char *what, bool ok)
+{
+    if (!ok) {
+        printf("    !! unexpected: %s\n", what);
+        failures++;
+    }
+}
+
+typedef struct racer {
+    idem_layer  *layer;
+    int          id;
+    idem_outcome outcome;
+} racer;
+
+static void *race(void *arg)
+{
+    racer *r = arg;
+    payment p = {.amount = 300, .takes_ms = 500};
+    char label[32];
+    snprintf(label, sizeof label, "    thread %d", r->id);
+    r->outcome = send(r->layer, label, "req-789", &p);
+    return NULL;
+}
+
+static void usage(FILE *f)
+{
+    fputs("usage: payment_demo [--backend sqlite|redis|memcached] [--url URL]\n"
+          "\n"
+          "Sends payment requests with idempotency keys and shows that retries are\n"
+          "answered from the store instead of charging again.\n"
+          "\n"
+          "  --backend NAME  sqlite (default; a file in $TMPDIR, no server needed),\n"
+          "                  redis (redis://127.0.0.1:6379), or\n"
+          "                  memcached (memcached://127.0.0.1:11211)\n"
+          "  --url URL       a store URL of your own, e.g. redis://127.0.0.1:6380/2\n"
+          "  --help          this text\n",
+          f);
+}
+
+static const char *default_url(const char *backend, char *buf, size_t len)
+{
+    if (strcmp(backend, "sqlite") == 0) {
+        const char *tmp = getenv("TMPDIR");
+        snprintf(buf, len, "sqlite://%s/payment_demo.db", tmp && *tmp == '/' ? tmp : "/tmp");
+        return buf;
+    }
+    if (strcmp(backend, "redis") == 0)
+        return "redis://127.0.0.1:6379";
+    if (strcmp(backend, "memcached") == 0)
+        return "memcached://127.0.0.1:11211";
+    return NULL;
+}
+
+static const char *install_hint(const char *backend)
+{
+    if (strcmp(backend, "redis") == 0)
+        return "; Debian: apt-get install redis-server";
+    if (strcmp(backend, "memcached") == 0)
+        return "; Debian: apt-get install memcached";
+    return "";
+}
+
+int main(int argc, char *argv[])
+{
+    const char *backend = "sqlite", *url = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        } else if (strcmp(argv[i], "--backend") == 0 && i + 1 < argc) {
+            backend = argv[++i];
+        } else if (strcmp(argv[i], "--url") == 0 && i + 1 < argc) {
+            url = argv[++i];
+        } else {
+            fprintf(stderr, "payment_demo: unknown or incomplete argument '%s'\n", argv[i]);
+            usage(stderr);
+            return 2;
+        }
+    }
+    char buf[4200];
+    if (!url && !(url = default_url(backend, buf, sizeof buf))) {
+        fprintf(stderr, "payment_demo: unknown backend '%s'; use sqlite, redis or memcached\n", backend);
+        return 2;
+    }
+
+    idem_store *store;
+    int rc = idem_store_open(&store, url);
+    if (rc != IDEM_OK) {
+        fprintf(stderr, "payment_demo: cannot use the store: %s%s\n", idem_last_error(),
+                rc == IDEM_EBACKEND ? install_hint(backend) : "");
+        return 2;
+    }
+    /* Every run gets keys of its own, so the demo starts fresh each time. */
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "demo-%ld.%ld:", (long)time(NULL), (long)getpid());
+    idem_options opts;
+    idem_options_init(&opts);
+    opts.key_prefix = prefix;
+    idem_layer *layer;
+    if ((rc = idem_layer_new(&layer, store, &opts)) != IDEM_OK) {
+        fprintf(stderr, "payment_demo: %s\n", idem_last_error());
+        idem_store_close(store);
+        return 2;
+    }
+    printf("Store: %s (%s)\n", idem_store_backend(store), url);
+    if (strcmp(idem_store_backend(store), "sqlite") == 0)
+        printf("       a SQLite file, created if missing; it keeps responses for 24 h.\n"
+               "       Each run uses its own key prefix (%s), so runs do not replay each other.\n",
+               prefix);
+
+    payment p100 = {.amount = 100}, p200 = {.amount = 200}, p999 = {.amount = 999};
+    printf("\nRequest 1: key req-123, $100\n");
+    expect("the first request runs", send(layer, "Response 1", "req-123", &p100) == IDEM_EXECUTED);
+    printf("\nRequest 2: the client retries key req-123\n");
+    expect("the retry replays", send(layer, "Response 2", "req-123", &p100) == IDEM_REPLAYED);
+    printf("\nRequest 3: a different key, req-456, $200\n");
+    expect("a new key runs", send(layer, "Response 3", "req-456", &p200) == IDEM_EXECUTED);
+    printf("\nRequest 4: key req-123 again, but for $999\n");
+    expect("a changed request is refused", send(layer, "Response 4", "req-123", &p999) == IDEM_MISMATCH);
+
+    printf("\nConcurrent: 3 threads send key req-789 at the same moment ($300, takes 500 ms)\n");
+    racer r[3];
+    pthread_t t[3];
+    for (int i = 0; i < 3; i++) {
+        r[i] = (racer){.layer = layer, .id = i + 1};
+        pthread_create(&t[i], NULL, race, &r[i]);
+    }
+    int ran = 0, conflicts = 0;
+    for (int i = 0; i < 3; i++) {
+        pthread_join(t[i], NULL);
+        ran += r[i].outcome == IDEM_EXECUTED;
+        conflicts += r[i].outcome == IDEM_IN_PROGRESS;
+    }
+    expect("one thread charges, the other two get 409", ran == 1 && conflicts == 2);
+
+    printf("\nFailure: key req-999, $50, while the card processor is down\n");
+    payment down = {.amount = 50, .processor_down = true};
+    expect("the failure frees the key", send(layer, "Response", "req-999", &down) == IDEM_FAILED);
+    printf("Retry once the processor is back:\n");
+    down.processor_down = false;
+    expect("the retry charges", send(layer, "Response", "req-999", &down) == IDEM_EXECUTED);
+
+    printf("\nCustom key: user 42 clicks \"upgrade plan\" twice; key = user:<id>:<action>\n");
+    char key[64];
+    snprintf(key, sizeof key, "user:%d:%s", 42, "upgrade-plan");
+    payment upgrade = {.amount = 20};
+    expect("first click charges", send(layer, "Click 1", key, &upgrade) == IDEM_EXECUTED);
+    expect("second click replays", send(layer, "Click 2", key, &upgrade) == IDEM_REPLAYED);
+
+    idem_stats st;
+    idem_layer_stats(layer, &st);
+    int made = atomic_load(&charges);
+    printf("\nCharges made: %d (expected 5). Layer counters: executed %llu, replayed %llu, "
+           "in progress %llu, mismatched %llu, failed %llu.\n",
+           made, (unsigned long long)st.executed, (unsigned long long)st.replayed,
+           (unsigned long long)st.in_progress, (unsigned long long)st.mismatched,
+           (unsigned long long)st.failed);
+    expect("exactly five charges", made == 5);
+    idem_layer_free(layer);
+    idem_store_close(store);
+    if (failures)
+        printf("%d scenario(s) misbehaved.\n", failures);
+    return failures ? 1 : 0;
+}

@@ -1,0 +1,823 @@
+/* The Redis driver against real redis-server processes: faults, URLs,
+ * fencing and the number of round trips. The behaviour every driver shares
+ * is in conformance.c. */
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <criterion/criterion.h>
+#include <hiredis/hiredis.h>
+
+#include <idempotency/backend.h>
+#include <idempotency/idempotency.h>
+
+#include "harness.h"
+
+extern const idem_backend idem__redis_backend;
+
+static idem_test_server srv;
+
+static void start(void)
+{
+    cr_assert_eq(idem_test_server_start(&srv, "redis"), 0, "redis-server must start for these tests");
+}
+
+static void stop(void)
+{
+    idem_test_server_stop(&srv);
+}
+
+TestSuite(redis, .init = start, .fini = stop, .timeout = 60);
+
+/* ---- helpers ---- */
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* A plain hiredis connection to server i, for looking behind the driver. */
+static redisContext *raw(void)
+{
+    redisContext *c = redisConnect("127.0.0.1", srv.ports[0]);
+    cr_assert(c && !c->err, "raw connection to redis: %s", c ? c->errstr : "out of memory");
+    return c;
+}
+
+static redisReply *raw_cmd(redisContext *c, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    redisReply *r = redisvCommand(c, fmt, ap);
+    va_end(ap);
+    cr_assert(r, "raw command failed: %s", c->errstr);
+    return r;
+}
+
+typedef struct handler_arg {
+    atomic_int calls;
+    int        sleep_ms;
+    const char *body;
+} handler_arg;
+
+static int handler(void *arg, idem_response *resp)
+{
+    handler_arg *a = arg;
+    atomic_fetch_add(&a->calls, 1);
+    if (a->sleep_ms)
+        usleep((useconds_t)a->sleep_ms * 1000);
+    const char *body = a->body ? a->body : "charged";
+    return idem_response_set(resp, 201, body, strlen(body));
+}
+
+static idem_layer *layer_on(idem_store *st, uint32_t lease_ms)
+{
+    idem_options o;
+    idem_options_init(&o);
+    if (lease_ms)
+        o.lease_ms = lease_ms;
+    idem_layer *l;
+    cr_assert_eq(idem_layer_new(&l, st, &o), IDEM_OK, "%s", idem_last_error());
+    return l;
+}
+
+static idem_store *open_store(const char *url)
+{
+    idem_store *st;
+    cr_assert_eq(idem_store_open(&st, url), IDEM_OK, "open %s: %s", url, idem_last_error());
+    cr_assert_str_eq(idem_store_backend(st), "redis");
+    return st;
+}
+
+static int run_key(idem_layer *l, const char *key, size_t key_len, handler_arg *a, idem_reply *reply)
+{
+    idem_request req = {.key = key, .key_len = key_len, .fingerprint = "amount=100",
+                        .fingerprint_len = 10};
+    return idem_run(l, &req, handler, a, reply);
+}
+
+/* A record as the core writes it (layout in backend.h). */
+static size_t make_record(uint8_t *buf, int state, uint8_t token_byte, const char *body)
+{
+    memset(buf, 0, IDEM_RECORD_HEADER_LEN);
+    memcpy(buf, "IDEM", 4);
+    buf[4] = 1;
+    buf[IDEM_RECORD_STATE_OFFSET] = (uint8_t)state;
+    memset(buf + IDEM_RECORD_TOKEN_OFFSET, token_byte, IDEM_TOKEN_LEN);
+    if (state == IDEM_STATE_STARTED)
+        return IDEM_RECORD_HEADER_LEN;
+    size_t n = strlen(body);
+    uint8_t *p = buf + IDEM_RECORD_HEADER_LEN;
+    p[0] = 0, p[1] = 0, p[2] = 0, p[3] = 200;
+    p[4] = 0, p[5] = 0, p[6] = 0, p[7] = (uint8_t)n;
+    memcpy(p + 8, body, n);
+    return IDEM_RECORD_HEADER_LEN + 8 + n;
+}
+
+/* ---- the happy paths, through the public API ---- */
+
+Test(redis, new_key_runs_once_and_replays_byte_for_byte)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {.body = "{\"ref\":\"PAY-1\"}"};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "order-1", 7, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(run_key(l, "order-1", 7, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_eq(r.status, 201);
+    cr_assert_eq(r.body_len, strlen(a.body));
+    cr_assert_arr_eq(r.body, a.body, r.body_len);
+    cr_assert_eq(atomic_load(&a.calls), 1);
+    idem_reply_clear(&r);
+
+    /* The record lives under prefix + key, with the result TTL. */
+    redisContext *c = raw();
+    redisReply *rr = raw_cmd(c, "PTTL %s", "idem:order-1");
+    cr_assert_eq(rr->type, REDIS_REPLY_INTEGER);
+    cr_assert(rr->integer > 86390000 && rr->integer <= 86400000, "pttl %lld", rr->integer);
+    freeReplyObject(rr);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+Test(redis, binary_keys_are_stored_under_their_exact_bytes)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    static const char *keys[] = {"a\0b", "a\0c", "a\r\nb", "a b", "a\tb"};
+    static const size_t lens[] = {3, 3, 4, 3, 3};
+    handler_arg a = {0};
+    idem_reply r = {0};
+    for (int round = 0; round < 2; round++)
+        for (size_t i = 0; i < 5; i++) {
+            cr_assert_eq(run_key(l, keys[i], lens[i], &a, &r), IDEM_OK, "%s", idem_last_error());
+            cr_assert_eq(r.outcome, round ? IDEM_REPLAYED : IDEM_EXECUTED, "key %zu round %d", i,
+                         round);
+        }
+    cr_assert_eq(atomic_load(&a.calls), 5, "distinct keys must not collide");
+    redisContext *c = raw();
+    for (size_t i = 0; i < 5; i++) {
+        char full[16] = "idem:";
+        memcpy(full + 5, keys[i], lens[i]);
+        redisReply *rr = raw_cmd(c, "EXISTS %b", full, 5 + lens[i]);
+        cr_assert_eq(rr->integer, 1, "key %zu is not stored under its own bytes", i);
+        freeReplyObject(rr);
+    }
+    redisFree(c);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+Test(redis, retry_after_is_the_servers_remaining_lease)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 60000);
+    idem_request req = {.key = "slow", .key_len = 4};
+    idem_claim *claim;
+    idem_reply r = {0};
+    cr_assert_eq(idem_begin(l, &req, &claim, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(claim);
+    /* Shorten the lease behind the record's back: the record still says
+     * 60 s, so only the server's PTTL can give the answer below. */
+    redisContext *c = raw();
+    freeReplyObject(raw_cmd(c, "PEXPIRE %s 1500", "idem:slow"));
+    idem_claim *dup;
+    cr_assert_eq(idem_begin(l, &req, &dup, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_null(dup);
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert_eq(r.status, 409);
+    cr_assert(r.retry_after_ms > 1000 && r.retry_after_ms <= 1500, "retry_after %u",
+              r.retry_after_ms);
+    cr_assert_eq(idem_abort(claim), IDEM_OK, "%s", idem_last_error());
+    redisReply *rr = raw_cmd(c, "EXISTS %s", "idem:slow");
+    cr_assert_eq(rr->integer, 0, "abort must delete the claim");
+    freeReplyObject(rr);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+typedef struct race {
+    idem_layer *l;
+    handler_arg *a;
+    atomic_int  executed, in_progress;
+} race;
+
+static void *race_one(void *p)
+{
+    race *rc = p;
+    idem_reply r = {0};
+    if (run_key(rc->l, "contended", 9, rc->a, &r) == IDEM_OK) {
+        if (r.outcome == IDEM_EXECUTED)
+            atomic_fetch_add(&rc->executed, 1);
+        else if (r.outcome == IDEM_IN_PROGRESS)
+            atomic_fetch_add(&rc->in_progress, 1);
+    }
+    idem_reply_clear(&r);
+    return NULL;
+}
+
+Test(redis, concurrent_duplicates_from_many_threads_run_once)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {.sleep_ms = 300};
+    race rc = {.l = l, .a = &a};
+    pthread_t t[16];
+    for (int i = 0; i < 16; i++)
+        pthread_create(&t[i], NULL, race_one, &rc);
+    for (int i = 0; i < 16; i++)
+        pthread_join(t[i], NULL);
+    cr_assert_eq(atomic_load(&a.calls), 1);
+    cr_assert_eq(atomic_load(&rc.executed), 1);
+    cr_assert_eq(atomic_load(&rc.in_progress), 15);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+/* ---- the driver's own duties, called through its table ---- */
+
+Test(redis, commit_release_and_extend_are_fenced_by_token_and_state)
+{
+    const idem_backend *b = &idem__redis_backend;
+    idem_url *u;
+    cr_assert_eq(idem_url_parse(&u, srv.url), IDEM_OK);
+    void *s;
+    cr_assert_eq(b->open(&s, u), IDEM_OK, "%s", idem_last_error());
+    idem_url_free(u);
+
+    uint8_t mine[128], other[128], done[128], done2[128], tok_a[IDEM_TOKEN_LEN], tok_b[IDEM_TOKEN_LEN];
+    memset(tok_a, 0xaa, sizeof tok_a);
+    memset(tok_b, 0xbb, sizeof tok_b);
+    size_t mine_len = make_record(mine, IDEM_STATE_STARTED, 0xaa, NULL);
+    size_t other_len = make_record(other, IDEM_STATE_STARTED, 0xbb, NULL);
+    size_t done_len = make_record(done, IDEM_STATE_COMPLETED, 0xaa, "first");
+    size_t done2_len = make_record(done2, IDEM_STATE_COMPLETED, 0xaa, "second");
+    void *ex;
+    size_t ex_len;
+    uint32_t left;
+
+    cr_assert_eq(b->claim(s, "k", 1, mine, mine_len, 5000, &ex, &ex_len, &left), IDEM_OK);
+    cr_assert_null(ex);
+    /* The same claim again (its reply was lost): still ours. */
+    cr_assert_eq(b->claim(s, "k", 1, mine, mine_len, 5000, &ex, &ex_len, &left), IDEM_OK);
+    cr_assert_null(ex);
+    /* Another claimant gets our record and the time left. */
+    cr_assert_eq(b->claim(s, "k", 1, other, other_len, 5000, &ex, &ex_len, &left), IDEM_OK);
+    cr_assert_not_null(ex);
+    cr_assert_eq(ex_len, mine_len);
+    cr_assert_arr_eq(ex, mine, mine_len);
+    cr_assert(left > 4000 && left <= 5000, "remaining %u", left);
+    free(ex);
+
+    cr_assert_eq(b->commit(s, "k", 1, tok_b, done, done_len, 60000), IDEM_ELOST);
+    cr_assert_eq(b->release(s, "k", 1, tok_b), IDEM_ELOST);
+    cr_assert_eq(b->extend(s, "k", 1, tok_b, other, other_len, 9000), IDEM_ELOST);
+    cr_assert_eq(b->extend(s, "k", 1, tok_a, mine, mine_len, 9000), IDEM_OK);
+    redisContext *c = raw();
+    redisReply *rr = raw_cmd(c, "PTTL k");
+    cr_assert(rr->integer > 8000 && rr->integer <= 9000, "extend must set the lease: %lld", rr->integer);
+    freeReplyObject(rr);
+
+    cr_assert_eq(b->commit(s, "k", 1, tok_a, done, done_len, 60000), IDEM_OK);
+    /* A retried commit succeeds and changes nothing. */
+    cr_assert_eq(b->commit(s, "k", 1, tok_a, done2, done2_len, 60000), IDEM_OK);
+    rr = raw_cmd(c, "GET k");
+    cr_assert_eq(rr->len, done_len);
+    cr_assert_arr_eq(rr->str, done, done_len, "a retried commit must not change the record");
+    freeReplyObject(rr);
+    rr = raw_cmd(c, "PTTL k");
+    cr_assert(rr->integer > 59000 && rr->integer <= 60000, "commit must set the ttl: %lld", rr->integer);
+    freeReplyObject(rr);
+    /* Release and extend act on STARTED records only. */
+    cr_assert_eq(b->release(s, "k", 1, tok_a), IDEM_ELOST);
+    cr_assert_eq(b->extend(s, "k", 1, tok_a, mine, mine_len, 9000), IDEM_ELOST);
+    /* Nothing to act on. */
+    cr_assert_eq(b->commit(s, "gone", 4, tok_a, done, done_len, 60000), IDEM_ELOST);
+    cr_assert_eq(b->release(s, "gone", 4, tok_a), IDEM_ELOST);
+
+    cr_assert_eq(b->claim(s, "r", 1, mine, mine_len, 5000, &ex, &ex_len, &left), IDEM_OK);
+    cr_assert_eq(b->release(s, "r", 1, tok_a), IDEM_OK);
+    rr = raw_cmd(c, "EXISTS r");
+    cr_assert_eq(rr->integer, 0);
+    freeReplyObject(rr);
+    redisFree(c);
+    b->close(s);
+}
+
+/* ---- faults ---- */
+
+Test(redis, value_this_library_did_not_write_is_ecorrupt_and_nothing_runs)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    redisContext *c = raw();
+    freeReplyObject(raw_cmd(c, "SET %s %s", "idem:foreign", "hello"));
+    freeReplyObject(raw_cmd(c, "HSET %s f v", "idem:hash"));
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "foreign", 7, &a, &r), IDEM_ECORRUPT);
+    cr_assert(strstr(idem_last_error(), "did not write"), "%s", idem_last_error());
+    cr_assert_eq(run_key(l, "hash", 4, &a, &r), IDEM_ECORRUPT);
+    cr_assert_eq(atomic_load(&a.calls), 0, "nothing may run over a foreign value");
+    redisReply *rr = raw_cmd(c, "GET %s", "idem:foreign");
+    cr_assert_str_eq(rr->str, "hello", "the foreign value must be left alone");
+    freeReplyObject(rr);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+Test(redis, script_flush_mid_run_is_transparent)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    redisContext *c = raw();
+    idem_request req = {.key = "flush", .key_len = 5};
+    idem_claim *claim;
+    idem_reply r = {0};
+    freeReplyObject(raw_cmd(c, "SCRIPT FLUSH"));
+    cr_assert_eq(idem_begin(l, &req, &claim, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(claim);
+    freeReplyObject(raw_cmd(c, "SCRIPT FLUSH"));
+    cr_assert_eq(idem_commit(claim, 200, "ok", 2), IDEM_OK, "%s", idem_last_error());
+    freeReplyObject(raw_cmd(c, "SCRIPT FLUSH"));
+    cr_assert_eq(idem_begin(l, &req, &claim, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_str_eq((char *)r.body, "ok");
+    idem_reply_clear(&r);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+#define KILL_THREADS 8
+#define KILL_KEYS    200
+
+typedef struct kill_run {
+    idem_layer *l;
+    atomic_int  execs[KILL_THREADS / 2][KILL_KEYS]; /* two threads share each key sequence */
+    atomic_int  stop;
+    atomic_int  ok, backend, other;
+} kill_run;
+
+typedef struct kill_thread {
+    kill_run *k;
+    int       id;
+} kill_thread;
+
+static int count_handler(void *arg, idem_response *resp)
+{
+    atomic_fetch_add((atomic_int *)arg, 1);
+    usleep(20000);
+    return idem_response_set(resp, 200, "done", 4);
+}
+
+static void *kill_worker(void *p)
+{
+    kill_thread *t = p;
+    kill_run *k = t->k;
+    for (int i = 0; i < KILL_KEYS && !atomic_load(&k->stop); i++) {
+        char key[32];
+        int n = snprintf(key, sizeof key, "pre-%d-%d", t->id / 2, i);
+        idem_request req = {.key = key, .key_len = (size_t)n};
+        idem_reply r = {0};
+        int rc = idem_run(k->l, &req, count_handler, &k->execs[t->id / 2][i], &r);
+        atomic_fetch_add(rc == IDEM_OK ? &k->ok : rc == IDEM_EBACKEND ? &k->backend : &k->other, 1);
+        idem_reply_clear(&r);
+    }
+    return NULL;
+}
+
+typedef struct after_run {
+    idem_layer *l;
+    atomic_int  execs[20];
+    atomic_int  failures;
+} after_run;
+
+static void *after_worker(void *p)
+{
+    after_run *a = p;
+    for (int i = 0; i < 20; i++) {
+        char key[32];
+        int n = snprintf(key, sizeof key, "post-%d", i);
+        idem_request req = {.key = key, .key_len = (size_t)n};
+        idem_reply r = {0};
+        if (idem_run(a->l, &req, count_handler, &a->execs[i], &r) != IDEM_OK)
+            atomic_fetch_add(&a->failures, 1);
+        idem_reply_clear(&r);
+    }
+    return NULL;
+}
+
+Test(redis, server_killed_and_restarted_mid_run_costs_only_the_requests_in_flight)
+{
+    idem_store *st = open_store(srv.url);
+    /* A lease shorter than the outage: a commit in flight retries until
+     * its lease ends and then reports IDEM_EBACKEND. */
+    idem_layer *l = layer_on(st, 300);
+
+    /* One claim held across the outage. */
+    idem_request held = {.key = "held", .key_len = 4};
+    idem_claim *claim;
+    idem_reply r = {0};
+    cr_assert_eq(idem_begin(l, &held, &claim, &r), IDEM_OK, "%s", idem_last_error());
+
+    static kill_run k;
+    memset(&k, 0, sizeof k);
+    k.l = l;
+    pthread_t t[KILL_THREADS];
+    kill_thread kt[KILL_THREADS];
+    for (int i = 0; i < KILL_THREADS; i++) {
+        kt[i] = (kill_thread){.k = &k, .id = i};
+        pthread_create(&t[i], NULL, kill_worker, &kt[i]);
+    }
+    usleep(150000);
+    idem_test_server_kill(&srv, 0);
+
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_commit(claim, 200, "x", 1), IDEM_EBACKEND);
+    cr_assert(mono_ms() - t0 < 300 + 2500, "a commit must give up when its lease ends");
+    cr_assert(strstr(idem_last_error(), "redis 127.0.0.1:"), "%s", idem_last_error());
+    cr_assert_eq(idem_abort(claim), IDEM_EBACKEND);
+
+    handler_arg a = {0};
+    cr_assert_eq(run_key(l, "while-down", 10, &a, &r), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "connection refused"), "%s", idem_last_error());
+    cr_assert_eq(atomic_load(&a.calls), 0, "nothing runs while the store is down");
+
+    usleep(500000);
+    cr_assert_eq(idem_test_server_restart(&srv, 0), 0);
+    atomic_store(&k.stop, 1);
+    for (int i = 0; i < KILL_THREADS; i++)
+        pthread_join(t[i], NULL);
+    cr_assert_eq(atomic_load(&k.other), 0, "only IDEM_OK or IDEM_EBACKEND around an outage");
+    cr_assert_gt(atomic_load(&k.ok), 0);
+    cr_assert_gt(atomic_load(&k.backend), 0);
+    for (int i = 0; i < KILL_THREADS / 2; i++)
+        for (int j = 0; j < KILL_KEYS; j++)
+            cr_assert_leq(atomic_load(&k.execs[i][j]), 1, "key pre-%d-%d ran twice", i, j);
+
+    /* Back: every request succeeds, on connections that replace the dead
+     * ones in the pool, and each key runs once. */
+    static after_run after;
+    memset(&after, 0, sizeof after);
+    after.l = l;
+    pthread_t u[KILL_THREADS];
+    for (int i = 0; i < KILL_THREADS; i++)
+        pthread_create(&u[i], NULL, after_worker, &after);
+    for (int i = 0; i < KILL_THREADS; i++)
+        pthread_join(u[i], NULL);
+    cr_assert_eq(atomic_load(&after.failures), 0, "requests after the restart must succeed");
+    for (int i = 0; i < 20; i++)
+        cr_assert_eq(atomic_load(&after.execs[i]), 1, "key post-%d ran %d times", i,
+                     atomic_load(&after.execs[i]));
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+Test(redis, restart_while_the_pool_is_idle_costs_no_request)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    /* Fill the pool with one connection per thread. */
+    static after_run before;
+    memset(&before, 0, sizeof before);
+    before.l = l;
+    pthread_t t[KILL_THREADS];
+    for (int i = 0; i < KILL_THREADS; i++)
+        pthread_create(&t[i], NULL, after_worker, &before);
+    for (int i = 0; i < KILL_THREADS; i++)
+        pthread_join(t[i], NULL);
+    cr_assert_eq(atomic_load(&before.failures), 0);
+
+    /* The server goes away and comes back while nobody asks. */
+    cr_assert_eq(idem_test_server_restart(&srv, 0), 0);
+
+    /* Every pooled connection is dead now; the data set is gone too, so
+     * the same keys run again, once each. */
+    static after_run after;
+    memset(&after, 0, sizeof after);
+    after.l = l;
+    for (int i = 0; i < KILL_THREADS; i++)
+        pthread_create(&t[i], NULL, after_worker, &after);
+    for (int i = 0; i < KILL_THREADS; i++)
+        pthread_join(t[i], NULL);
+    cr_assert_eq(atomic_load(&after.failures), 0, "a restart the store slept through must cost "
+                 "no request; %s", idem_last_error());
+    for (int i = 0; i < 20; i++)
+        cr_assert_eq(atomic_load(&after.execs[i]), 1, "key post-%d ran %d times", i,
+                     atomic_load(&after.execs[i]));
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+Test(redis, server_that_stops_answering_mid_run_times_out_and_recovers)
+{
+    char url[128];
+    snprintf(url, sizeof url, "%s?timeout_ms=200", srv.url);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "before", 6, &a, &r), IDEM_OK, "%s", idem_last_error());
+
+    kill(srv.pids[0], SIGSTOP);
+    uint64_t t0 = mono_ms();
+    int rc = run_key(l, "frozen", 6, &a, &r);
+    uint64_t took = mono_ms() - t0;
+    kill(srv.pids[0], SIGCONT);
+    cr_assert_eq(rc, IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "no reply within 200 ms"), "%s", idem_last_error());
+    cr_assert(took < 1000, "took %llu ms with timeout_ms=200", (unsigned long long)took);
+    cr_assert_eq(atomic_load(&a.calls), 1, "nothing runs when the claim timed out");
+
+    /* The timed-out connection is gone: its late reply cannot be taken for
+     * the answer to the next command. */
+    cr_assert_eq(run_key(l, "before", 6, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_eq(run_key(l, "after", 5, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(atomic_load(&a.calls), 2);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+/* ---- opening ---- */
+
+/* Start a redis-server of our own with extra arguments, in srv's place. */
+static void start_custom(idem_test_server *s, const char *extra1, const char *extra2,
+                         const char *extra3, const char *extra4)
+{
+    memset(s, 0, sizeof *s);
+    s->kind = strdup("redis");
+    s->dir = idem_test_tmpdir("redis-custom");
+    s->ports[0] = idem_test_free_port();
+    cr_assert(s->kind && s->dir && s->ports[0]);
+    char port[8], *log;
+    snprintf(port, sizeof port, "%u", (unsigned)s->ports[0]);
+    cr_assert(asprintf(&log, "%s/redis.log", s->dir) > 0);
+    char *argv[] = {"redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", s->dir, (char *)extra1, (char *)extra2,
+                    (char *)extra3, (char *)extra4, NULL};
+    s->pids[0] = idem_test_spawn(argv, log);
+    cr_assert_gt(s->pids[0], 0);
+    cr_assert(idem_test_wait_port(s->ports[0], 10000), "redis-server did not start; see %s", log);
+    free(log);
+}
+
+Test(redis, wrong_password_fails_at_open_without_repeating_it)
+{
+    idem_test_server pw;
+    start_custom(&pw, "--requirepass", "right-Secret-42", NULL, NULL);
+    char url[128];
+    idem_store *st;
+
+    snprintf(url, sizeof url, "redis://:wrong-Guess-17@127.0.0.1:%u", pw.ports[0]);
+    cr_assert_eq(idem_store_open(&st, url), IDEM_EBACKEND);
+    cr_assert_null(st);
+    cr_assert(strstr(idem_last_error(), "password"), "%s", idem_last_error());
+    cr_assert_null(strstr(idem_last_error(), "wrong-Guess-17"), "%s", idem_last_error());
+
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", pw.ports[0]);
+    cr_assert_eq(idem_store_open(&st, url), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "NOAUTH"), "%s", idem_last_error());
+
+    snprintf(url, sizeof url, "redis://:right-Secret-42@127.0.0.1:%u/3", pw.ports[0]);
+    st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "k", 1, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+
+    /* The key went to database 3. */
+    redisContext *c = redisConnect("127.0.0.1", pw.ports[0]);
+    freeReplyObject(raw_cmd(c, "AUTH right-Secret-42"));
+    freeReplyObject(raw_cmd(c, "SELECT 3"));
+    redisReply *rr = raw_cmd(c, "EXISTS idem:k");
+    cr_assert_eq(rr->integer, 1);
+    freeReplyObject(rr);
+    redisFree(c);
+    idem_test_server_stop(&pw);
+}
+
+Test(redis, unix_socket_with_db_and_password)
+{
+    idem_test_server us;
+    char sock[512];
+    snprintf(sock, sizeof sock, "%s/redis.sock", srv.dir);
+    start_custom(&us, "--unixsocket", sock, "--requirepass", "p@ss word");
+    char url[700];
+    snprintf(url, sizeof url, "redis+unix://%s?db=2&password=p%%40ss%%20word&timeout_ms=500", sock);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "u", 1, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(run_key(l, "u", 1, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+
+    redisContext *c = redisConnectUnix(sock);
+    freeReplyObject(raw_cmd(c, "AUTH %s", "p@ss word"));
+    freeReplyObject(raw_cmd(c, "SELECT 2"));
+    redisReply *rr = raw_cmd(c, "EXISTS idem:u");
+    cr_assert_eq(rr->integer, 1);
+    freeReplyObject(rr);
+    redisFree(c);
+
+    snprintf(url, sizeof url, "redis+unix://%s/nothing-here.sock", srv.dir);
+    cr_assert_eq(idem_store_open(&st, url), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "no such socket"), "%s", idem_last_error());
+    idem_test_server_stop(&us);
+}
+
+Test(redis, unreachable_port_fails_at_open_with_what_to_do)
+{
+    uint16_t port = idem_test_free_port();
+    char url[64], want[96];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", port);
+    idem_store *st;
+    cr_assert_eq(idem_store_open(&st, url), IDEM_EBACKEND);
+    snprintf(want, sizeof want, "redis 127.0.0.1:%u: connecting: connection refused", port);
+    cr_assert(strstr(idem_last_error(), want), "%s", idem_last_error());
+    snprintf(want, sizeof want, "redis-server --port %u", port);
+    cr_assert(strstr(idem_last_error(), want), "%s", idem_last_error());
+}
+
+Test(redis, server_that_never_answers_times_out_within_timeout_ms)
+{
+    /* A socket that listens but never accepts or answers: connect() completes
+     * in the kernel's backlog, and the first command waits for a reply. */
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    cr_assert_eq(bind(fd, (struct sockaddr *)&a, sizeof a), 0);
+    cr_assert_eq(listen(fd, 16), 0);
+    cr_assert_eq(getsockname(fd, (struct sockaddr *)&a, &len), 0);
+    char url[96];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u?timeout_ms=200&connect_timeout_ms=200",
+             ntohs(a.sin_port));
+    idem_store *st;
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_store_open(&st, url), IDEM_EBACKEND);
+    uint64_t took = mono_ms() - t0;
+    cr_assert(took < 1000, "open took %llu ms with timeout_ms=200", (unsigned long long)took);
+    cr_assert(strstr(idem_last_error(), "no reply within 200 ms"), "%s", idem_last_error());
+    close(fd);
+}
+
+Test(redis, malformed_urls_are_einval_and_never_show_the_password)
+{
+    static const char *const bad[] = {
+        "redis://:hunter2-secret@127.0.0.1:6379/notadb",
+        "redis://:hunter2-secret@127.0.0.1:6379,127.0.0.1:6380",
+        "redis://:hunter2-secret@127.0.0.1:6379?bogus=1",
+        "redis://:hunter2-secret@127.0.0.1:6379?timeout_ms=0",
+        "redis://user@127.0.0.1:6379",
+        "redis+unix://host/tmp/redis.sock",
+        "redis+unix:///tmp/redis.sock?db=x&password=hunter2-secret",
+        "redis+tls://127.0.0.1:6379",
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        idem_store *st;
+        cr_assert_eq(idem_store_open(&st, bad[i]), IDEM_EINVAL, "%s", bad[i]);
+        cr_assert_null(strstr(idem_last_error(), "hunter2"), "%s", idem_last_error());
+    }
+}
+
+/* ---- round trips ---- */
+
+/*
+ * How round trips are counted. INFO commandstats counts the commands run
+ * inside a script too (under "set", "get", "pttl"), so its totals are not
+ * what the client sent. Two measures that are:
+ *   - MONITOR, on a connection of the test's own, lists every command the
+ *     server runs, tagged with the client's address; commands run by a
+ *     script are tagged "lua". Every line from an address other than the
+ *     test's control connection is one command the driver sent, and the
+ *     driver pipelines nothing on a warm connection, so one line is one
+ *     round trip. The control connection ends each measurement with ECHO
+ *     of a marker, so we know when to stop reading.
+ *   - cmdstat_evalsha from INFO commandstats: EVALSHA cannot be called from
+ *     a script, so its calls are top-level commands only. It must account
+ *     for every round trip above (no EVAL fallback, no other command).
+ */
+typedef struct probe {
+    redisContext *mon, *ctl;
+    char          ctl_addr[64];
+    int           marker;
+} probe;
+
+static long long evalsha_calls(redisContext *ctl)
+{
+    redisReply *r = raw_cmd(ctl, "INFO commandstats");
+    const char *p = strstr(r->str, "cmdstat_evalsha:calls=");
+    long long n = p ? atoll(p + strlen("cmdstat_evalsha:calls=")) : 0;
+    freeReplyObject(r);
+    return n;
+}
+
+static void probe_open(probe *p)
+{
+    memset(p, 0, sizeof *p);
+    p->mon = raw();
+    p->ctl = raw();
+    redisReply *r = raw_cmd(p->mon, "MONITOR");
+    cr_assert_str_eq(r->str, "OK");
+    freeReplyObject(r);
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    cr_assert_eq(getsockname(p->ctl->fd, (struct sockaddr *)&a, &len), 0);
+    snprintf(p->ctl_addr, sizeof p->ctl_addr, "127.0.0.1:%u", ntohs(a.sin_port));
+}
+
+/* Commands the driver sent since the last call (see above). */
+static int probe_count(probe *p)
+{
+    char marker[32];
+    snprintf(marker, sizeof marker, "idem-marker-%d", ++p->marker);
+    freeReplyObject(raw_cmd(p->ctl, "ECHO %s", marker));
+    int n = 0;
+    for (;;) {
+        void *v;
+        cr_assert_eq(redisGetReply(p->mon, &v), REDIS_OK, "MONITOR: %s", p->mon->errstr);
+        redisReply *r = v;
+        const char *open = strchr(r->str, '['), *sp = open ? strchr(open, ' ') : NULL;
+        const char *close = sp ? strchr(sp, ']') : NULL;
+        cr_assert(close, "MONITOR line: %s", r->str);
+        size_t alen = (size_t)(close - sp - 1);
+        bool from_ctl = alen == strlen(p->ctl_addr) && memcmp(sp + 1, p->ctl_addr, alen) == 0;
+        bool from_lua = alen == 3 && memcmp(sp + 1, "lua", 3) == 0;
+        bool done = from_ctl && strstr(r->str, marker);
+        if (!from_ctl && !from_lua)
+            n++;
+        freeReplyObject(r);
+        if (done)
+            return n;
+    }
+}
+
+Test(redis, new_key_costs_two_round_trips_and_a_replay_one)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    /* Warm the pool: the connection from open is reused from here on. */
+    cr_assert_eq(run_key(l, "warm", 4, &a, &r), IDEM_OK, "%s", idem_last_error());
+
+    probe p;
+    probe_open(&p);
+    (void)probe_count(&p);
+    long long e0 = evalsha_calls(p.ctl);
+    cr_assert_eq(run_key(l, "new", 3, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(probe_count(&p), 2, "a new key: claim and commit");
+    long long e1 = evalsha_calls(p.ctl);
+    cr_assert_eq(e1 - e0, 2);
+
+    cr_assert_eq(run_key(l, "new", 3, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_eq(probe_count(&p), 1, "a replay: the claim that returns the record");
+    long long e2 = evalsha_calls(p.ctl);
+    cr_assert_eq(e2 - e1, 1);
+
+    idem_request req = {.key = "busy", .key_len = 4};
+    idem_claim *c, *dup;
+    cr_assert_eq(idem_begin(l, &req, &c, &r), IDEM_OK);
+    cr_assert_eq(idem_begin(l, &req, &dup, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert_eq(idem_extend(c, 5000), IDEM_OK);
+    cr_assert_eq(idem_abort(c), IDEM_OK);
+    cr_assert_eq(probe_count(&p), 4, "claim, in-progress claim, extend, abort: one each");
+    cr_assert_eq(evalsha_calls(p.ctl) - e2, 4);
+
+    redisFree(p.mon);
+    redisFree(p.ctl);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
