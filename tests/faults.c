@@ -16,6 +16,7 @@
  * Tests that need a server process are skipped for sqlite, and the SQLite
  * ones for the others, saying so.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -397,7 +398,7 @@ Test(faults, sqlite_process_killed_while_holding_the_write_lock_leaves_a_working
         sqlite3 *db;
         if (sqlite3_open(sqlite_path(), &db) != SQLITE_OK ||
             sqlite3_exec(db, "BEGIN IMMEDIATE; INSERT OR REPLACE INTO idem_records (key, token, state, value,"
-                             " expires_at) VALUES (CAST('lockheld' AS BLOB), NULL, 'S', x'00', 9e15);",
+                             " expires_at) VALUES (CAST('lk:held' AS BLOB), NULL, 'S', x'00', 9e15);",
                          NULL, NULL, NULL) != SQLITE_OK)
             _exit(1);
         (void)!write(ready[1], "r", 1);
@@ -431,10 +432,10 @@ Test(faults, sqlite_process_killed_while_holding_the_write_lock_leaves_a_working
      * transaction is gone. */
     cr_assert_eq(idem_run(l, &req, job_handler, &j, &r), IDEM_OK, "%s", idem_last_error());
     cr_assert_eq(r.outcome, IDEM_EXECUTED);
-    idem_request held = req_str("lockheld");
+    idem_request held = req_str("held");
     idem_options o;
     idem_options_init(&o);
-    o.key_prefix = "";
+    o.key_prefix = "lk:";
     idem_layer *bare;
     cr_assert_eq(idem_layer_new(&bare, s, &o), IDEM_OK);
     cr_assert_eq(idem_run(bare, &held, job_handler, &j, &r), IDEM_OK, "%s", idem_last_error());
@@ -538,15 +539,37 @@ static void need_server(void)
         cr_skip_test("needs a store with a server process (this run is %s)", kind);
 }
 
+/* Every server of the store: with two, a key may live on either. */
 static void kill_store(void)
 {
-    idem_test_server_kill(&srv, 0);
+    for (int i = 0; i < 2; i++)
+        idem_test_server_kill(&srv, i);
     save_pids();
+}
+
+/* A server restarted from inside a test must not inherit the test
+ * process's descriptors: Criterion waits for its pipes to close, and would
+ * wait for the server. */
+static void close_on_exec_all(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    if (!d)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int fd = atoi(e->d_name);
+        if (fd > 2 && fd != dirfd(d))
+            fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+    }
+    closedir(d);
 }
 
 static void restart_store(void)
 {
-    cr_assert_eq(idem_test_server_restart(&srv, 0), 0, "cannot restart the %s server", kind);
+    close_on_exec_all();
+    for (int i = 0; i < 2; i++)
+        if (srv.ports[i])
+            cr_assert_eq(idem_test_server_restart(&srv, i), 0, "cannot restart %s server %d", kind, i);
     save_pids();
 }
 
@@ -769,6 +792,7 @@ Test(faults, wrong_redis_password_is_refused_without_printing_it)
     snprintf(log, sizeof log, "%s/redis.log", dir);
     char *argv[] = {"redis-server", "--port", portarg, "--bind", "127.0.0.1", "--save", "",
                     "--appendonly", "no", "--requirepass", "the-right-one", "--dir", dir, NULL};
+    close_on_exec_all();
     pid_t pid = idem_test_spawn(argv, log);
     cr_assert(pid > 0 && idem_test_wait_port(port, 5000), "cannot start redis-server");
     char url[256];
@@ -796,6 +820,54 @@ Test(faults, wrong_redis_password_is_refused_without_printing_it)
 
 /* ---- the runner ---- */
 
+/* The test processes kill and restart the servers; a server that is a child
+ * of main() would become a zombie main() does not reap, which Criterion's
+ * runner does not expect. So main() hands its servers over: it stops them
+ * and starts them again from a short-lived helper process, whose children
+ * are adopted by init. */
+static int detach_servers(void)
+{
+    if (srv.pids[0] <= 0)
+        return 0;
+    for (int i = 0; i < 2; i++)
+        idem_test_server_kill(&srv, i);
+    pid_t helper = fork();
+    if (helper < 0)
+        return -1;
+    if (helper == 0) {
+        for (int i = 0; i < 2; i++)
+            if (srv.ports[i] && idem_test_server_restart(&srv, i) != 0)
+                _exit(1);
+        char path[512];
+        pids_path(path, sizeof path);
+        FILE *f = fopen(path, "w");
+        if (!f)
+            _exit(1);
+        fprintf(f, "%ld %ld\n", (long)srv.pids[0], (long)srv.pids[1]);
+        fclose(f);
+        _exit(0);
+    }
+    int st;
+    if (waitpid(helper, &st, 0) != helper || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+        return -1;
+    load_pids();
+    return 0;
+}
+
+/* Stop servers that are not our children (see detach_servers()). */
+static void stop_detached(void)
+{
+    load_pids();
+    for (int i = 0; i < 2; i++) {
+        if (srv.pids[i] <= 0)
+            continue;
+        kill(srv.pids[i], SIGKILL);
+        for (int waited = 0; waited < 3000 && kill(srv.pids[i], 0) == 0; waited += 10)
+            sleep_ms(10);
+        srv.pids[i] = 0;
+    }
+}
+
 int main(int argc, char *argv[])
 {
     kind = getenv("IDEM_TEST_BACKEND");
@@ -805,15 +877,20 @@ int main(int argc, char *argv[])
         fprintf(stderr, "faults: cannot start a %s store for the tests\n", kind);
         return 1;
     }
-    fprintf(stderr, "faults: testing %s at %s\n", kind, srv.url);
-    describe_server();
-    FILE *pf;
     char path[512];
     pids_path(path, sizeof path);
-    if ((pf = fopen(path, "w"))) {
+    FILE *pf = fopen(path, "w");
+    if (pf) {
         fprintf(pf, "%ld %ld\n", (long)srv.pids[0], (long)srv.pids[1]);
         fclose(pf);
     }
+    if (detach_servers() != 0) {
+        fprintf(stderr, "faults: cannot restart the %s servers\n", kind);
+        idem_test_server_stop(&srv);
+        return 1;
+    }
+    fprintf(stderr, "faults: testing %s at %s\n", kind, srv.url);
+    describe_server();
     struct criterion_test_set *tests = criterion_initialize();
     int result = 1;
     /* One test at a time: several of them kill the server all tests share. */
@@ -821,14 +898,7 @@ int main(int argc, char *argv[])
     if (criterion_handle_args(argc, argv, true))
         result = !criterion_run_all_tests(tests);
     criterion_finalize(tests);
-    pid_t started[2] = {srv.pids[0], srv.pids[1]};
-    load_pids(); /* a test may have restarted a server */
-    for (int i = 0; i < 2; i++) {
-        if (started[i] > 0 && started[i] != srv.pids[i]) {
-            kill(started[i], SIGKILL); /* killed by a test already; reap it */
-            waitpid(started[i], NULL, 0);
-        }
-    }
+    stop_detached();
     idem_test_server_stop(&srv);
     return result;
 }
