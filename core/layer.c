@@ -294,6 +294,10 @@ static int check_request(const idem_layer *l, const idem_request *req)
     return IDEM_OK;
 }
 
+/* Why a claim is no longer in the store, as far as the core can tell. */
+#define LOST_WHY "the claim is no longer in the store (its lease ended and another request may have " \
+                 "taken the key, or the store lost it in a restart or an eviction)"
+
 /* Add what follows to the driver's message: "redis ...: timeout; the key ..." */
 static int error_append(int rc, const char *more)
 {
@@ -351,7 +355,7 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     if (out)
         *out = NULL;
     if (!l || !req || !out || !reply)
-        return idem_error_set(IDEM_EINVAL, "idem_begin: layer, req, claim and reply must not be NULL");
+        return idem_error_set(IDEM_EINVAL, "layer, request, claim and reply must not be NULL");
     idem_reply_clear(reply);
     int rc = check_request(l, req);
     if (rc == IDEM_OK)
@@ -406,8 +410,7 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
     idem_layer *l = c->layer;
     if (c->lost) {
         free(c);
-        return idem_error_set(IDEM_ELOST, "the claim's lease ended (another request may have taken the key); "
-                                          "this response was not stored");
+        return idem_error_set(IDEM_ELOST, LOST_WHY "; this response was not stored");
     }
     int rc = check_response(l, status, body, len);
     if (rc == IDEM_OK)
@@ -448,8 +451,7 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
     } else if (rc == IDEM_ELOST) {
         count(&l->lost);
         free(c);
-        idem_error_set(rc, "the claim's lease ended before the commit (another request may have taken "
-                           "the key); this response was not stored (raise lease_ms, or call "
+        idem_error_set(rc, LOST_WHY "; this response was not stored (raise lease_ms, or call "
                            "idem_extend() from long handlers)");
     } else if (rc == IDEM_EBACKEND) {
         error_append(rc, "the response is not stored and the key stays claimed until its lease ends "
@@ -470,7 +472,7 @@ int idem_abort(idem_claim *c)
     if (rc == IDEM_ELOST) {
         if (!c->lost)
             count(&l->lost);
-        idem_error_set(rc, "the claim's lease had ended (another request may have taken the key)");
+        idem_error_set(rc, LOST_WHY);
     } else if (rc == IDEM_EBACKEND) {
         count(&l->backend_errors);
         error_append(rc, "the key frees itself when its lease ends");
@@ -508,8 +510,7 @@ int idem_extend(idem_claim *c, uint32_t lease_ms)
     } else if (rc == IDEM_ELOST) {
         c->lost = true;
         count(&l->lost);
-        idem_error_set(rc, "the claim's lease ended (another request may have taken the key); "
-                           "commit or abort it to free it");
+        idem_error_set(rc, LOST_WHY "; commit or abort it to free it");
     }
     return backend_failed(l, rc);
 }

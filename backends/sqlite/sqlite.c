@@ -94,6 +94,28 @@ static void conn_free(conn *c)
     free(c);
 }
 
+/* Switch the database to WAL once. Changing the journal mode answers BUSY
+ * at once, without the busy handler, while another connection is in the
+ * middle of the same switch: wait for it, up to busy_timeout_ms. */
+static int set_wal(const store *s, sqlite3 *db)
+{
+    int rc = SQLITE_BUSY;
+    for (int waited = 0; rc == SQLITE_BUSY || rc == SQLITE_LOCKED; waited += 10) {
+        sqlite3_stmt *st;
+        rc = sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &st, NULL);
+        if (rc != SQLITE_OK)
+            return rc;
+        rc = sqlite3_step(st);
+        sqlite3_finalize(st);
+        if (rc == SQLITE_ROW || rc == SQLITE_DONE)
+            return SQLITE_OK;
+        if (waited >= s->busy_ms)
+            break;
+        sqlite3_sleep(10);
+    }
+    return rc;
+}
+
 static int conn_new(store *s, conn **out)
 {
     conn *c = calloc(1, sizeof *c);
@@ -106,9 +128,9 @@ static int conn_new(store *s, conn **out)
         return rc;
     }
     sqlite3_busy_timeout(c->db, s->busy_ms);
-    char pragmas[128];
-    snprintf(pragmas, sizeof pragmas, "PRAGMA journal_mode=WAL; PRAGMA synchronous=%s;", s->synchronous);
-    if (sqlite3_exec(c->db, pragmas, NULL, NULL, NULL) != SQLITE_OK ||
+    char pragma[64];
+    snprintf(pragma, sizeof pragma, "PRAGMA synchronous=%s;", s->synchronous);
+    if (set_wal(s, c->db) != SQLITE_OK || sqlite3_exec(c->db, pragma, NULL, NULL, NULL) != SQLITE_OK ||
         sqlite3_exec(c->db, schema, NULL, NULL, NULL) != SQLITE_OK) {
         int rc = fail(s, c->db, "cannot set up the database");
         conn_free(c);
