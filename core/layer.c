@@ -402,11 +402,10 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     return backend_failed(l, rc);
 }
 
-int idem_commit(idem_claim *c, int status, const void *body, size_t len)
+/* idem_commit() without its advice to the caller, which idem_run() words
+ * differently. */
+static int commit_claim(idem_claim *c, int status, const void *body, size_t len)
 {
-    idem__error_clear();
-    if (!c)
-        return idem_error_set(IDEM_EINVAL, "idem_commit: claim is NULL");
     idem_layer *l = c->layer;
     if (c->lost) {
         free(c);
@@ -453,10 +452,19 @@ int idem_commit(idem_claim *c, int status, const void *body, size_t len)
         free(c);
         idem_error_set(rc, LOST_WHY "; this response was not stored (raise lease_ms, or call "
                            "idem_extend() from long handlers)");
-    } else if (rc == IDEM_EBACKEND) {
-        error_append(rc, "the response is not stored and the key stays claimed until its lease ends "
-                         "(commit again, or abort)");
     }
+    return rc;
+}
+
+int idem_commit(idem_claim *c, int status, const void *body, size_t len)
+{
+    idem__error_clear();
+    if (!c)
+        return idem_error_set(IDEM_EINVAL, "idem_commit: claim is NULL");
+    int rc = commit_claim(c, status, body, len);
+    if (rc == IDEM_EBACKEND)
+        error_append(rc, "the response may not be stored, and the key stays claimed until its lease "
+                         "ends (commit again, or abort)");
     return rc;
 }
 
@@ -531,18 +539,26 @@ int idem_run(idem_layer *l, const idem_request *req, idem_handler fn, void *arg,
     idem_response resp = {.layer = l, .status = 200};
     int herr = fn(arg, &resp);
     if (herr != 0) {
-        free(resp.body);
-        int arc = idem_abort(c);
-        (void)arc; /* a key the store could not free frees itself when its lease ends */
+        /* The handler's own message (from idem_response_set, say) outlives
+         * the abort; a key the store could not free frees itself when its
+         * lease ends. */
+        char *why = strdup(idem_last_error());
+        (void)idem_abort(c);
+        idem_error_set(IDEM_OK, "%s", why ? why : "");
+        free(why);
         reply->outcome = IDEM_FAILED;
-        reply->status = 500;
+        reply->status = resp.body ? resp.status : 500;
+        reply->body = resp.body; /* what the handler set, if anything; not stored */
+        reply->body_len = resp.len;
         reply->handler_error = herr;
-        idem__error_clear();
         return IDEM_OK;
     }
-    rc = idem_commit(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
-    if (rc != IDEM_OK && rc != IDEM_ELOST)
-        free(c); /* not stored: the key stays claimed in the store until its lease ends */
+    rc = commit_claim(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
+    if (rc != IDEM_OK && rc != IDEM_ELOST) {
+        free(c); /* the key stays claimed in the store until its lease ends */
+        error_append(rc, "the handler ran and its response is in the reply, but it may not be stored; "
+                         "the key stays claimed until its lease ends");
+    }
     reply->outcome = IDEM_EXECUTED;
     reply->status = resp.status;
     if (resp.body) {

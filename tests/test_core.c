@@ -1949,3 +1949,29 @@ Test(core, public_structs_keep_their_size)
     cr_assert_eq(sizeof(idem_stats), 128);
 #endif
 }
+
+static int refuse_then_fail(void *arg, idem_response *resp)
+{
+    (void)arg;
+    idem_response_set(resp, 503, "processor down", 14);
+    int rc = idem_response_set(resp, 200, NULL, 5); /* refused: its message must survive */
+    return rc == IDEM_EINVAL ? 9 : 0;
+}
+
+Test(core, failed_reply_carries_the_handlers_response_and_message_but_stores_nothing)
+{
+    cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
+    fk = store->state;
+    cr_assert_eq(idem_layer_new(&layer, store, NULL), IDEM_OK);
+    idem_request req = req_of("k");
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, refuse_then_fail, NULL, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_FAILED);
+    cr_assert_eq(r.handler_error, 9);
+    cr_assert_eq(r.status, 503);
+    cr_assert_eq(r.body_len, 14);
+    cr_assert_str_eq((char *)r.body, "processor down");
+    cr_assert(strstr(idem_last_error(), "NULL"), "the handler's message was lost: '%s'", idem_last_error());
+    cr_assert_eq(fake_key_state("k"), 0, "a failed handler leaves no record");
+    idem_reply_clear(&r);
+}

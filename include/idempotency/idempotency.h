@@ -85,8 +85,8 @@ IDEM_API const char *idem_last_error(void);
  * Thread-safe: a store keeps its own pool of connections, so one store
  * serves every thread of a process. A store belongs to the process that
  * opened it: after fork(), open another in the child. Requests on an
- * inherited store return IDEM_EINVAL, and closing it there frees only memory,
- * never the parent's connections.
+ * inherited store return IDEM_EINVAL, and closing it there frees only the
+ * handle: the parent's connections and the driver's memory are left alone.
  */
 typedef struct idem_store idem_store;
 
@@ -112,11 +112,13 @@ IDEM_API const char *idem_store_backend(const idem_store *store);
 typedef struct idem_options {
     uint32_t    lease_ms;          /* how long a claim blocks its key if its holder dies; default 60000 */
     uint32_t    ttl_s;             /* how long a completed response is replayed; default 86400 */
-    const char *key_prefix;        /* prepended to every key in the store; default "idem:"; copied.
-                                      A name and one ':' at its end ("orders:"), 2..255 bytes:
-                                      then two prefixes never make the same store key */
+    const char *key_prefix;        /* prepended to every key in the store; copied; NULL or the
+                                      default is "idem:". 2..255 bytes: any bytes but ':', then
+                                      one ':' ("orders:", "shop-{eu}:"), so that two prefixes
+                                      never make the same store key */
     size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
-    size_t      max_response_len;  /* largest accepted response body; default 1 MiB */
+    size_t      max_response_len;  /* largest accepted response body; default 1 MiB (0: only
+                                      empty bodies) */
     /* Later versions take new fields from this space, so the struct keeps
      * its size; idem_options_init() fills them all, so always call it before
      * setting fields of your own. */
@@ -166,8 +168,10 @@ typedef enum idem_outcome {
 
 typedef struct idem_reply {
     idem_outcome   outcome;
-    int            status;          /* handler's or stored status; 409 for IN_PROGRESS; 422 for MISMATCH */
-    unsigned char *body;            /* owned by the reply; NUL-terminated; NULL when there is none */
+    int            status;          /* handler's or stored status; 409 for IN_PROGRESS; 422 for
+                                       MISMATCH; for FAILED what the handler set, else 500 */
+    unsigned char *body;            /* owned by the reply; NUL-terminated; NULL when there is none.
+                                       FAILED: what the handler set (never stored) */
     size_t         body_len;
     uint32_t       retry_after_ms;  /* IN_PROGRESS only: time left on the holder's lease */
     int            handler_error;   /* FAILED only: the handler's return value */
@@ -205,10 +209,13 @@ typedef int (*idem_handler)(void *arg, idem_response *resp);
  * Returns IDEM_OK with reply->outcome set to one of idem_outcome, or:
  *   IDEM_EINVAL    NULL layer, req, fn or reply; key empty or longer than
  *                  max_key_len; NULL key or fingerprint pointer with a length
- *   IDEM_EBACKEND  the store failed before the handler ran (nothing ran), or
- *                  the handler succeeded and its response could not be stored
+ *   IDEM_EBACKEND  the store failed before the handler ran (nothing ran; a
+ *                  claim that timed out may still reach the store, and then
+ *                  retries get IDEM_IN_PROGRESS until its lease ends), or the
+ *                  handler succeeded and its response could not be stored
  *                  within the lease: then reply holds IDEM_EXECUTED and the
- *                  response, and the key stays claimed until the lease ends
+ *                  response (answer with it: the work is done), and the key
+ *                  stays claimed until the lease ends
  *   IDEM_ECORRUPT  the store holds, under this key, a record this library did
  *                  not write; nothing ran
  *   IDEM_ELOST     the handler ran longer than the lease, another request took
@@ -229,7 +236,8 @@ typedef struct idem_claim idem_claim;
 /*
  * Claim the key of req.
  *   IDEM_OK, *claim != NULL: the caller holds the key and must call
- *       idem_commit() or idem_abort(), which free the claim.
+ *       idem_commit() or idem_abort(), which free the claim (the pointer is
+ *       dangling afterwards); reply is left zeroed.
  *   IDEM_OK, *claim == NULL: reply holds IDEM_REPLAYED, IDEM_IN_PROGRESS or
  *       IDEM_MISMATCH.
  * Errors are those of idem_run() before the handler runs; *claim is NULL.
