@@ -105,9 +105,9 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
      * plus key ("t1:" + "x" against "t1" + ":x"), so layers never meet. */
     const char *colon = strchr(o.key_prefix, ':');
     if (plen < 2 || colon != o.key_prefix + plen - 1)
-        return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix must be a name and one ':' at its "
-                              "end, e.g. \"orders:\" or \"shop-{eu}:\", so that two prefixes never make "
-                              "the same store key");
+        return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix must be 2 to 255 bytes: any bytes "
+                              "but ':', then one ':' (e.g. \"orders:\" or \"shop-{eu}:\"), so that two "
+                              "prefixes never make the same store key");
     idem_layer *l = calloc(1, sizeof *l);
     if (!l || !(l->prefix = strdup(o.key_prefix))) {
         free(l);
