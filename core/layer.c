@@ -506,12 +506,9 @@ int idem_extend(idem_claim *c, uint32_t lease_ms)
     idem_record next = c->rec;
     uint64_t lease_end = mono_ms() + lease_ms;
     next.deadline_ms = idem_now_ms() + lease_ms;
-    uint8_t *enc;
-    size_t enc_len;
-    if ((rc = idem__record_encode(&next, &enc, &enc_len)))
-        return idem_error_set(rc, "out of memory encoding a claim");
-    rc = l->store->ops->extend(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len, lease_ms);
-    free(enc);
+    uint8_t enc[IDEM_RECORD_HEADER_LEN]; /* a STARTED record is the header alone, as in idem_begin() */
+    idem__record_write(&next, enc);
+    rc = l->store->ops->extend(l->store->state, c->key, c->key_len, c->rec.token, enc, sizeof enc, lease_ms);
     if (rc == IDEM_OK) {
         c->rec.deadline_ms = next.deadline_ms;
         c->lease_end = lease_end;
