@@ -8,6 +8,7 @@
  * of the input.
  */
 #include <ctype.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,6 +35,23 @@ static char *raw_password(const char *s)
     if (!colon || at - colon - 1 < 6) /* short ones would match by chance */
         return NULL;
     return strndup(colon + 1, (size_t)(at - colon - 1));
+}
+
+/* Does pw stand in the message even when the input's password is another
+ * string of the same length? Then it is the message's own wording (the
+ * usage hint says "[:password@]"), not the input's password. */
+static bool in_fixed_text(const char *s, const char *pw)
+{
+    char *other = strdup(s);
+    if (!other)
+        return false;
+    char *at = strstr(other, pw);
+    memset(at, 'x', strlen(pw));
+    idem_url *u = NULL;
+    bool fixed = idem_url_parse(&u, other) != IDEM_OK && strstr(idem_last_error(), pw) != NULL;
+    idem_url_free(u);
+    free(other);
+    return fixed;
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -74,7 +92,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (u != NULL || idem_last_error()[0] == '\0')
             abort();
         char *pw = raw_password(s);
-        if (pw && strstr(idem_last_error(), pw))
+        if (pw && strstr(idem_last_error(), pw) && !in_fixed_text(s, pw))
             abort(); /* the message repeats the password */
         free(pw);
     }
