@@ -20,6 +20,9 @@ struct idem_store {
     unsigned            fork_generation; /* idem__fork_generation() at open */
 };
 
+/* Does driver table b have member m, which version v of the table added? */
+#define IDEM_HAS(b, v, m) ((b)->version >= (v) && (b)->m != NULL)
+
 /* ---- error.c ---- */
 void idem__error_clear(void);
 
@@ -31,6 +34,14 @@ extern const idem_backend *const idem__builtin_backends[];
 const char *idem__missing_backend_hint(const char *scheme);
 
 /* ---- layer.c ---- */
+#define IDEM_MAX_SCOPE_LEN 255
+#define IDEM_SCOPE_TAG_LEN 33      /* '#', 32 hex digits, ':' in place of the prefix's ':' */
+/* The store key of (scope, key) in layer l, into out (IDEM_MAX_STORE_KEY_LEN
+ * bytes); scope NULL for none. Arguments already checked. IDEM_OK, or
+ * IDEM_ENOMEM when the digest failed. */
+int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, const void *key,
+                    size_t key_len, uint8_t *out, size_t *out_len);
+idem_store *idem__layer_store(const idem_layer *l);
 /* Random bytes from getrandom(), buffered per thread and never repeated
  * across fork(). IDEM_OK or IDEM_EBACKEND. */
 int idem__random_bytes(uint8_t *buf, size_t len);

@@ -349,7 +349,61 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
     return IDEM_OK;
 }
 
+static int check_scope(const void *scope, size_t scope_len)
+{
+    if (!scope && scope_len)
+        return idem_error_set(IDEM_EINVAL, "scope is NULL but its length is %zu", scope_len);
+    if (scope && scope_len == 0)
+        return idem_error_set(IDEM_EINVAL, "scope is empty; give 1 to %d bytes, or NULL for none",
+                              IDEM_MAX_SCOPE_LEN);
+    if (scope_len > IDEM_MAX_SCOPE_LEN)
+        return idem_error_set(IDEM_EINVAL, "scope is %zu bytes; the limit is %d", scope_len,
+                              IDEM_MAX_SCOPE_LEN);
+    return IDEM_OK;
+}
+
+/* prefix + key, or, with a scope, the prefix's name + '#' + 32 hex digits of
+ * SHA-256(scope) + ':' + key. A prefix holds one ':', at its end, so a
+ * scoped store key can only meet the store keys of a layer whose prefix is
+ * literally "name#<those digits>:", never a client's key. */
+int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, const void *key,
+                    size_t key_len, uint8_t *out, size_t *out_len)
+{
+    size_t n = 0;
+    if (scope) {
+        uint8_t digest[IDEM_DIGEST_LEN];
+        int rc = idem__digest(scope, scope_len, digest);
+        if (rc)
+            return rc;
+        memcpy(out, l->prefix, l->prefix_len - 1);
+        n = l->prefix_len - 1;
+        out[n++] = '#';
+        for (int i = 0; i < (IDEM_SCOPE_TAG_LEN - 2) / 2; i++) {
+            out[n++] = "0123456789abcdef"[digest[i] >> 4];
+            out[n++] = "0123456789abcdef"[digest[i] & 15];
+        }
+        out[n++] = ':';
+    } else {
+        memcpy(out, l->prefix, l->prefix_len);
+        n = l->prefix_len;
+    }
+    memcpy(out + n, key, key_len);
+    *out_len = n + key_len;
+    return IDEM_OK;
+}
+
+idem_store *idem__layer_store(const idem_layer *l)
+{
+    return l->store;
+}
+
 int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_reply *reply)
+{
+    return idem_begin_scoped(l, NULL, 0, req, out, reply);
+}
+
+int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const idem_request *req,
+                      idem_claim **out, idem_reply *reply)
 {
     idem__error_clear();
     if (out)
@@ -359,16 +413,18 @@ int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_re
     idem_reply_clear(reply);
     int rc = check_request(l, req);
     if (rc == IDEM_OK)
+        rc = check_scope(scope, scope_len);
+    if (rc == IDEM_OK)
         rc = check_process(l->store);
     if (rc)
         return rc;
 
     /* Key and record are built on the stack: a claim is allocated only
      * when it wins, so a duplicate costs no allocation of ours but its reply. */
-    uint8_t key[IDEM_MAX_PREFIX_LEN + MAX_KEY_LEN_LIMIT];
-    size_t key_len = l->prefix_len + req->key_len;
-    memcpy(key, l->prefix, l->prefix_len);
-    memcpy(key + l->prefix_len, req->key, req->key_len);
+    uint8_t key[IDEM_MAX_STORE_KEY_LEN];
+    size_t key_len;
+    if ((rc = idem__store_key(l, scope, scope_len, req->key, req->key_len, key, &key_len)))
+        return rc;
     idem_record rec = {.state = IDEM_STATE_STARTED, .has_fingerprint = req->fingerprint != NULL};
     if (rec.has_fingerprint)
         rc = idem__digest(req->fingerprint, req->fingerprint_len, rec.digest);
@@ -524,12 +580,18 @@ int idem_extend(idem_claim *c, uint32_t lease_ms)
 
 int idem_run(idem_layer *l, const idem_request *req, idem_handler fn, void *arg, idem_reply *reply)
 {
+    return idem_run_scoped(l, NULL, 0, req, fn, arg, reply);
+}
+
+int idem_run_scoped(idem_layer *l, const void *scope, size_t scope_len, const idem_request *req,
+                    idem_handler fn, void *arg, idem_reply *reply)
+{
     idem_claim *c;
     if (!fn) {
         idem_reply_clear(reply);
         return idem_error_set(IDEM_EINVAL, "idem_run: handler is NULL");
     }
-    int rc = idem_begin(l, req, &c, reply);
+    int rc = idem_begin_scoped(l, scope, scope_len, req, &c, reply);
     if (rc || !c)
         return rc;
 

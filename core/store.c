@@ -47,14 +47,14 @@ static int check_table(const idem_backend *b)
 {
     if (!b)
         return idem_error_set(IDEM_EINVAL, "driver table is NULL");
-    if (b->version != IDEM_BACKEND_VERSION)
+    if (b->version < 1 || b->version > IDEM_BACKEND_VERSION)
         return idem_error_set(IDEM_EINVAL,
-                              "driver table has version %u but this library speaks version %u; "
+                              "driver table has version %u but this library speaks versions 1 to %u; "
                               "rebuild the driver against this <idempotency/backend.h>",
                               b->version, IDEM_BACKEND_VERSION);
     if (!b->name || !b->name[0])
         return idem_error_set(IDEM_EINVAL, "driver table has no name");
-    const char *missing = !b->open ? "open" : !b->close ? "close" : !b->claim ? "claim"
+    const char *missing = !b->open && !IDEM_HAS(b, 2, open_ex) ? "open" : !b->close ? "close" : !b->claim ? "claim"
                         : !b->commit ? "commit" : !b->release ? "release" : !b->extend ? "extend"
                         : NULL;
     if (missing)
@@ -70,7 +70,7 @@ static int open_with(idem_store **out, const idem_backend *b, const idem_url *ur
         return idem_error_set(IDEM_ENOMEM, "out of memory opening a %s store", b->name);
     s->ops = b;
     s->fork_generation = idem__fork_generation();
-    int rc = b->open(&s->state, url);
+    int rc = IDEM_HAS(b, 2, open_ex) ? b->open_ex(&s->state, url, b) : b->open(&s->state, url);
     if (rc) {
         free(s);
         if (rc > 0 || idem_last_error()[0] == '\0')
@@ -97,6 +97,14 @@ int idem_store_open_backend(idem_store **out, const idem_backend *backend, const
     rc = open_with(out, backend, u);
     idem_url_free(u);
     return rc;
+}
+
+const idem_backend *idem_backend_find(const char *name)
+{
+    for (size_t i = 0; name && idem__builtin_backends[i]; i++)
+        if (strcmp(idem__builtin_backends[i]->name, name) == 0)
+            return idem__builtin_backends[i];
+    return NULL;
 }
 
 const char *idem__missing_backend_hint(const char *scheme)

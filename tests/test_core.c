@@ -1975,3 +1975,32 @@ Test(core, failed_reply_carries_the_handlers_response_and_message_but_stores_not
     cr_assert_eq(fake_key_state("k"), 0, "a failed handler leaves no record");
     idem_reply_clear(&r);
 }
+
+Test(core, scopes_keep_the_same_key_apart_and_do_not_count_against_max_key_len)
+{
+    cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
+    idem_options o;
+    idem_options_init(&o);
+    o.max_key_len = 4;
+    cr_assert_eq(idem_layer_new(&layer, store, &o), IDEM_OK);
+    idem_request req = {.key = "k123", .key_len = 4};
+    idem_reply r = {0};
+    job a = job_ok(201, "a", 1), b = job_ok(201, "b", 1), c = job_ok(201, "c", 1);
+    cr_assert_eq(idem_run_scoped(layer, "acct_1", 6, &req, handler, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(idem_run_scoped(layer, "acct_2", 6, &req, handler, &b, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_EXECUTED, "another scope met the first one's record");
+    cr_assert_eq(idem_run(layer, &req, handler, &c, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_EXECUTED, "a key without scope met a scoped record");
+    cr_assert_eq(idem_run_scoped(layer, "acct_1", 6, &req, handler, &c, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_eq(r.body[0], 'a');
+    idem_reply_clear(&r);
+    char big[256];
+    memset(big, 's', sizeof big);
+    cr_assert_eq(idem_run_scoped(layer, big, 255, &req, handler, &c, &r), IDEM_OK, "255-byte scope");
+    cr_assert_eq(idem_run_scoped(layer, big, 256, &req, handler, &c, &r), IDEM_EINVAL);
+    cr_assert_eq(idem_run_scoped(layer, "", 0, &req, handler, &c, &r), IDEM_EINVAL);
+    cr_assert_eq(idem_run_scoped(layer, NULL, 3, &req, handler, &c, &r), IDEM_EINVAL);
+    idem_reply_clear(&r);
+}

@@ -16,6 +16,7 @@
 #define IDEMPOTENCY_BACKEND_H
 
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -127,16 +128,105 @@ IDEM_API int idem_error_set(int err, const char *fmt, ...) __attribute__((format
 IDEM_API int idem_error_setv(int err, const char *fmt, va_list ap);
 
 /* ------------------------------------------------------------------------ */
+/* Pieces every driver shares (version 2 of this header)                    */
+/* ------------------------------------------------------------------------ */
+
+/* Set the calling thread's message to "<where>: <what>: <detail>" and return
+ * err, where detail is formatted from fmt. where names the driver and the
+ * server ("redis 127.0.0.1:6379", "sqlite /var/lib/app/idem.db"), what the
+ * operation ("claiming a key"). Never truncated. */
+IDEM_API int idem_driver_error(int err, const char *where, const char *what, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* IDEM_OK when every query parameter of url is named in known (a
+ * NULL-terminated list); else IDEM_EINVAL with a message that names the
+ * driver, the unknown parameter and the known ones. */
+IDEM_API int idem_url_check_params(const idem_url *url, const char *driver, const char *const *known);
+
+/* Copy len bytes of src into a new buffer that the core frees: how a driver
+ * hands back *existing from claim and *record from read. IDEM_OK, or
+ * IDEM_ENOMEM with a message naming driver. len 0 gives a valid 1-byte
+ * allocation. */
+IDEM_API int idem_record_dup(const char *driver, const void *src, size_t len, void **out,
+                             size_t *out_len);
+
+/*
+ * A pool of connections to one server, for drivers whose connections are
+ * not thread-safe (hiredis contexts, libpq and SQLite connections).
+ *
+ * The pool keeps idle connections and hands one to each caller; a caller
+ * that finds its connection broken says so when it gives it back, and the
+ * pool then closes it and every idle one (they talk to the same server,
+ * which most likely went away or restarted). Idle connections beyond
+ * max_idle, or unused for idle_ms, are closed, so a burst of threads does
+ * not keep its connections open for ever. Thread-safe.
+ */
+typedef struct idem_pool idem_pool;
+
+typedef struct idem_pool_config {
+    void  *ctx;                                /* passed to connect and disconnect */
+    /* Make a new connection: IDEM_OK and *conn, or an error with a message. */
+    int  (*connect)(void *ctx, void **conn);
+    /* Close a connection. Must not fail. */
+    void (*disconnect)(void *ctx, void *conn);
+    unsigned max_idle;                         /* 0: 64 */
+    unsigned idle_ms;                          /* 0: 60000 */
+} idem_pool_config;
+
+/* How a connection came out of one use. */
+typedef enum idem_conn_state {
+    IDEM_CONN_OK = 0,   /* healthy: back to the idle list */
+    IDEM_CONN_BROKEN,   /* I/O error, timeout, protocol error: close it and the idle ones */
+    IDEM_CONN_STALE     /* closed by the server before this use sent anything that could
+                           have changed the store (it restarted while the connection sat
+                           idle): close it and the idle ones, and idem_pool_run() retries
+                           once on a new connection */
+} idem_conn_state;
+
+/* Make a pool; cfg is copied. Errors: IDEM_EINVAL, IDEM_ENOMEM. No
+ * connection is made until the first use. */
+IDEM_API int  idem_pool_new(idem_pool **out, const idem_pool_config *cfg);
+/* Close every idle connection and free the pool. No connection may be out. */
+IDEM_API void idem_pool_free(idem_pool *pool);
+
+/* Take a connection: an idle one (*fresh false) or a new one (*fresh true).
+ * Errors are those of cfg->connect. */
+IDEM_API int  idem_pool_get(idem_pool *pool, void **conn, bool *fresh);
+/* Give back a connection taken with idem_pool_get(), saying how it is. */
+IDEM_API void idem_pool_put(idem_pool *pool, void *conn, idem_conn_state state);
+
+/* One use of a connection: returns an IDEM_* code and sets *state. */
+typedef int (*idem_pool_fn)(void *conn, void *arg, idem_conn_state *state);
+
+/* Take a connection, run fn on it, give it back as fn says. When fn reports
+ * IDEM_CONN_STALE on a pooled connection, fn runs once more on a new one:
+ * the retry-once policy every built-in driver follows. fn may therefore run
+ * twice and must be safe to. Returns fn's code (or cfg->connect's). */
+IDEM_API int  idem_pool_run(idem_pool *pool, idem_pool_fn fn, void *arg);
+
+/* ------------------------------------------------------------------------ */
 /* The driver table                                                         */
 /* ------------------------------------------------------------------------ */
 
-#define IDEM_BACKEND_VERSION 1
+/*
+ * The version of the table this header describes. The core accepts every
+ * version from 1 to this one: a driver built against an older header keeps
+ * working. It calls a member of version N only when the table's version is
+ * at least N and the member is not NULL, and falls back as each member says
+ * otherwise. The version grows by one with every change to the table.
+ */
+#define IDEM_BACKEND_VERSION 2
+
+/* The longest store key a driver is given: a prefix (255), a scope tag (33)
+ * and a key (1024). */
+#define IDEM_MAX_STORE_KEY_LEN 1312
 
 /*
  * Rules for every operation:
- *   - key/key_len is the full store key (the layer's prefix and the user's
- *     key): any bytes, NUL included, at most 1279 bytes. A driver whose store
- *     restricts keys must encode them so that distinct keys never collide.
+ *   - key/key_len is the full store key (the layer's prefix, a scope tag when
+ *     the request has a scope, and the user's key): any bytes, NUL included,
+ *     at most IDEM_MAX_STORE_KEY_LEN bytes. A driver whose store restricts
+ *     keys must encode them so that distinct keys never collide.
  *   - Each operation must be atomic on its key against every other operation
  *     on the same key, from any thread, process or host using the same store.
  *   - A driver must be thread-safe: the core calls one state from many
@@ -148,8 +238,11 @@ IDEM_API int idem_error_setv(int err, const char *fmt, va_list ap);
  *   - "Expired" means: a STARTED record past its lease, or a COMPLETED record
  *     past its ttl. An expired record must be treated exactly as no record.
  */
-typedef struct idem_backend {
-    /* Must be IDEM_BACKEND_VERSION of the header the driver was built with. */
+typedef struct idem_backend idem_backend;
+
+struct idem_backend {
+    /* IDEM_BACKEND_VERSION of the header the driver was built with (1 or
+     * more). */
     unsigned int version;
 
     /* Short lower-case name, e.g. "redis"; a URL whose scheme is this name,
@@ -159,7 +252,8 @@ typedef struct idem_backend {
     /* ---- version 1: all mandatory unless marked optional ---- */
 
     /* Connect and prepare. On success *state is the driver's own object,
-     * passed to every other call. url stays valid only during the call. */
+     * passed to every other call. url stays valid only during the call.
+     * Mandatory unless open_ex (version 2) is given. */
     int (*open)(void **state, const idem_url *url);
 
     /* Release everything. No other call is in flight. */
@@ -169,11 +263,11 @@ typedef struct idem_backend {
      * Store record under key with an expiry of lease_ms if there is no
      * unexpired record there. Then *existing is left {NULL, 0}.
      * Otherwise leave the store unchanged and return the existing record in
-     * *existing (bytes from malloc(), which the core frees with free()), and
-     * in *remaining_ms the time left before it expires by the store's
-     * clock, or UINT32_MAX when the store cannot tell (the core then uses
-     * the deadline in the record). Both in one round trip where the store
-     * allows it.
+     * *existing (bytes from idem_record_dup() or malloc(), which the core
+     * frees with free()), and in *remaining_ms the time left before it
+     * expires by the store's clock, or UINT32_MAX when the store cannot tell
+     * (the core then uses the deadline in the record). Both in one round
+     * trip where the store allows it.
      */
     int (*claim)(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
                  uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms);
@@ -203,12 +297,42 @@ typedef struct idem_backend {
     /* Optional (NULL: no limit). The largest record the store accepts, in
      * bytes; the core refuses larger responses with IDEM_ETOOBIG up front. */
     size_t (*max_record_len)(void *state);
-} idem_backend;
 
-/* Open a store on a driver of your own. The table is checked: a wrong
- * version or a missing mandatory function is IDEM_EINVAL. The table must
- * outlive the store. Other errors as idem_store_open(). */
+    /* ---- version 2: all optional ---- */
+
+    /* The caller's own pointer, for the driver to read in open_ex(): how a
+     * driver of one's own is configured without globals, or how a wrapper
+     * reaches the table it wraps. The core never looks at it. */
+    void *app_data;
+
+    /* Like open, and called instead of it when set, with the table the store
+     * is being opened with (so self->app_data is at hand). */
+    int (*open_ex)(void **state, const idem_url *url, const idem_backend *self);
+
+    /* Read the record under key without changing anything. An unexpired
+     * record: IDEM_OK, *record (as *existing of claim) and *remaining_ms
+     * (as in claim). None, or an expired one: IDEM_OK and *record NULL.
+     * NULL member: the store cannot be inspected (IDEM_EUNSUPPORTED). */
+    int (*read)(void *state, const void *key, size_t key_len, void **record, size_t *record_len,
+                uint32_t *remaining_ms);
+
+    /* Delete whatever is under key, whoever wrote it (an operator's tool,
+     * never the request path). IDEM_OK and *deleted true when there was
+     * something, false when there was nothing. NULL member:
+     * IDEM_EUNSUPPORTED. */
+    int (*remove)(void *state, const void *key, size_t key_len, bool *deleted);
+};
+
+/* Open a store on a driver of your own. The table is checked: a version
+ * outside 1..IDEM_BACKEND_VERSION or a missing mandatory function is
+ * IDEM_EINVAL. The table must outlive the store. Other errors as
+ * idem_store_open(). */
 IDEM_API int idem_store_open_backend(idem_store **out, const idem_backend *backend, const char *url);
+
+/* The built-in driver called name ("sqlite", "redis", ...), or NULL when it
+ * is not built in: to wrap it (tracing, fault injection) in a table of one's
+ * own instead of copying it. The table is static. */
+IDEM_API const idem_backend *idem_backend_find(const char *name);
 
 #ifdef __cplusplus
 }

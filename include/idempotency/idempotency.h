@@ -16,6 +16,7 @@
 #ifndef IDEMPOTENCY_IDEMPOTENCY_H
 #define IDEMPOTENCY_IDEMPOTENCY_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -119,10 +120,17 @@ typedef struct idem_options {
     size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
     size_t      max_response_len;  /* largest accepted response body; default 1 MiB (0: only
                                       empty bodies) */
+    /* ---- since 0.2 ---- */
+    size_t      cache_bytes;       /* memory for a local cache of COMPLETED responses, replayed
+                                      with no round trip; default 0: no cache */
+    bool        auto_extend;       /* renew the lease of a handler run by idem_run() while it
+                                      runs; default false */
+    uint32_t    commit_timeout_ms; /* how long idem_run() and idem_commit() retry a failed
+                                      commit; default 0: until the lease nearly ends */
     /* Later versions take new fields from this space, so the struct keeps
      * its size; idem_options_init() fills them all, so always call it before
      * setting fields of your own. */
-    uint64_t    reserved_[8];
+    uint64_t    reserved_[6];
 } idem_options;
 
 /* Fill *opts with the defaults above. NULL is a no-op. */
@@ -246,6 +254,19 @@ IDEM_API int idem_begin(idem_layer *layer, const idem_request *req, idem_claim *
                         idem_reply *reply);
 
 /*
+ * Scopes. A scope (a tenant, an account, an API client: any bytes, 1 to 255)
+ * keeps keys apart: the same key in two scopes names two records, and a key
+ * without a scope never meets a scoped one. The scope does not count against
+ * max_key_len: the store key holds 128 bits of its SHA-256, not the scope.
+ * These behave as idem_run() and idem_begin(); scope NULL with scope_len 0
+ * is no scope. IDEM_EINVAL also for an empty or over-long scope.
+ */
+IDEM_API int idem_run_scoped(idem_layer *layer, const void *scope, size_t scope_len,
+                             const idem_request *req, idem_handler fn, void *arg, idem_reply *reply);
+IDEM_API int idem_begin_scoped(idem_layer *layer, const void *scope, size_t scope_len,
+                               const idem_request *req, idem_claim **claim, idem_reply *reply);
+
+/*
  * Store the response and free the claim. A store error is retried within
  * the lease before it is returned.
  *   IDEM_OK      stored; the claim is freed
@@ -285,7 +306,12 @@ typedef struct idem_stats {
     uint64_t failed;         /* failed handlers and idem_abort() calls */
     uint64_t lost;           /* claims found taken over (IDEM_ELOST) */
     uint64_t backend_errors; /* store calls that failed, retries included */
-    uint64_t reserved_[9];   /* room for counters of later versions; zero */
+    /* ---- since 0.2 ---- */
+    uint64_t unstored;       /* handlers that succeeded but whose response could not be stored */
+    uint64_t extended;       /* lease renewals that succeeded (idem_extend() and auto_extend) */
+    uint64_t claims_freed;   /* claims whose reply was lost, freed later by the layer */
+    uint64_t cache_hits;     /* replays answered from the local cache, no round trip */
+    uint64_t reserved_[5];   /* room for counters of later versions; zero */
 } idem_stats;
 
 /* Counters since idem_layer_new(), read without locking (each is exact; the
