@@ -1693,6 +1693,7 @@ Test(core, strerror_and_error_name_cover_every_code_and_an_unknown_one)
         {IDEM_ENOMEM, "IDEM_ENOMEM"},   {IDEM_EBACKEND, "IDEM_EBACKEND"},
         {IDEM_ELOST, "IDEM_ELOST"},     {IDEM_ECORRUPT, "IDEM_ECORRUPT"},
         {IDEM_ETOOBIG, "IDEM_ETOOBIG"}, {IDEM_EUNSUPPORTED, "IDEM_EUNSUPPORTED"},
+        {IDEM_EKEY, "IDEM_EKEY"},
     };
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) {
         cr_assert_eq(all[i].code, -(int)i, "codes are 0, -1, -2, ... in order");
@@ -1703,7 +1704,7 @@ Test(core, strerror_and_error_name_cover_every_code_and_an_unknown_one)
         for (size_t k = 0; k < i; k++)
             cr_assert_str_neq(m, idem_strerror(all[k].code), "two codes share a message");
     }
-    const int unknown[] = {1, -8, -100, INT_MIN, INT_MAX};
+    const int unknown[] = {1, -(int)(sizeof all / sizeof all[0]), -100, INT_MIN, INT_MAX};
     for (size_t i = 0; i < sizeof unknown / sizeof unknown[0]; i++) {
         cr_assert_str_eq(idem_strerror(unknown[i]), "unknown error");
         cr_assert_str_eq(idem_error_name(unknown[i]), "IDEM_UNKNOWN");
