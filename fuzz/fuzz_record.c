@@ -56,6 +56,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 (rec.has_fingerprint && memcmp(again.digest, rec.digest, IDEM_DIGEST_LEN) != 0) ||
                 again.status != rec.status || again.body_len != rec.body_len ||
                 (rec.body_len && memcmp(again.body, rec.body, rec.body_len) != 0) ||
+                again.nheaders != rec.nheaders || again.fields_len != rec.fields_len ||
+                (rec.fields_len && memcmp(again.fields, rec.fields, rec.fields_len) != 0) ||
                 (rec.state == IDEM_STATE_STARTED && again.deadline_ms != rec.deadline_ms))
                 abort(); /* encode and decode disagree */
             free(enc);
