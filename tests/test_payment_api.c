@@ -453,7 +453,10 @@ Test(payment_api_store_down, a_store_killed_mid_run_is_503_then_service_resumes_
     answer_free(&c);
 }
 
-Test(payment_api_store_down, a_store_down_at_start_is_503_until_it_comes_up, .init = setup_store)
+/* The servers start while the store is down. */
+TestSuite(payment_api_store_down_at_start, .init = setup_store, .fini = teardown, .timeout = 120);
+
+Test(payment_api_store_down_at_start, is_503_until_the_store_comes_up)
 {
     idem_test_server_kill(&srv, 0);
     api_start(0);
