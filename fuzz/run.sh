@@ -4,7 +4,7 @@
 # corpus.
 #
 #   fuzz/run.sh [SECONDS]        seconds per target; default $FUZZ_SECONDS or 60
-#   FUZZ_TARGETS="url"           run only these targets (default: record url)
+#   FUZZ_TARGETS="url"           run only these targets (default: record url http)
 #   FUZZ_BUILD=dir               where binaries, corpora and crashes go
 #                                (default build-fuzz)
 #
@@ -17,7 +17,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 seconds=${1:-${FUZZ_SECONDS:-60}}
-targets=${FUZZ_TARGETS:-record url}
+targets=${FUZZ_TARGETS:-record url http}
 out=${FUZZ_BUILD:-build-fuzz}
 cc=${CLANG:-clang}
 
@@ -28,7 +28,7 @@ fi
 mkdir -p "$out/artifacts"
 flags="-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -Wno-missing-field-initializers -Iinclude -Icore"
-core="core/error.c core/record.c core/url.c"
+core="core/error.c core/http.c core/record.c core/url.c"
 
 status=0
 for t in $targets; do
