@@ -2,6 +2,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <idempotency/http.h>
 #include <idempotency/idempotency.h>
 
 static int hello(void *arg, idem_response *resp)
@@ -19,7 +20,10 @@ int main(int argc, char *argv[])
     if (argc != 2 || idem_store_open(&store, argv[1]) || idem_layer_new(&layer, store, NULL))
         return fprintf(stderr, "hello: %s\n", idem_last_error()), 2;
     int rc = idem_run(layer, &req, hello, NULL, &reply);
-    int ok = rc == IDEM_OK && reply.status == 200 && strcmp((char *)reply.body, "hello") == 0;
+    idem_http_answer ans = {0};
+    int ok = rc == IDEM_OK && reply.status == 200 && strcmp((char *)reply.body, "hello") == 0 &&
+             idem_http_answer_make(&ans, rc, &reply) == IDEM_OK && ans.status == 200;
+    idem_http_answer_clear(&ans);
     printf("%s: %s\n", idem_error_name(rc), ok ? (char *)reply.body : idem_last_error());
     idem_reply_clear(&reply);
     idem_layer_free(layer);
