@@ -5,7 +5,8 @@
  *
  *   POST /payments    body {"amount": N}, header Idempotency-Key: "..."
  *                     201, Location: /payments/<id>, {"id":..,"amount":N,"charged_by":NAME}
- *   GET  /stats       {"name":NAME,"charges":N}: the charges this process made
+ *   GET  /stats       {"name":NAME,"charges":N,"running":M}: charges this process
+ *                     made, and charges under way
  *
  * Demo switches, as request headers: X-Demo-Delay-Ms: N (the charge takes N
  * ms), X-Demo-Fail: 1 (the card processor fails: nothing charged, 503).
@@ -39,6 +40,7 @@
 static const char *name = "payment_api";
 static bool        layer_off;            /* --no-idempotency: the benchmark's baseline */
 static atomic_long charges;               /* payments this process made */
+static atomic_long running;               /* charges under way right now */
 
 /* The store, opened again in the background of requests while it is down
  * at start: the server never exits on a store failure. */
@@ -100,20 +102,24 @@ typedef struct receipt {
  * charged; else the charge is made and described in *r. */
 static bool card_charge(const payment *p, receipt *r)
 {
+    atomic_fetch_add(&running, 1);
     if (p->delay_ms) {
         struct timespec ts = {p->delay_ms / 1000, (p->delay_ms % 1000) * 1000000L};
         while (nanosleep(&ts, &ts) != 0)
             ;
     }
     uint8_t rnd[8];
-    if (p->fail || getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd)
+    if (p->fail || getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd) {
+        atomic_fetch_sub(&running, 1);
         return false;
+    }
     snprintf(r->id, sizeof r->id, "pay_%02x%02x%02x%02x%02x%02x%02x%02x", rnd[0], rnd[1], rnd[2],
              rnd[3], rnd[4], rnd[5], rnd[6], rnd[7]);
     snprintf(r->location, sizeof r->location, "/payments/%s", r->id);
     r->body_len = snprintf(r->body, sizeof r->body, "{\"id\":\"%s\",\"amount\":%lld,\"charged_by\":\"%s\"}",
                            r->id, p->amount, name);
     atomic_fetch_add(&charges, 1); /* the charge itself */
+    atomic_fetch_sub(&running, 1);
     return true;
 }
 
@@ -284,8 +290,8 @@ static enum MHD_Result post_payment(struct MHD_Connection *conn, const char *url
 static enum MHD_Result get_stats(struct MHD_Connection *conn)
 {
     char body[160];
-    int n = snprintf(body, sizeof body, "{\"name\":\"%s\",\"charges\":%ld}", name,
-                     atomic_load(&charges));
+    int n = snprintf(body, sizeof body, "{\"name\":\"%s\",\"charges\":%ld,\"running\":%ld}", name,
+                     atomic_load(&charges), atomic_load(&running));
     idem_header h[] = {{"Content-Type", "application/json"}};
     idem_http_answer ans = {.status = 200, .headers = h, .nheaders = 1,
                             .body = (const unsigned char *)body, .body_len = (size_t)n};
@@ -360,7 +366,8 @@ static void usage(FILE *f)
           "                  Request headers for the demo: X-Demo-Delay-Ms: N (the charge takes\n"
           "                  N ms), X-Demo-Fail: 1 (the card processor fails: nothing charged,\n"
           "                  503, the key is freed for a retry).\n"
-          "  GET /stats      {\"name\": NAME, \"charges\": N}: charges this process made\n"
+          "  GET /stats      {\"name\": NAME, \"charges\": N, \"running\": M}: charges this\n"
+          "                  process made, and charges under way\n"
           "\n"
           "  --backend NAME  sqlite (default; $TMPDIR/payment_api.db), redis (redis://127.0.0.1:6379),\n"
           "                  memcached (memcached://127.0.0.1:11211), memory (memory://, this\n"

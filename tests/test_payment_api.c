@@ -169,7 +169,14 @@ static answer post_key(int i, const char *key_line, const char *body)
     return post(i, body, extra);
 }
 
+static long stat(int i, const char *what);
+
 static long charges(int i)
+{
+    return stat(i, "charges");
+}
+
+static long stat(int i, const char *what)
 {
     CURL *c = curl_easy_init();
     answer a = {0};
@@ -182,9 +189,11 @@ static long charges(int i)
     curl_easy_setopt(c, CURLOPT_TIMEOUT, 30L);
     cr_assert_eq(curl_easy_perform(c), CURLE_OK);
     curl_easy_cleanup(c);
-    const char *n = a.body ? strstr(a.body, "\"charges\":") : NULL;
+    char member[32];
+    snprintf(member, sizeof member, "\"%s\":", what);
+    const char *n = a.body ? strstr(a.body, member) : NULL;
     cr_assert(n, "stats: %s", a.body ? a.body : "");
-    long v = strtol(n + 10, NULL, 10);
+    long v = strtol(n + strlen(member), NULL, 10);
     free(a.body);
     return v;
 }
@@ -281,15 +290,12 @@ Test(payment_api, a_duplicate_while_the_first_runs_is_409_with_retry_after)
     slow_post s = {.to = 0, .key_line = "Idempotency-Key: \"order-3\""};
     pthread_t t;
     pthread_create(&t, NULL, slow, &s);
-    /* the charge takes 3 s: wait until alpha has claimed the key */
-    answer d = {0};
-    for (int tries = 0; tries < 100; tries++) {
-        wait_ms(50);
-        d = post_key(1, "Idempotency-Key: \"order-3\"", "{\"amount\": 7}");
-        if (d.status == 409)
-            break;
-        answer_free(&d);
+    /* the charge takes 3 s: wait until alpha runs it (it holds the key) */
+    for (int waited = 0; stat(0, "running") == 0; waited += 20) {
+        cr_assert(waited < 20000, "alpha never started the charge");
+        wait_ms(20);
     }
+    answer d = post_key(1, "Idempotency-Key: \"order-3\"", "{\"amount\": 7}");
     assert_problem(&d, 409);
     char v[64];
     cr_assert(field(&d, "Retry-After", v, sizeof v), "409 carries Retry-After");
