@@ -114,7 +114,8 @@ int idem__headers_check(const idem_header *h, size_t n, size_t *fields_len)
         size_t nl = strlen(h[i].name), vl = strlen(h[i].value);
         if (!idem__header_name_ok(h[i].name, nl))
             return idem_error_set(IDEM_EINVAL, "header field %zu: a name must be 1 to %d letters, "
-                                  "digits or !#$%%&'*+-.^_`|~ (an RFC 9110 token)", i, MAX_NAME_LEN);
+                                  "digits, backquotes or !#$%%&'*+-.^_|~ (an RFC 9110 token)", i,
+                                  MAX_NAME_LEN);
         if (!idem__header_value_ok(h[i].value, vl))
             return idem_error_set(IDEM_EINVAL, "header field %zu (%s): a value must not hold CR or LF",
                                   i, h[i].name);

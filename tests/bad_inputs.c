@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <idempotency/http.h>
 #include <idempotency/idempotency.h>
 
 #ifdef IDEM_TEST_HAVE_SQLITE
@@ -304,6 +305,57 @@ static int c_commit_status(void)
     return rc;
 }
 
+static int crlf_field_handler(void *arg, idem_response *resp)
+{
+    (void)arg;
+    int rc = idem_response_add_header(resp, "X-Note", "a\r\nSet-Cookie: x=1");
+    snprintf(last, sizeof last, "%s", idem_last_error());
+    return rc;
+}
+static int c_field_crlf(void)
+{
+    idem_request req = {.key = "field-crlf", .key_len = 10};
+    int rc = idem_run(layer, &req, crlf_field_handler, NULL, &reply);
+    return rc == IDEM_OK && reply.outcome == IDEM_FAILED ? reply.handler_error : rc;
+}
+static int many_fields_handler(void *arg, idem_response *resp)
+{
+    (void)arg;
+    int rc = IDEM_OK;
+    for (int i = 0; rc == IDEM_OK && i <= IDEM_MAX_HEADERS; i++)
+        rc = idem_response_add_header(resp, "X-N", "1");
+    snprintf(last, sizeof last, "%s", idem_last_error());
+    return rc;
+}
+static int c_fields_over(void)
+{
+    idem_request req = {.key = "fields-over", .key_len = 11};
+    int rc = idem_run(layer, &req, many_fields_handler, NULL, &reply);
+    return rc == IDEM_OK && reply.outcome == IDEM_FAILED ? reply.handler_error : rc;
+}
+static int c_commit_field_name(void)
+{
+    idem_request req = {.key = "field-name", .key_len = 10};
+    idem_claim *c;
+    int rc = idem_begin(layer, &req, &c, &reply);
+    if (rc || !c)
+        return rc ? rc : IDEM_OK;
+    idem_header h[] = {{"Bad Name", "v"}};
+    rc = idem_commit_headers(c, 200, h, 1, "x", 1);
+    snprintf(last, sizeof last, "%s", idem_last_error());
+    idem_abort(c);
+    return rc;
+}
+static int c_http_key(void)
+{
+    char key[256];
+    size_t len;
+    const char *lines[] = {"\"abc"};
+    int rc = idem_http_key_parse(key, sizeof key, &len, lines, 1);
+    snprintf(last, sizeof last, "%s", idem_last_error());
+    return rc;
+}
+
 /* The store dies in the middle of a request and comes back. */
 static int c_store_dies(void)
 {
@@ -457,6 +509,14 @@ static const bad_case cases[] = {
      "the claim stays: commit a smaller one or abort"},
     {"status 99", "idem_response_set in a handler", IDEM_EINVAL, NULL, c_status_range, NULL},
     {"status 1000", "idem_commit", IDEM_EINVAL, NULL, c_commit_status, NULL},
+    {"header field value with CR LF", "idem_response_add_header in a handler", IDEM_EINVAL, NULL,
+     c_field_crlf, "the handler fails: nothing stored, the key is freed"},
+    {"header field name `Bad Name`", "idem_commit_headers", IDEM_EINVAL, NULL, c_commit_field_name,
+     "the claim stays"},
+    {"65 header fields (limit 64)", "idem_response_add_header in a handler", IDEM_ETOOBIG, NULL,
+     c_fields_over, "the first 64 stay"},
+    {"client's Idempotency-Key `\"abc` (no closing quote)", "idem_http_key_parse", IDEM_EKEY, NULL,
+     c_http_key, "the message is fit to show the client (400)"},
     {"key_prefix `p:x:` (it would meet `p:` with key `x:1`)", "idem_layer_new", IDEM_EINVAL, NULL,
      c_prefix_overlap, NULL},
 };
