@@ -1,8 +1,10 @@
 /*
  * http_bench: requests per second through examples/payment_api, with the
  * idempotency layer and with it switched off (--no-idempotency), on each
- * store, at 1 and 8 concurrent clients. Every request is a new payment
- * (a new key), the path that costs the store two round trips.
+ * store, at 1 and 8 concurrent clients. Path "new": every request is a new
+ * payment (a new key), which costs the store two round trips. Path
+ * "replay": each client sends one key again and again, as a retrying
+ * client does; one round trip (a read) after the first.
  *
  *   http_bench --api build/examples/payment_api [--seconds S] [--stores sqlite,redis]
  *              [--clients 1,8] [--quick]
@@ -35,6 +37,7 @@ typedef struct client {
     uint16_t port;
     int      id;
     double   until;
+    bool     replay;
     double  *lat;       /* seconds per request */
     size_t   n, cap;
     unsigned errors;
@@ -61,8 +64,8 @@ static void *drive(void *arg)
     curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(h, CURLOPT_TIMEOUT, 30L);
     for (unsigned long i = 0; now_s() < c->until; i++) {
-        snprintf(key, sizeof key, "Idempotency-Key: \"bench-%u-%d-%lu-%ld\"", run, c->id, i,
-                 (long)getpid());
+        snprintf(key, sizeof key, "Idempotency-Key: \"bench-%u-%d-%lu-%ld\"", run, c->id,
+                 c->replay ? 0 : i, (long)getpid());
         struct curl_slist *hl = curl_slist_append(NULL, key);
         hl = curl_slist_append(hl, "Content-Type: application/json");
         hl = curl_slist_append(hl, "Expect:");
@@ -94,7 +97,8 @@ static int cmp(const void *a, const void *b)
 }
 
 /* One row: start the store and the server, drive it, print, stop. */
-static int row(const char *api, const char *store, bool layer, int clients, double seconds)
+static int row(const char *api, const char *store, bool layer, bool replay, int clients,
+               double seconds)
 {
     idem_test_server srv;
     if (idem_test_server_start(&srv, store) != 0)
@@ -117,7 +121,7 @@ static int row(const char *api, const char *store, bool layer, int clients, doub
     pthread_t *t = calloc((size_t)clients, sizeof *t);
     double start = now_s(), until = start + seconds;
     for (int i = 0; i < clients; i++) {
-        c[i] = (client){.port = port, .id = i, .until = until};
+        c[i] = (client){.port = port, .id = i, .until = until, .replay = replay};
         pthread_create(&t[i], NULL, drive, &c[i]);
     }
     size_t total = 0;
@@ -137,7 +141,8 @@ static int row(const char *api, const char *store, bool layer, int clients, doub
     }
     qsort(all, total, sizeof *all, cmp);
     double p50 = total ? all[total / 2] * 1e6 : 0, p99 = total ? all[total * 99 / 100] * 1e6 : 0;
-    printf("| %s | %s | %d | %.0f | %.0f | %.0f | %u |\n", store, layer ? "on" : "off", clients,
+    printf("| %s | %s | %s | %d | %.0f | %.0f | %.0f | %u |\n", store, layer ? "on" : "off",
+           layer ? (replay ? "replay" : "new") : "-", clients,
            (double)total / elapsed, p50, p99, errors);
     fflush(stdout);
     free(all);
@@ -175,16 +180,17 @@ int main(int argc, char **argv)
         return 2;
     }
     curl_global_init(CURL_GLOBAL_DEFAULT);
-    printf("| store | layer | clients | requests/s | p50 µs | p99 µs | errors |\n"
-           "|---|---|--:|--:|--:|--:|--:|\n");
+    printf("| store | layer | path | clients | requests/s | p50 µs | p99 µs | errors |\n"
+           "|---|---|---|--:|--:|--:|--:|--:|\n");
     int failed = 0;
     for (char *s = strtok(stores, ","); s; s = strtok(NULL, ",")) {
         char list[64];
         snprintf(list, sizeof list, "%s", counts);
         char *save;
         for (char *n = strtok_r(list, ",", &save); n; n = strtok_r(NULL, ",", &save)) {
-            failed |= row(api, s, true, atoi(n), seconds);
-            failed |= row(api, s, false, atoi(n), seconds);
+            failed |= row(api, s, false, false, atoi(n), seconds);
+            failed |= row(api, s, true, false, atoi(n), seconds);
+            failed |= row(api, s, true, true, atoi(n), seconds);
         }
     }
     curl_global_cleanup();
