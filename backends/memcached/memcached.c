@@ -393,6 +393,7 @@ typedef struct op {
     uint64_t       deadline_ms;  /* until when the new record counts */
     bool           maybe_applied;/* an earlier try's write may have reached the server */
     bool           too_big_is_final; /* commit: a record refused for its size is IDEM_ETOOBIG */
+    uint64_t       until_mono;   /* the whole call ends by then (monotonic ms); set by with_conn() */
     /* claim's results */
     void          *existing;
     size_t         existing_len;
@@ -409,6 +410,26 @@ static uint8_t *envelope(const op *o, size_t *len)
     memcpy(v + ENVELOPE_LEN, o->record, o->record_len);
     *len = ENVELOPE_LEN + o->record_len;
     return v;
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Before each step of an op: let libmemcached wait only for what is left
+ * of the call's timeout_ms (it reads the limit at every wait), or say the
+ * time is up. */
+static memcached_return_t step_budget(memcached_st *mc, const op *o)
+{
+    uint64_t now = mono_ms();
+    if (now >= o->until_mono)
+        return MEMCACHED_TIMEOUT;
+    if (memcached_failed(memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, o->until_mono - now)))
+        return MEMCACHED_TIMEOUT;
+    return MEMCACHED_SUCCESS;
 }
 
 /* An op, run by with_conn(): it returns an IDEM_* code and leaves in *mrc
@@ -438,6 +459,8 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
     for (int round = 0; round < MAX_ROUNDS; round++) {
         uint64_t now = idem_now_ms();
         time_t exp = server_expiry(o->deadline_ms, now);
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+            break;
         *mrc = memcached_add(mc, o->ekey, o->eklen, (const char *)v, vlen, exp, ITEM_FLAGS);
         if (*mrc == MEMCACHED_SUCCESS) {
             ret = IDEM_OK;
@@ -445,7 +468,8 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
         }
         if (*mrc != MEMCACHED_NOTSTORED) /* the text protocol's add answers only this when taken */
             break;
-        if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+            (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
             break;
         if (!it.found)
             continue; /* gone between add and gets: add again */
@@ -464,6 +488,8 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
             break;
         }
         /* Expired by its deadline but not yet by memcached's clock: take over. */
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+            break;
         *mrc = memcached_cas(mc, o->ekey, o->eklen, (const char *)v, vlen, server_expiry(o->deadline_ms, now),
                              ITEM_FLAGS, it.cas);
         if (*mrc == MEMCACHED_SUCCESS) {
@@ -492,7 +518,8 @@ static int do_fenced(memcached_st *mc, op *o, memcached_return_t *mrc, enum fenc
     int ret = IDEM_EBACKEND;
     item it = {0};
     for (int round = 0; round < MAX_ROUNDS; round++) {
-        if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+            (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
             break;
         uint64_t now = idem_now_ms();
         int state = 0;
@@ -510,6 +537,8 @@ static int do_fenced(memcached_st *mc, op *o, memcached_return_t *mrc, enum fenc
             ret = kind == F_COMMIT ? IDEM_OK : IDEM_ELOST;
             break;
         }
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+            break;
         o->maybe_applied = true;
         if (kind == F_RELEASE)
             *mrc = memcached_cas(mc, o->ekey, o->eklen, "", 0, EXPIRED_ABSOLUTE, 0, it.cas);
@@ -580,6 +609,7 @@ static int run_call(void *conn, void *arg, idem_conn_state *state)
 static int with_conn(store *s, op *o, op_fn fn)
 {
     call k = {.s = s, .o = o, .fn = fn};
+    o->until_mono = mono_ms() + s->timeout_ms; /* the retry on a new connection shares it */
     return idem_pool_run(s->pool, run_call, &k);
 }
 
@@ -872,7 +902,8 @@ static int mc_release(void *state, const void *key, size_t key_len, const uint8_
 static int do_read(memcached_st *mc, op *o, memcached_return_t *mrc)
 {
     item it = {0};
-    if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+    if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+        (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
         return IDEM_EBACKEND;
     uint64_t now = idem_now_ms();
     int ret = IDEM_OK;
@@ -890,13 +921,16 @@ static int do_read(memcached_st *mc, op *o, memcached_return_t *mrc)
 static int do_remove(memcached_st *mc, op *o, memcached_return_t *mrc)
 {
     item it = {0};
-    if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+    if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+        (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
         return IDEM_EBACKEND;
     bool live = item_live(&it, idem_now_ms());
     bool found = it.found;
     item_clear(&it);
     if (!found)
         return IDEM_OK;
+    if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+        return IDEM_EBACKEND;
     *mrc = memcached_delete(mc, o->ekey, o->eklen, 0);
     if (*mrc != MEMCACHED_SUCCESS && *mrc != MEMCACHED_NOTFOUND)
         return IDEM_EBACKEND;
