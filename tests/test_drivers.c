@@ -486,6 +486,9 @@ Test(drivers, sqlite_on_a_read_only_file_system_says_read_only)
     cr_assert_eq(waitpid(pid, &st, 0), pid);
     rmdir(dir);
     free(dir);
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 2) /* reported, never counted as passed */
+        cr_skip_test("this system lets the test neither unshare a mount namespace nor mount (see its "
+                     "stderr); run it as root");
     cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the check in the child failed (status %d)", st);
 }
 #endif
