@@ -399,6 +399,54 @@ Test(drivers, sqlite_threads_of_one_process_queue_for_the_write_lock_and_none_is
     idem_store_close(s);
 }
 
+/* Another connection holds the write lock for a while, then lets go. */
+static void *hold_then_commit(void *arg)
+{
+    sqlite3 *db = arg;
+    sleep_ms(700);
+    sqlite3_exec(db, "COMMIT", NULL, NULL, NULL);
+    return NULL;
+}
+
+Test(drivers, sqlite_lease_counts_from_the_write_not_from_before_the_wait_for_the_lock)
+{
+    if (!is("sqlite"))
+        cr_skip_test("SQLite's own; this run is %s", kind);
+    char *u;
+    cr_assert(asprintf(&u, "%s?busy_timeout_ms=5000", url) > 0);
+    idem_store *s = open_store(u);
+    free(u);
+    sqlite3 *other;
+    cr_assert_eq(sqlite3_open(strstr(url, "://") + 3, &other), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(other, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK, "%s", sqlite3_errmsg(other));
+    pthread_t t;
+    cr_assert_eq(pthread_create(&t, NULL, hold_then_commit, other), 0);
+    char key[64];
+    size_t kl = fresh_key(key, sizeof key);
+    uint8_t rec[IDEM_RECORD_HEADER_LEN];
+    started(rec, 0x71, 500);
+    void *ex = NULL;
+    size_t exl;
+    uint32_t left;
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 500, &ex, &exl, &left), IDEM_OK, "%s",
+                 idem_last_error());
+    uint64_t waited = mono_ms() - t0;
+    pthread_join(t, NULL);
+    sqlite3_close(other);
+    cr_assert_null(ex);
+    cr_assert_geq(waited, 500, "the claim did not wait for the lock (%llu ms): the test tested nothing",
+                  (unsigned long long)waited);
+    void *back = NULL;
+    size_t bl;
+    cr_assert_eq(idem__store_read(s, key, kl, &back, &bl, &left), IDEM_OK);
+    cr_assert_not_null(back, "the claim's 500 ms lease was spent waiting %llu ms for the write lock",
+                       (unsigned long long)waited);
+    cr_assert_gt(left, 150, "only %u ms left of a 500 ms lease just written", left);
+    free(back);
+    idem_store_close(s);
+}
+
 Test(drivers, sqlite_out_of_memory_is_enomem_not_a_store_error)
 {
     if (!is("sqlite"))
