@@ -86,6 +86,21 @@ static uint8_t *completed(uint8_t token_byte, const char *body, size_t *len)
     return enc;
 }
 
+/* Claim a fresh key with a STARTED record of token token_byte. */
+static size_t claim_new(idem_store *s, char key[64], uint8_t rec[IDEM_RECORD_HEADER_LEN], uint8_t token_byte,
+                        uint32_t lease_ms)
+{
+    size_t kl = fresh_key(key, 64);
+    started(rec, token_byte, lease_ms);
+    void *ex = NULL;
+    size_t exl;
+    uint32_t left;
+    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, IDEM_RECORD_HEADER_LEN, lease_ms, &ex, &exl, &left),
+                 IDEM_OK, "%s", idem_last_error());
+    cr_assert_null(ex, "a fresh key was taken");
+    return kl;
+}
+
 static idem_store *open_store(const char *u)
 {
     idem_store *s = NULL;
@@ -160,13 +175,9 @@ Test(drivers, commit_sent_again_after_it_happened_is_ok_and_changes_nothing)
 {
     idem_store *s = open_store(url);
     char key[64];
-    size_t kl = fresh_key(key, sizeof key);
     uint8_t rec[IDEM_RECORD_HEADER_LEN];
-    started(rec, 0xC3, 30000);
-    void *ex = NULL;
-    size_t exl;
+    size_t kl = claim_new(s, key, rec, 0xC3, 30000);
     uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
     size_t dl;
     uint8_t *done = completed(0xC3, "first", &dl);
     cr_assert_eq(s->ops->commit(s->state, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000),
@@ -196,13 +207,8 @@ Test(drivers, release_then_a_separate_release_is_elost_and_extend_sent_again_is_
 {
     idem_store *s = open_store(url);
     char key[64];
-    size_t kl = fresh_key(key, sizeof key);
     uint8_t rec[IDEM_RECORD_HEADER_LEN];
-    started(rec, 0xE5, 30000);
-    void *ex = NULL;
-    size_t exl;
-    uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
+    size_t kl = claim_new(s, key, rec, 0xE5, 30000);
     const uint8_t *token = rec + IDEM_RECORD_TOKEN_OFFSET;
     uint8_t ext[IDEM_RECORD_HEADER_LEN];
     started(ext, 0xE5, 40000);
@@ -256,13 +262,8 @@ Test(drivers, read_of_an_expired_claim_is_none)
 {
     idem_store *s = open_store(url);
     char key[64];
-    size_t kl = fresh_key(key, sizeof key);
     uint8_t rec[IDEM_RECORD_HEADER_LEN];
-    started(rec, 0x29, 100);
-    void *ex = NULL;
-    size_t exl;
-    uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 100, &ex, &exl, &left), IDEM_OK);
+    size_t kl = claim_new(s, key, rec, 0x29, 100);
     sleep_ms(300);
     cr_assert_eq(state_of(s, key, kl, NULL), 0, "an expired record reads as none");
     bool deleted = true;
@@ -453,13 +454,8 @@ Test(drivers, sqlite_out_of_memory_is_enomem_not_a_store_error)
         cr_skip_test("SQLite's own; this run is %s", kind);
     idem_store *s = open_store(url);
     char key[64];
-    size_t kl = fresh_key(key, sizeof key);
     uint8_t rec[IDEM_RECORD_HEADER_LEN];
-    started(rec, 0x33, 30000);
-    void *ex = NULL;
-    size_t exl;
-    uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
+    size_t kl = claim_new(s, key, rec, 0x33, 30000);
     /* A 4 MiB response while SQLite may use little more than it does now. */
     size_t big = 4u << 20;
     char *body = malloc(big + 1);
@@ -710,13 +706,8 @@ Test(drivers, memcached_release_whose_reply_was_lost_after_it_freed_the_key_is_o
     proxy_start(&p, memcached_port());
     idem_store *s = open_through(&p, "");
     char key[64];
-    size_t kl = fresh_key(key, sizeof key);
     uint8_t rec[IDEM_RECORD_HEADER_LEN];
-    started(rec, 0x41, 30000);
-    void *ex = NULL;
-    size_t exl;
-    uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
+    size_t kl = claim_new(s, key, rec, 0x41, 30000);
     proxy_cut_next(&p, "cas ");
     cr_assert_eq(s->ops->release(s->state, key, kl, rec + IDEM_RECORD_TOKEN_OFFSET), IDEM_OK,
                  "a release retried after its reply was lost finds the key gone: %s", idem_last_error());

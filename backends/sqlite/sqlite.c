@@ -613,30 +613,36 @@ static int completed_by(store *s, conn *c, const void *key, size_t key_len, cons
     return ret;
 }
 
+/* Run statement id of c, its parameters bound, in this store's write turn:
+ * IDEM_OK and the rows it changed, or an error. The bindings are cleared. */
+static int write_stmt(store *s, conn *c, enum stmt_id id, const char *what, int *changes)
+{
+    int rc = begin_write(s, c, what);
+    if (rc) {
+        sqlite3_clear_bindings(c->stmt[id]);
+        return rc;
+    }
+    int src = run(c, c->stmt[id]);
+    *changes = sqlite3_changes(c->db);
+    end_write(s);
+    return src == SQLITE_DONE ? IDEM_OK : fail(s, c->db, what);
+}
+
 /* The fenced UPDATE shared by commit and extend. */
 static int fenced_update(store *s, enum stmt_id id, const void *key, size_t key_len,
                          const uint8_t *token, const void *record, size_t record_len, uint64_t ttl_ms)
 {
-    const char *what = id == S_COMMIT ? "storing a response" : "extending a lease";
     conn *c;
-    int rc = acquire(s, &c);
+    int rc = acquire(s, &c), changes = 0;
     if (rc)
         return rc;
-    if ((rc = begin_write(s, c, what))) {
-        release_conn(s, c);
-        return rc;
-    }
     sqlite3_stmt *st = c->stmt[id];
     sqlite3_bind_blob(st, 1, record, (int)record_len, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)ttl_ms);
     sqlite3_bind_blob(st, 3, key, (int)key_len, SQLITE_STATIC);
     sqlite3_bind_blob(st, 4, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
-    int src = run(c, st);
-    int changes = sqlite3_changes(c->db);
-    end_write(s);
-    if (src != SQLITE_DONE)
-        rc = fail(s, c->db, what);
-    else if (changes == 0) /* a commit that already happened is recognised by its token */
+    rc = write_stmt(s, c, id, id == S_COMMIT ? "storing a response" : "extending a lease", &changes);
+    if (rc == IDEM_OK && changes == 0) /* a commit that already happened is recognised by its token */
         rc = id == S_COMMIT ? completed_by(s, c, key, key_len, token, idem_now_ms()) : IDEM_ELOST;
     release_conn(s, c);
     return rc;
@@ -654,7 +660,8 @@ static int sq_extend(void *state, const void *key, size_t key_len, const uint8_t
     return fenced_update(state, S_EXTEND, key, key_len, token, record, record_len, lease_ms);
 }
 
-/* A DELETE of key under the write turn: IDEM_OK and *changes, or an error. */
+/* A DELETE of key (and token, for a release): IDEM_OK and *changes, or an
+ * error. */
 static int delete_row(store *s, enum stmt_id id, const void *key, size_t key_len, const uint8_t *token,
                       const char *what, int *changes)
 {
@@ -662,19 +669,10 @@ static int delete_row(store *s, enum stmt_id id, const void *key, size_t key_len
     int rc = acquire(s, &c);
     if (rc)
         return rc;
-    if ((rc = begin_write(s, c, what))) {
-        release_conn(s, c);
-        return rc;
-    }
-    sqlite3_stmt *st = c->stmt[id];
-    sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
-    if (id == S_RELEASE)
-        sqlite3_bind_blob(st, 2, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
-    int src = run(c, st);
-    *changes = sqlite3_changes(c->db);
-    end_write(s);
-    if (src != SQLITE_DONE)
-        rc = fail(s, c->db, what);
+    sqlite3_bind_blob(c->stmt[id], 1, key, (int)key_len, SQLITE_STATIC);
+    if (token)
+        sqlite3_bind_blob(c->stmt[id], 2, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
+    rc = write_stmt(s, c, id, what, changes);
     release_conn(s, c);
     return rc;
 }
