@@ -510,7 +510,7 @@ Test(drivers, sqlite_on_a_read_only_file_system_says_read_only)
                 close(fd);
             }
         }
-        if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0 ||
+        if (mount("none", "/", "none", MS_REC | MS_PRIVATE, NULL) != 0 ||
             mount("none", dir, "tmpfs", MS_RDONLY, NULL) != 0) {
             fprintf(stderr, "mount: %s\n", strerror(errno));
             _exit(2);
