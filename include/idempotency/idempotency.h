@@ -180,7 +180,9 @@ typedef enum idem_outcome {
  * "/payments/pay_1"}. A name is an RFC 9110 token: 1..255 letters, digits
  * and !#$%&'*+-.^_`|~. A value is any bytes but NUL, CR and LF (so a stored
  * field can never split a response), and may be empty. Fields are stored in
- * the order given and replayed byte for byte: names keep their case.
+ * the order given and replayed byte for byte: names keep their case. Store
+ * end-to-end fields (Content-Type, Location, ETag); the server sets the ones
+ * of each transfer (Content-Length, Transfer-Encoding, Date) itself.
  */
 typedef struct idem_header {
     const char *name;
