@@ -13,6 +13,9 @@ extern const idem_backend idem__redis_backend;
 #ifdef IDEM_HAVE_MEMCACHED
 extern const idem_backend idem__memcached_backend;
 #endif
+#ifdef IDEM_HAVE_POSTGRESQL
+extern const idem_backend idem__postgresql_backend;
+#endif
 
 const idem_backend *const idem__builtin_backends[] = {
 #ifdef IDEM_HAVE_SQLITE
@@ -24,6 +27,9 @@ const idem_backend *const idem__builtin_backends[] = {
 #ifdef IDEM_HAVE_MEMCACHED
     &idem__memcached_backend,
 #endif
+#ifdef IDEM_HAVE_POSTGRESQL
+    &idem__postgresql_backend,
+#endif
     NULL,
 };
 
@@ -34,7 +40,25 @@ static const struct {
     {"sqlite", "libsqlite3-dev"},
     {"redis", "libhiredis-dev"},
     {"memcached", "libmemcached-dev"},
+    {"postgresql", "libpq-dev"},
 };
+
+/* Schemes that name a driver by another name: postgres:// is as common as
+ * postgresql:// (libpq takes both). */
+static const struct {
+    const char *scheme, *driver;
+} scheme_aliases[] = {
+    {"postgres", "postgresql"},
+};
+
+/* The driver name a scheme stands for: itself, or what it is an alias of. */
+static const char *scheme_driver(const char *scheme)
+{
+    for (size_t i = 0; i < sizeof scheme_aliases / sizeof scheme_aliases[0]; i++)
+        if (strcmp(scheme, scheme_aliases[i].scheme) == 0)
+            return scheme_aliases[i].driver;
+    return scheme;
+}
 
 /* Does the URL scheme select the driver called name? ("redis", "redis+unix") */
 static bool scheme_selects(const char *scheme, const char *name)
@@ -110,7 +134,7 @@ const idem_backend *idem_backend_find(const char *name)
 const char *idem__missing_backend_hint(const char *scheme)
 {
     for (size_t i = 0; i < sizeof known_backends / sizeof known_backends[0]; i++)
-        if (scheme_selects(scheme, known_backends[i].name))
+        if (scheme_selects(scheme_driver(scheme), known_backends[i].name))
             return known_backends[i].package;
     return NULL;
 }
@@ -127,7 +151,7 @@ int idem_store_open(idem_store **out, const char *url)
         return rc;
     const idem_backend *b = NULL;
     for (size_t i = 0; idem__builtin_backends[i]; i++)
-        if (scheme_selects(u->scheme, idem__builtin_backends[i]->name))
+        if (scheme_selects(scheme_driver(u->scheme), idem__builtin_backends[i]->name))
             b = idem__builtin_backends[i];
     if (!b) {
         const char *pkg = idem__missing_backend_hint(u->scheme);
@@ -139,7 +163,7 @@ int idem_store_open(idem_store **out, const char *url)
         else
             rc = idem_error_set(IDEM_EINVAL,
                                 "unknown store URL scheme '%s'; use sqlite://, redis://, "
-                                "redis+unix:// or memcached://",
+                                "redis+unix://, memcached:// or postgresql://",
                                 u->scheme);
     } else {
         rc = check_table(b);

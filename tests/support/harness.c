@@ -118,12 +118,22 @@ int idem_test_server_start(idem_test_server *srv, const char *kind)
     if (strcmp(kind, "memcached2") == 0)
         return idem_test_start_memcached(srv, 2);
 #endif
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (strcmp(kind, "postgresql") == 0)
+        return idem_test_start_postgres(srv);
+#endif
     fprintf(stderr, "no test store of kind '%s' in this build\n", kind);
     return -1;
 }
 
 void idem_test_server_kill(idem_test_server *srv, int i)
 {
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (srv->kind && strcmp(srv->kind, "postgresql") == 0) {
+        idem_test_kill_postgres(srv, i);
+        return;
+    }
+#endif
     if (srv->pids[i] > 0) {
         kill(srv->pids[i], SIGKILL);
         waitpid(srv->pids[i], NULL, 0);
@@ -141,12 +151,20 @@ int idem_test_server_restart(idem_test_server *srv, int i)
     if (strncmp(srv->kind, "memcached", 9) == 0)
         return idem_test_restart_memcached(srv, i);
 #endif
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (strcmp(srv->kind, "postgresql") == 0)
+        return idem_test_restart_postgres(srv, i);
+#endif
     (void)srv, (void)i;
     return -1;
 }
 
 void idem_test_server_stop(idem_test_server *srv)
 {
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (srv->kind && strcmp(srv->kind, "postgresql") == 0)
+        idem_test_stop_postgres(srv);
+#endif
     for (int i = 0; i < 2; i++)
         idem_test_stop_pid(srv->pids[i], 3000);
     if (srv->dir)
