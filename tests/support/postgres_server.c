@@ -14,10 +14,10 @@
  * synchronous_commit stays on, so killing the server in the tests means
  * what it means in production.
  *
- * The postmaster leads a process group of its own (idem_test_spawn's
- * setpgid): killing the server kills the group, backends included, as a
- * crash of the database host would.
+ * Killing the server kills the postmaster and every backend, as a crash of
+ * the database host would (see idem_test_kill_postgres()).
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <glob.h>
@@ -307,14 +307,72 @@ int idem_test_restart_postgres(idem_test_server *srv, int i)
     return -1;
 }
 
+/* Read state and parent of a process from /proc. false when it is gone. */
+static bool proc_stat(const char *pid, char *state, long *ppid)
+{
+    char path[300], buf[512];
+    snprintf(path, sizeof path, "/proc/%s/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return false;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *close = strrchr(buf, ')'); /* pid (comm) state ppid ...; comm may hold ')' */
+    return close && sscanf(close + 1, " %c %ld", state, ppid) == 2;
+}
+
+/* The children of parent (the backends of a postmaster), at most max. */
+static int children_of(pid_t parent, pid_t *out, int max)
+{
+    DIR *d = opendir("/proc");
+    int n = 0;
+    struct dirent *e;
+    while (d && n < max && (e = readdir(d))) {
+        char state;
+        long ppid;
+        if (e->d_name[0] >= '1' && e->d_name[0] <= '9' && proc_stat(e->d_name, &state, &ppid) &&
+            ppid == (long)parent)
+            out[n++] = (pid_t)atol(e->d_name);
+    }
+    if (d)
+        closedir(d);
+    return n;
+}
+
+static bool running(pid_t pid)
+{
+    char name[24], state;
+    long ppid;
+    snprintf(name, sizeof name, "%ld", (long)pid);
+    return proc_stat(name, &state, &ppid) && state != 'Z' && state != 'X';
+}
+
+/* Backends run in sessions of their own (setsid), so the postmaster's
+ * process group does not hold them: stop the postmaster (it forks no
+ * more), kill its children, then it. */
 void idem_test_kill_postgres(idem_test_server *srv, int i)
 {
-    if (srv->pids[i] > 0) {
-        kill(-srv->pids[i], SIGKILL); /* the postmaster's group: every backend too */
-        kill(srv->pids[i], SIGKILL);
-        waitpid(srv->pids[i], NULL, 0);
-        srv->pids[i] = 0;
+    pid_t pid = srv->pids[i];
+    if (pid <= 0)
+        return;
+    pid_t kids[512];
+    kill(pid, SIGSTOP);
+    int n = children_of(pid, kids, 512);
+    for (int k = 0; k < n; k++)
+        kill(kids[k], SIGKILL);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0); /* when it is our child */
+    /* A process that lived on a moment could still answer a query. */
+    for (int waited = 0; waited < 5000; waited += 5) {
+        bool any = running(pid);
+        for (int k = 0; k < n && !any; k++)
+            any = running(kids[k]);
+        if (!any)
+            break;
+        msleep(5);
     }
+    srv->pids[i] = 0;
 }
 
 void idem_test_stop_postgres(idem_test_server *srv)
