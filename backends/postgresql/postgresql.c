@@ -165,9 +165,11 @@ static const char schema_check_sql[] =
 
 #define MAX_KEYWORDS 24
 
+/* Ours, then from FIRST_LIBPQ_PARAM on libpq's, handed over as they are
+ * (host is handled with the URL's hosts). */
+#define FIRST_LIBPQ_PARAM 3
 static const char *const known_params[] = {
     "table", "connect_timeout_ms", "statement_timeout_ms",
-    /* handed to libpq as they are */
     "host", "port", "sslmode", "sslrootcert", "sslcert", "sslkey", "sslcrl", "target_session_attrs",
     "application_name", "options", "passfile", "channel_binding", "gssencmode",
     NULL,
@@ -973,12 +975,12 @@ static int parse_url(store *s, const idem_url *url)
         if (!(s->password = strdup(url->password)))
             return IDEM_ENOMEM;
     }
-    for (size_t i = 0; i < url->nparams; i++) {
-        const char *n = url->params[i].name;
-        if (strcmp(n, "table") && strcmp(n, "connect_timeout_ms") && strcmp(n, "statement_timeout_ms") &&
-            strcmp(n, "host") && (rc = add_keyword(s, n, url->params[i].value)))
-            return rc;
-    }
+    /* libpq's own parameters, as given; the keyword from our static list,
+     * which outlives the URL. */
+    for (size_t i = 0; i < url->nparams; i++)
+        for (const char *const *k = known_params + FIRST_LIBPQ_PARAM + 1; *k; k++)
+            if (strcmp(*k, url->params[i].name) == 0 && (rc = add_keyword(s, *k, url->params[i].value)))
+                return rc;
     if ((rc = add_keyword(s, "fallback_application_name", "libidempotency")))
         return rc;
     s->keywords[s->nkeywords] = NULL;

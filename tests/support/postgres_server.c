@@ -269,7 +269,7 @@ int idem_test_start_postgres_with(idem_test_server *srv, const idem_test_pg_opti
     }
     free(srv->url);
     int n = opts->unix_socket
-                ? asprintf(&srv->url, "postgresql:///postgres?host=%s&port=%u", srv->dir, srv->ports[0])
+                ? asprintf(&srv->url, "postgresql://postgres@/postgres?host=%s&port=%u", srv->dir, srv->ports[0])
             : opts->password
                 ? asprintf(&srv->url, "postgresql://postgres:%s@127.0.0.1:%u/postgres", opts->password,
                            srv->ports[0])
@@ -373,6 +373,20 @@ void idem_test_kill_postgres(idem_test_server *srv, int i)
         msleep(5);
     }
     srv->pids[i] = 0;
+}
+
+void idem_test_postgres_signal(const idem_test_server *srv, int sig)
+{
+    pid_t pid = srv->pids[0], kids[512];
+    if (pid <= 0)
+        return;
+    if (sig == SIGCONT)
+        kill(pid, sig);
+    int n = children_of(pid, kids, 512);
+    for (int k = 0; k < n; k++)
+        kill(kids[k], sig);
+    if (sig != SIGCONT)
+        kill(pid, sig);
 }
 
 void idem_test_stop_postgres(idem_test_server *srv)
