@@ -14,6 +14,9 @@
  * synchronous_commit stays on, so killing the server in the tests means
  * what it means in production.
  *
+ * $IDEM_TEST_PG_CONF, when set, is appended to postgresql.conf (the
+ * benchmark loads pg_stat_statements with it).
+ *
  * Killing the server kills the postmaster and every backend, as a crash of
  * the database host would (see idem_test_kill_postgres()).
  */
@@ -254,8 +257,8 @@ int idem_test_start_postgres_with(idem_test_server *srv, const idem_test_pg_opti
              "dynamic_shared_memory_type = mmap\n"
              "logging_collector = off\n"
              "log_min_messages = warning\n"
-             "%s",
-             opts->conf ? opts->conf : "");
+             "%s%s",
+             opts->conf ? opts->conf : "", getenv("IDEM_TEST_PG_CONF") ? getenv("IDEM_TEST_PG_CONF") : "");
     if (append_file(conf, settings) != 0)
         goto out;
     for (int t = 0; t < START_TRIES && ret != 0; t++) {
