@@ -241,7 +241,8 @@ static const char *connect_hint(const char *msg)
     if (strstr(msg, "no password supplied") || strstr(msg, "fe_sendauth"))
         return "; the server wants a password: postgresql://user:PASSWORD@host/dbname, or an "
                "entry in ~/.pgpass or PGPASSFILE";
-    if (strstr(msg, "Connection refused") || strstr(msg, "No such file or directory"))
+    if ((strstr(msg, "Connection refused") || strstr(msg, "No such file or directory")) &&
+        !strstr(msg, "Is the server running")) /* libpq says so itself */
         return "; is the PostgreSQL server running and listening there?";
     if (strstr(msg, "does not exist") && strstr(msg, "database"))
         return "; create the database (createdb NAME) or name another one in the URL path";
