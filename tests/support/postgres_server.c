@@ -241,7 +241,9 @@ int idem_test_start_postgres_with(idem_test_server *srv, const idem_test_pg_opti
                        "--no-instructions", NULL};
     if (run_tool(opts->password ? argv_pw : argv_trust, log) != 0) {
         fprintf(stderr, "initdb failed; see %s (is postgresql-15 installed? apt-get install "
-                        "postgresql-15)\n", log);
+                        "postgresql-15%s)\n", log,
+                geteuid() == 0 ? "; as root the server runs as nobody, who must be able to reach "
+                                 "$TMPDIR (default /tmp)" : "");
         goto out;
     }
     unlink(pwfile);
