@@ -371,7 +371,7 @@ static void usage(FILE *f)
           "\n"
           "  --backend NAME  sqlite (default; $TMPDIR/payment_api.db), redis (redis://127.0.0.1:6379),\n"
           "                  memcached (memcached://127.0.0.1:11211), memory (memory://, this\n"
-          "                  process only), postgresql (postgresql://127.0.0.1/postgres)\n"
+          "                  process only), postgresql (postgresql://postgres@127.0.0.1:5432/postgres)\n"
           "  --url URL       a store URL of your own, e.g. redis://127.0.0.1:6380/2\n"
           "  --port N        TCP port on 127.0.0.1 (default 8080)\n"
           "  --name NAME     this process's name in the answers (default payment_api)\n"
@@ -399,7 +399,7 @@ static const char *default_url(const char *backend, char *buf, size_t len)
     if (strcmp(backend, "memory") == 0)
         return "memory://";
     if (strcmp(backend, "postgresql") == 0 || strcmp(backend, "postgres") == 0)
-        return "postgresql://127.0.0.1/postgres";
+        return "postgresql://postgres@127.0.0.1:5432/postgres";
     return NULL;
 }
 
