@@ -1,6 +1,7 @@
 /*
  * examples/payment_api over real HTTP: two processes sharing one store
- * (IDEM_TEST_BACKEND: redis or sqlite on one file), driven with libcurl.
+ * (IDEM_TEST_BACKEND: redis, postgresql, or sqlite on one file), driven with
+ * libcurl.
  * Each outcome of docs/http.md, concurrent duplicates across both
  * processes, and (Redis) a store killed mid-run and restarted.
  *
