@@ -1,9 +1,11 @@
 /* The versioned record encoding (layout in <idempotency/backend.h>). */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #include "internal.h"
@@ -143,10 +145,12 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
 
 /* OpenSSL 3 looks the algorithm up on every EVP_sha256() use and allocates
  * a context in every EVP_Digest(): fetch it once, and keep one context per
- * thread (freed when the thread exits). */
-static EVP_MD        *sha256;
-static pthread_key_t  ctx_key;
-static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+ * thread (freed when the thread exits). A failed fetch (out of memory) is
+ * not remembered: the next use fetches again. */
+static _Atomic(EVP_MD *) sha256;
+static pthread_mutex_t    sha256_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_key_t      ctx_key;
+static pthread_once_t     ctx_key_once = PTHREAD_ONCE_INIT;
 static _Thread_local EVP_MD_CTX *thread_ctx;
 
 static void ctx_free(void *ctx)
@@ -154,21 +158,45 @@ static void ctx_free(void *ctx)
     EVP_MD_CTX_free(ctx);
 }
 
-static void sha256_fetch(void)
+static void ctx_key_make(void)
 {
-    sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
     (void)pthread_key_create(&ctx_key, ctx_free);
+}
+
+static EVP_MD *sha256_get(void)
+{
+    EVP_MD *md = atomic_load_explicit(&sha256, memory_order_acquire);
+    if (md)
+        return md;
+    pthread_mutex_lock(&sha256_mu);
+    md = atomic_load_explicit(&sha256, memory_order_relaxed);
+    if (!md && (md = EVP_MD_fetch(NULL, "SHA256", NULL)) != NULL)
+        atomic_store_explicit(&sha256, md, memory_order_release);
+    pthread_mutex_unlock(&sha256_mu);
+    return md;
+}
+
+int idem__crypto_init(void)
+{
+    /* OpenSSL sets its default context up on first use; done here, a
+     * failure is an error of idem_layer_new(), not of a request. */
+    if (!OPENSSL_init_crypto(0, NULL) || !sha256_get())
+        return idem_error_set(IDEM_ENOMEM, "setting up libcrypto's SHA-256 failed (out of memory?); "
+                              "try again");
+    return IDEM_OK;
 }
 
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
 {
     unsigned int n = 0;
-    (void)pthread_once(&sha256_once, sha256_fetch);
+    (void)pthread_once(&ctx_key_once, ctx_key_make);
+    EVP_MD *md = sha256_get();
     if (!thread_ctx && (thread_ctx = EVP_MD_CTX_new()) != NULL)
         (void)pthread_setspecific(ctx_key, thread_ctx);
-    if (!sha256 || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, sha256, NULL) ||
+    if (!md || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, md, NULL) ||
         !EVP_DigestUpdate(thread_ctx, data, len) || !EVP_DigestFinal_ex(thread_ctx, out, &n) ||
         n != IDEM_DIGEST_LEN)
-        return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto");
+        return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto "
+                              "(out of memory?); try again");
     return IDEM_OK;
 }
