@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include <openssl/crypto.h>
+#include <openssl/provider.h>
 #include <openssl/evp.h>
 
 #include "internal.h"
@@ -145,9 +146,16 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
 
 /* OpenSSL 3 looks the algorithm up on every EVP_sha256() use and allocates
  * a context in every EVP_Digest(): fetch it once, and keep one context per
- * thread (freed when the thread exits). A failed fetch (out of memory) is
- * not remembered: the next use fetches again. */
+ * thread (freed when the thread exits).
+ *
+ * The digest comes from a library context of our own, not OpenSSL's
+ * default one: OpenSSL 3.0 sets its default context up on first use and
+ * crashes when an allocation fails in the middle of that, and it remembers
+ * some failures for the life of the process. A context of our own fails
+ * cleanly, and a failed fetch is not remembered: the context is dropped and
+ * the next use (the next idem_layer_new() or fingerprint) starts again. */
 static _Atomic(EVP_MD *) sha256;
+static OSSL_LIB_CTX      *crypto_ctx;
 static pthread_mutex_t    sha256_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_key_t      ctx_key;
 static pthread_once_t     ctx_key_once = PTHREAD_ONCE_INIT;
@@ -170,17 +178,23 @@ static EVP_MD *sha256_get(void)
         return md;
     pthread_mutex_lock(&sha256_mu);
     md = atomic_load_explicit(&sha256, memory_order_relaxed);
-    if (!md && (md = EVP_MD_fetch(NULL, "SHA256", NULL)) != NULL)
-        atomic_store_explicit(&sha256, md, memory_order_release);
+    if (!md) {
+        if (!crypto_ctx)
+            crypto_ctx = OSSL_LIB_CTX_new();
+        if (crypto_ctx && (md = EVP_MD_fetch(crypto_ctx, "SHA256", NULL)) != NULL) {
+            atomic_store_explicit(&sha256, md, memory_order_release);
+        } else {
+            OSSL_LIB_CTX_free(crypto_ctx);
+            crypto_ctx = NULL;
+        }
+    }
     pthread_mutex_unlock(&sha256_mu);
     return md;
 }
 
 int idem__crypto_init(void)
 {
-    /* OpenSSL sets its default context up on first use; done here, a
-     * failure is an error of idem_layer_new(), not of a request. */
-    if (!OPENSSL_init_crypto(0, NULL) || !sha256_get())
+    if (!sha256_get())
         return idem_error_set(IDEM_ENOMEM, "setting up libcrypto's SHA-256 failed (out of memory?); "
                               "try again");
     return IDEM_OK;
