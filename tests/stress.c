@@ -23,6 +23,8 @@
  *     record expired (ttl) or died with the store in between;
  *   - fencing: a committed attempt's key was not claimed by anyone else
  *     between its claim and its commit;
+ *   - no handler started after its claim's lease had ended (the lease is
+ *     counted from before the claim was sent);
  *   - every call returned IDEM_OK, IDEM_EBACKEND (store down) or IDEM_ELOST,
  *     and none took longer than the store's timeouts allow;
  *   - after the run (and after the last store restart) each key answers.
@@ -733,6 +735,15 @@ static int check_ledger(ledger_data *d, tally *t)
     free(all);
     free(list);
 
+    /* A handler starts within its claim's lease, counted from the call. */
+    for (size_t i = 0; i < d->natt; i++) {
+        attempt *a = &d->att[i];
+        if (a->claim_end > a->claim_start + (uint64_t)cfg.lease_ms * 1000u)
+            FAIL("layer %d key %d: attempt %016" PRIx64 " started its handler %" PRIu64 " ms after its "
+                 "claim was sent, past its %u ms lease", a->layer, a->key, a->id,
+                 (a->claim_end - a->claim_start) / 1000u, cfg.lease_ms);
+    }
+
     for (size_t i = 0; i < d->natt; i++) {
         attempt *a = &d->att[i];
         t->attempts++;
@@ -854,6 +865,11 @@ static int self_check(const ledger_data *good)
     ledger("E %d %d %016" PRIx64 " %" PRIu64 " %" PRIu64 " %d %s\n", a->layer, a->key, forged, t, t + 1,
            a->status, bh);
     ledger("R %016" PRIx64 " C %" PRIu64 " %" PRIu64 "\n", forged, t + 2, t + 3);
+    /* a handler that started after its claim's lease ended (on a key of its own) */
+    uint64_t late = 0xfffffffe00000002ULL, lt = t + 10000000u;
+    ledger("E %d %d %016" PRIx64 " %" PRIu64 " %" PRIu64 " %d %s\n", a->layer, 63, late, lt,
+           lt + (uint64_t)cfg.lease_ms * 1000u + 1000u, a->status, bh);
+    ledger("R %016" PRIx64 " F %" PRIu64 " %" PRIu64 "\n", late, lt + 1, lt + 2);
     /* a replay one byte off */
     unsigned char body[128 + MAX_BODY_RND];
     memcpy(body, a->body, a->body_len);
@@ -863,7 +879,7 @@ static int self_check(const ledger_data *good)
     /* the other layer replaying a's response */
     hex(bh, a->body, a->body_len);
     ledger("P %d %d %" PRIu64 " %" PRIu64 " %d %s\n", 1, a->key, t, t + 1, a->status, bh);
-    int expected = 3;
+    int expected = 4;
     if (lost) {
         hex(bh, lost->body, lost->body_len);
         ledger("P %d %d %" PRIu64 " %" PRIu64 " %d %s\n", lost->layer, lost->key, lost->commit_end,
