@@ -6,6 +6,7 @@
 #include <time.h>
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/provider.h>
 #include <openssl/evp.h>
 
@@ -184,6 +185,7 @@ static EVP_MD *sha256_get(void)
         if (crypto_ctx && (md = EVP_MD_fetch(crypto_ctx, "SHA256", NULL)) != NULL) {
             atomic_store_explicit(&sha256, md, memory_order_release);
         } else {
+            ERR_clear_error();
             OSSL_LIB_CTX_free(crypto_ctx);
             crypto_ctx = NULL;
         }
@@ -209,8 +211,17 @@ int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
         (void)pthread_setspecific(ctx_key, thread_ctx);
     if (!md || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, md, NULL) ||
         !EVP_DigestUpdate(thread_ctx, data, len) || !EVP_DigestFinal_ex(thread_ctx, out, &n) ||
-        n != IDEM_DIGEST_LEN)
+        n != IDEM_DIGEST_LEN) {
+        /* a context that failed half-way is not reused: the next digest
+         * starts from a new one */
+        ERR_clear_error(); /* our failure is not left in the caller's OpenSSL error queue */
+        if (thread_ctx) {
+            EVP_MD_CTX_free(thread_ctx);
+            thread_ctx = NULL;
+            (void)pthread_setspecific(ctx_key, NULL);
+        }
         return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto "
                               "(out of memory?); try again");
+    }
     return IDEM_OK;
 }

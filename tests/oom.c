@@ -1,0 +1,430 @@
+/*
+ * Out of memory, in the style of SQLite's malloc tests: a fixed scenario
+ * (open a store and a layer; a new key, its replay, a failing handler, a
+ * scoped key, begin/extend/commit, begin/abort; close) is run once to count
+ * its allocations, then once for every N with the Nth allocation failing.
+ * Each run must:
+ *   - not crash, and return only documented codes;
+ *   - leak nothing: as many allocations are live after the run as before
+ *     it (this program counts them, and runs N again when the first run
+ *     seems to leak, to tell a leak from a cache filled once; run it under
+ *     AddressSanitizer too);
+ *   - make no false promise: afterwards, with memory back, a key reported
+ *     stored replays its response, a key reported freed (IDEM_FAILED with
+ *     abort_error IDEM_OK, an abort that returned IDEM_OK, a claim "given
+ *     up") runs again, and a handler that ran is never run again while its
+ *     key is claimed.
+ *
+ *   oom --url URL [--every K]   (every K-th N only; default 1: all of them)
+ *
+ * malloc, calloc, realloc, free, strdup and strndup are replaced in this
+ * program, so the library, libcrypto and the store's client library all
+ * see the failures. Only allocations of the main thread are counted and
+ * failed (a layer's background thread is left alone, so N means the same
+ * allocation in every run).
+ */
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <idempotency/idempotency.h>
+
+/* ---- the allocator ---- */
+
+static void *(*real_malloc)(size_t);
+static void *(*real_calloc)(size_t, size_t);
+static void *(*real_realloc)(void *, size_t);
+static void (*real_free)(void *);
+
+/* dlsym() may allocate before real_calloc is known. */
+static unsigned char bootstrap[4096];
+static size_t bootstrap_used;
+
+static _Thread_local bool counted_thread; /* the main thread, while a run is on */
+static long alloc_count;                  /* allocations of the current run */
+static long fail_at;                      /* 0: never */
+static long failures;                     /* injected in the current run */
+static bool trace_failure;
+
+/* Allocations not freed yet, from every thread: a run that returns with
+ * this number changed has leaked (or freed what was not its own). */
+static atomic_long nlive;
+
+static void resolve(void)
+{
+    if (real_malloc)
+        return;
+    real_calloc = (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "calloc");
+    real_malloc = (void *(*)(size_t))dlsym(RTLD_NEXT, "malloc");
+    real_realloc = (void *(*)(void *, size_t))dlsym(RTLD_NEXT, "realloc");
+    real_free = (void (*)(void *))dlsym(RTLD_NEXT, "free");
+}
+
+/* Should this allocation fail? Counts it. */
+static bool inject(void)
+{
+    if (!counted_thread)
+        return false;
+    if (++alloc_count == fail_at) {
+        failures++;
+        if (trace_failure) {
+            /* OOM_TRACE=1: where each failure is injected, to chase a report */
+            void *bt[16];
+            counted_thread = false;
+            int n = backtrace(bt, 16);
+            fprintf(stderr, "oom: N=%ld fails here:\n", fail_at);
+            backtrace_symbols_fd(bt, n, 2);
+            counted_thread = true;
+        }
+        return true;
+    }
+    return false;
+}
+
+static bool from_bootstrap(const void *p)
+{
+    return (const unsigned char *)p >= bootstrap && (const unsigned char *)p < bootstrap + sizeof bootstrap;
+}
+
+void *malloc(size_t n)
+{
+    resolve();
+    if (inject()) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    void *p = real_malloc(n);
+    if (p)
+        atomic_fetch_add(&nlive, 1);
+    return p;
+}
+
+void *calloc(size_t a, size_t b)
+{
+    if (!real_calloc) {
+        /* inside dlsym() */
+        size_t n = (a * b + 15) & ~(size_t)15;
+        if (bootstrap_used + n > sizeof bootstrap)
+            return NULL;
+        void *p = bootstrap + bootstrap_used;
+        bootstrap_used += n;
+        return p;
+    }
+    if (inject()) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    void *p = real_calloc(a, b);
+    if (p)
+        atomic_fetch_add(&nlive, 1);
+    return p;
+}
+
+void *realloc(void *old, size_t n)
+{
+    resolve();
+    if (from_bootstrap(old)) {
+        void *p = malloc(n);
+        if (p)
+            memcpy(p, old, n < sizeof bootstrap ? n : sizeof bootstrap);
+        return p;
+    }
+    if (inject()) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    void *p = real_realloc(old, n);
+    if (!old && p)
+        atomic_fetch_add(&nlive, 1);
+    else if (old && !p && n == 0)
+        atomic_fetch_sub(&nlive, 1);
+    return p;
+}
+
+void free(void *p)
+{
+    if (!p || from_bootstrap(p))
+        return;
+    resolve();
+    atomic_fetch_sub(&nlive, 1);
+    real_free(p);
+}
+
+char *strdup(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *p = malloc(n);
+    if (p)
+        memcpy(p, s, n);
+    return p;
+}
+
+char *strndup(const char *s, size_t max)
+{
+    size_t n = strnlen(s, max);
+    char *p = malloc(n + 1);
+    if (p) {
+        memcpy(p, s, n);
+        p[n] = '\0';
+    }
+    return p;
+}
+
+/* ---- the scenario ---- */
+
+static const char *url;
+static int violations;
+
+#define VIOLATION(...) do { fprintf(stderr, "oom: VIOLATION: " __VA_ARGS__); fputc('\n', stderr); \
+                            violations++; } while (0)
+
+typedef struct handler_arg {
+    int  calls;
+    int  fail;
+} handler_arg;
+
+static int handler(void *arg, idem_response *resp)
+{
+    handler_arg *h = arg;
+    h->calls++;
+    if (h->fail)
+        return h->fail;
+    return idem_response_set(resp, 201, "charged", 7) == IDEM_OK ? 0 : 1;
+}
+
+/* What a run promised, checked afterwards. */
+typedef struct promises {
+    bool stored[4];      /* keys a, e, c: replay expected */
+    bool freed[4];       /* keys b, d, given-up claims: a new run expected */
+    bool ran_unstored[4];/* the handler ran and its key must not run again (lease) */
+} promises;
+
+enum { KEY_A, KEY_B, KEY_C, KEY_D };
+static const char *const key_name[4] = {"a", "b", "c", "d"};
+
+static bool documented(int rc)
+{
+    return rc == IDEM_OK || rc == IDEM_ENOMEM || rc == IDEM_EBACKEND;
+}
+
+static void check_rc(long n, const char *what, int rc)
+{
+    if (!documented(rc))
+        VIOLATION("N=%ld: %s returned %s (%s)", n, what, idem_error_name(rc), idem_last_error());
+}
+
+/* The given-up wording of idem_begin()'s ENOMEM after a claim landed. */
+static bool says_given_up(void)
+{
+    return strstr(idem_last_error(), "was given up") != NULL;
+}
+
+static void run_key(long n, idem_layer *l, int k, int fail, promises *p)
+{
+    idem_request req = {.key = key_name[k], .key_len = 1, .fingerprint = "fp", .fingerprint_len = 2};
+    handler_arg h = {.fail = fail};
+    idem_reply r = {0};
+    int rc = idem_run(l, &req, handler, &h, &r);
+    check_rc(n, "idem_run", rc);
+    if (rc == IDEM_OK && r.outcome == IDEM_EXECUTED)
+        p->stored[k] = true;
+    else if (rc == IDEM_OK && r.outcome == IDEM_FAILED && r.abort_error == IDEM_OK)
+        p->freed[k] = true;
+    else if (h.calls && !fail)
+        p->ran_unstored[k] = true; /* ran, not stored: its key stays claimed */
+    else if (rc == IDEM_ENOMEM && says_given_up())
+        p->freed[k] = true;
+    if (h.calls > 1)
+        VIOLATION("N=%ld: a handler ran %d times in one call", n, h.calls);
+    idem_reply_clear(&r);
+}
+
+static void scenario(long n, const char *prefix, promises *p)
+{
+    idem_store *s;
+    int rc = idem_store_open(&s, url);
+    check_rc(n, "idem_store_open", rc);
+    if (rc)
+        return;
+    idem_options o;
+    idem_options_init(&o);
+    o.key_prefix = prefix;
+    idem_layer *l;
+    rc = idem_layer_new(&l, s, &o);
+    check_rc(n, "idem_layer_new", rc);
+    if (rc == IDEM_OK) {
+        run_key(n, l, KEY_A, 0, p);
+        run_key(n, l, KEY_A, 0, p);   /* a replay, or runs if the first failed early */
+        run_key(n, l, KEY_B, 7, p);   /* a failing handler */
+
+        idem_request c = {.key = "c", .key_len = 1};
+        idem_claim *cl = NULL;
+        idem_reply r = {0};
+        rc = idem_begin(l, &c, &cl, &r);
+        check_rc(n, "idem_begin", rc);
+        if (rc == IDEM_OK && cl) {
+            check_rc(n, "idem_extend", idem_extend(cl, 60000));
+            rc = idem_commit(cl, 200, "step", 4);
+            check_rc(n, "idem_commit", rc);
+            if (rc == IDEM_OK)
+                p->stored[KEY_C] = true;
+            else if (idem_abort(cl) == IDEM_OK)
+                p->freed[KEY_C] = true;
+        } else if (rc == IDEM_ENOMEM && says_given_up()) {
+            p->freed[KEY_C] = true;
+        }
+        idem_reply_clear(&r);
+
+        idem_request d = {.key = "d", .key_len = 1};
+        rc = idem_begin(l, &d, &cl, &r);
+        check_rc(n, "idem_begin", rc);
+        if (rc == IDEM_OK && cl) {
+            rc = idem_abort(cl);
+            check_rc(n, "idem_abort", rc);
+            if (rc == IDEM_OK)
+                p->freed[KEY_D] = true;
+        } else if (rc == IDEM_ENOMEM && says_given_up()) {
+            p->freed[KEY_D] = true;
+        }
+        idem_reply_clear(&r);
+
+        idem_request e = {.key = "a", .key_len = 1};
+        handler_arg h = {0};
+        rc = idem_run_scoped(l, "tenant", 6, &e, handler, &h, &r);
+        check_rc(n, "idem_run_scoped", rc);
+        idem_reply_clear(&r);
+        idem_stats st;
+        idem_layer_stats(l, &st);
+        idem_layer_free(l);
+    }
+    idem_store_close(s);
+}
+
+/* With memory back: do the keys keep the run's promises? */
+static void verify(long n, const char *prefix, const promises *p)
+{
+    idem_store *s;
+    idem_layer *l;
+    idem_options o;
+    idem_options_init(&o);
+    o.key_prefix = prefix;
+    if (idem_store_open(&s, url) != IDEM_OK || idem_layer_new(&l, s, &o) != IDEM_OK) {
+        VIOLATION("N=%ld: the store cannot be opened afterwards: %s", n, idem_last_error());
+        return;
+    }
+    for (int k = 0; k < 4; k++) {
+        idem_request req = {.key = key_name[k], .key_len = 1, .fingerprint = k == KEY_A || k == KEY_B ? "fp" : NULL,
+                            .fingerprint_len = k == KEY_A || k == KEY_B ? 2 : 0};
+        handler_arg h = {0};
+        idem_reply r = {0};
+        int rc = idem_run(l, &req, handler, &h, &r);
+        if (rc != IDEM_OK)
+            VIOLATION("N=%ld key %s: %s afterwards (%s)", n, key_name[k], idem_error_name(rc), idem_last_error());
+        else if (p->stored[k] && r.outcome != IDEM_REPLAYED)
+            VIOLATION("N=%ld key %s: reported stored, but outcome %d afterwards", n, key_name[k], r.outcome);
+        else if (p->freed[k] && !p->stored[k] && r.outcome != IDEM_EXECUTED)
+            VIOLATION("N=%ld key %s: reported freed, but outcome %d afterwards", n, key_name[k], r.outcome);
+        else if (p->ran_unstored[k] && !p->stored[k] && !p->freed[k] && h.calls)
+            VIOLATION("N=%ld key %s: its handler ran, was not stored, and ran again", n, key_name[k]);
+        idem_reply_clear(&r);
+    }
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+/* One run with the Nth allocation failing; returns how many allocations
+ * the run counted, and in *leaked how many more are live afterwards. */
+static long run_once(long n, long *leaked)
+{
+    char prefix[32];
+    snprintf(prefix, sizeof prefix, "n%ld:", n);
+    promises p = {0};
+    long before = atomic_load(&nlive);
+    alloc_count = 0;
+    failures = 0;
+    fail_at = n;
+    counted_thread = true;
+    scenario(n, prefix, &p);
+    counted_thread = false;
+    long used = alloc_count;
+    *leaked = atomic_load(&nlive) - before;
+    fail_at = 0;
+    verify(n, prefix, &p);
+    return used;
+}
+
+/* Run N twice: the first run may fill a cache of a library on its path
+ * (OpenSSL's per-thread error queue, glibc's cache of thread stacks for a
+ * layer's background thread); a leak leaks again in the second run. */
+static long run_twice(long n)
+{
+    long leaked;
+    long used = run_once(n, &leaked);
+    if (leaked > 0) {
+        (void)run_once(n, &leaked);
+        if (leaked > 0)
+            VIOLATION("N=%ld: %ld allocations of the run were not freed", n, leaked);
+    }
+    return used;
+}
+
+int main(int argc, char **argv)
+{
+    long every = 1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--url") == 0 && i + 1 < argc)
+            url = argv[++i];
+        else if (strcmp(argv[i], "--every") == 0 && i + 1 < argc)
+            every = atol(argv[++i]);
+        else {
+            fprintf(stderr, "usage: oom --url URL [--every K]\n");
+            return 2;
+        }
+    }
+    if (!url || every < 1) {
+        fprintf(stderr, "usage: oom --url URL [--every K]\n");
+        return 2;
+    }
+    static char sqlite_url[4096];
+    if (strncmp(url, "sqlite://", 9) == 0 && !strchr(url, '?')) {
+        /* thousands of runs: no fsync per commit */
+        snprintf(sqlite_url, sizeof sqlite_url, "%s?synchronous=normal", url);
+        url = sqlite_url;
+    }
+    trace_failure = getenv("OOM_TRACE") != NULL;
+    long only = getenv("OOM_N") ? atol(getenv("OOM_N")) : 0;
+    /* warm up: what a process sets up once (libcrypto, the store's client
+     * library) is not part of the scenario */
+    promises warm = {0};
+    scenario(0, "warm:", &warm);
+    if (violations)
+        return 1;
+    long total = run_twice(0);
+    if (violations) {
+        fprintf(stderr, "oom: the scenario fails with memory to spare\n");
+        return 1;
+    }
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    long runs = 0;
+    for (long n = only ? only : 1; n <= (only ? only : total); n += every, runs++) {
+        long used = run_twice(n);
+        if (used < n)
+            break; /* the run needed fewer allocations: nothing failed */
+        if (violations > 20)
+            break;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+    printf("oom: %s: %ld allocations in the scenario, %ld runs with one of them failing, %.1f s, "
+           "%d violations\n", url, total, runs, secs, violations);
+    return violations ? 1 : 0;
+}
