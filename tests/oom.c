@@ -39,6 +39,10 @@
 
 /* ---- the allocator ---- */
 
+/* These run before AddressSanitizer has set itself up (it allocates while
+ * it starts), so they must not be instrumented. */
+#define NO_SANITIZE __attribute__((no_sanitize("address", "undefined")))
+
 static void *(*real_malloc)(size_t);
 static void *(*real_calloc)(size_t, size_t);
 static void *(*real_realloc)(void *, size_t);
@@ -48,7 +52,11 @@ static void (*real_free)(void *);
 static unsigned char bootstrap[4096];
 static size_t bootstrap_used;
 
-static _Thread_local bool counted_thread; /* the main thread, while a run is on */
+/* A run is on: allocations of the thread that runs it are counted. Not a
+ * thread-local: malloc is called before thread-locals are usable
+ * (AddressSanitizer's start-up). */
+static atomic_bool counting;
+static pthread_t   counting_thread;
 static long alloc_count;                  /* allocations of the current run */
 static long fail_at;                      /* 0: never */
 static long failures;                     /* injected in the current run */
@@ -58,7 +66,7 @@ static bool trace_failure;
  * this number changed has leaked (or freed what was not its own). */
 static atomic_long nlive;
 
-static void resolve(void)
+NO_SANITIZE static void resolve(void)
 {
     if (real_malloc)
         return;
@@ -69,32 +77,37 @@ static void resolve(void)
 }
 
 /* Should this allocation fail? Counts it. */
-static bool inject(void)
+NO_SANITIZE static bool counted_thread(void)
 {
-    if (!counted_thread)
+    return atomic_load_explicit(&counting, memory_order_relaxed) && pthread_equal(pthread_self(), counting_thread);
+}
+
+NO_SANITIZE static bool inject(void)
+{
+    if (!counted_thread())
         return false;
     if (++alloc_count == fail_at) {
         failures++;
         if (trace_failure) {
             /* OOM_TRACE=1: where each failure is injected, to chase a report */
             void *bt[16];
-            counted_thread = false;
+            atomic_store(&counting, false);
             int n = backtrace(bt, 16);
             fprintf(stderr, "oom: N=%ld fails here:\n", fail_at);
             backtrace_symbols_fd(bt, n, 2);
-            counted_thread = true;
+            atomic_store(&counting, true);
         }
         return true;
     }
     return false;
 }
 
-static bool from_bootstrap(const void *p)
+NO_SANITIZE static bool from_bootstrap(const void *p)
 {
     return (const unsigned char *)p >= bootstrap && (const unsigned char *)p < bootstrap + sizeof bootstrap;
 }
 
-void *malloc(size_t n)
+NO_SANITIZE void *malloc(size_t n)
 {
     resolve();
     if (inject()) {
@@ -107,7 +120,7 @@ void *malloc(size_t n)
     return p;
 }
 
-void *calloc(size_t a, size_t b)
+NO_SANITIZE void *calloc(size_t a, size_t b)
 {
     if (!real_calloc) {
         /* inside dlsym() */
@@ -128,7 +141,7 @@ void *calloc(size_t a, size_t b)
     return p;
 }
 
-void *realloc(void *old, size_t n)
+NO_SANITIZE void *realloc(void *old, size_t n)
 {
     resolve();
     if (from_bootstrap(old)) {
@@ -149,7 +162,7 @@ void *realloc(void *old, size_t n)
     return p;
 }
 
-void free(void *p)
+NO_SANITIZE void free(void *p)
 {
     if (!p || from_bootstrap(p))
         return;
@@ -158,7 +171,7 @@ void free(void *p)
     real_free(p);
 }
 
-char *strdup(const char *s)
+NO_SANITIZE char *strdup(const char *s)
 {
     size_t n = strlen(s) + 1;
     char *p = malloc(n);
@@ -167,7 +180,7 @@ char *strdup(const char *s)
     return p;
 }
 
-char *strndup(const char *s, size_t max)
+NO_SANITIZE char *strndup(const char *s, size_t max)
 {
     size_t n = strnlen(s, max);
     char *p = malloc(n + 1);
@@ -351,9 +364,10 @@ static long run_once(long n, long *leaked)
     alloc_count = 0;
     failures = 0;
     fail_at = n;
-    counted_thread = true;
+    counting_thread = pthread_self();
+    atomic_store(&counting, true);
     scenario(n, prefix, &p);
-    counted_thread = false;
+    atomic_store(&counting, false);
     long used = alloc_count;
     *leaked = atomic_load(&nlive) - before;
     fail_at = 0;
