@@ -8,7 +8,9 @@
  *   - a claim whose reply comes back late (held, or trickled byte by byte
  *     under the per-read timeout) or, on SQLite, after another connection
  *     held the write lock, never runs its handler;
- *   - 64 threads on hot keys with zero-time handlers never run one twice;
+ *   - 64 threads on hot keys with zero-time handlers never start one after
+ *     its lease, nor run one twice (but after a commit that waited on the
+ *     store past its lease, which then says IDEM_ELOST);
  *   - auto_extend keeps a slow handler's key from a retry in another
  *     process; SIGKILL still frees the key after one lease; SIGSTOP past the
  *     lease still ends in IDEM_ELOST;
@@ -201,6 +203,7 @@ static void freeze(own_store *o)
 #ifdef IDEM_HAVE_SQLITE
         const char *path = o->srv.url + strlen("sqlite://");
         cr_assert_eq(sqlite3_open(path, &o->locker), SQLITE_OK);
+        sqlite3_busy_timeout(o->locker, 10000);
         cr_assert_eq(sqlite3_exec(o->locker, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK,
                      "cannot take the write lock: %s", sqlite3_errmsg(o->locker));
 #endif
@@ -356,13 +359,18 @@ Test(leases, claim_reply_trickled_under_the_read_timeout_never_runs_the_handler)
 }
 
 #ifdef IDEM_HAVE_SQLITE
+static atomic_int lock_held;
+
 static void *hold_write_lock(void *arg)
 {
     const char *path = arg;
     sqlite3 *db;
-    if (sqlite3_open(path, &db) != SQLITE_OK)
+    if (sqlite3_open(path, &db) != SQLITE_OK || sqlite3_busy_timeout(db, 10000) != SQLITE_OK ||
+        sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        atomic_store(&lock_held, -1);
         return NULL;
-    sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
+    }
+    atomic_store(&lock_held, 1);
     sleep_ms(1000);
     sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
     sqlite3_close(db);
@@ -393,7 +401,11 @@ Test(leases, sqlite_claim_behind_a_held_write_lock_never_runs_two_handlers_at_on
         return;
     }
 #ifdef IDEM_HAVE_SQLITE
-    const char *url = getenv("IDEM_TEST_URL");
+    /* a file of its own: holding the write lock of the shared one would
+     * stall the other tests' renewals */
+    own_store own;
+    own_start(&own);
+    const char *url = own.srv.url;
     idem_store *s = open_store(url);
     idem_options o = options(300);
     idem_layer *l = open_layer(s, &o);
@@ -401,7 +413,9 @@ Test(leases, sqlite_claim_behind_a_held_write_lock_never_runs_two_handlers_at_on
      * one key wait behind it with a 300 ms lease */
     pthread_t locker;
     pthread_create(&locker, NULL, hold_write_lock, (void *)(url + strlen("sqlite://")));
-    sleep_ms(100);
+    while (atomic_load(&lock_held) == 0)
+        sleep_ms(5);
+    cr_assert_eq(atomic_load(&lock_held), 1, "the test could not take the write lock");
     job j1 = job_new(0), j2 = job_new(0);
     j1.inside = j2.inside = count_overlap;
     late_run a = {.layer = l, .key = "locked", .job = &j1}, b = {.layer = l, .key = "locked", .job = &j2};
@@ -426,6 +440,7 @@ Test(leases, sqlite_claim_behind_a_held_write_lock_never_runs_two_handlers_at_on
     idem_reply_clear(&r);
     idem_layer_free(l);
     idem_store_close(s);
+    own_stop(&own);
 #endif
 }
 
@@ -433,19 +448,31 @@ Test(leases, sqlite_claim_behind_a_held_write_lock_never_runs_two_handlers_at_on
 
 #define HOT_THREADS 64
 #define HOT_KEYS    200
+#define HOT_LEASE   2000
 
 typedef struct hot {
     idem_layer *layer;
-    atomic_int *runs;            /* per key */
+    atomic_int *runs;            /* per key: handler runs */
+    atomic_int *lost;            /* per key: runs whose commit came back IDEM_ELOST */
     pthread_barrier_t *go;
     int         group;
     int         backend_errors;
     int         other;
+    int         late;            /* handlers started more than a lease after their call */
 } hot;
+
+typedef struct hot_call {
+    atomic_int *runs;
+    long        called;
+    int        *late;
+} hot_call;
 
 static int zero_time(void *arg, idem_response *resp)
 {
-    atomic_fetch_add((atomic_int *)arg, 1);
+    hot_call *c = arg;
+    if (mono_ms() - c->called > HOT_LEASE)
+        (*c->late)++;
+    atomic_fetch_add(c->runs, 1);
     return idem_response_set(resp, 200, "z", 1) == IDEM_OK ? 0 : 1;
 }
 
@@ -461,9 +488,12 @@ static void *hot_thread(void *arg)
         snprintf(key, sizeof key, "hot%d", k);
         idem_request req = req_str(key);
         idem_reply r = {0};
-        int rc = idem_run(h->layer, &req, zero_time, &h->runs[k], &r);
+        hot_call call = {.runs = &h->runs[k], .called = mono_ms(), .late = &h->late};
+        int rc = idem_run(h->layer, &req, zero_time, &call, &r);
         if (rc == IDEM_EBACKEND)
             h->backend_errors++;
+        else if (rc == IDEM_ELOST)
+            atomic_fetch_add(&h->lost[k], 1);
         else if (rc != IDEM_OK)
             h->other++;
         idem_reply_clear(&r);
@@ -471,37 +501,45 @@ static void *hot_thread(void *arg)
     return NULL;
 }
 
-Test(leases, sixty_four_threads_on_hot_keys_never_run_a_zero_time_handler_twice)
+/* A zero-time handler never starts after its claim's lease, and never runs
+ * twice, but for one limit the README states: a run whose commit waited on
+ * the store past its lease comes back IDEM_ELOST, and then a retry runs. */
+Test(leases, sixty_four_threads_on_hot_keys_run_each_zero_time_handler_once)
 {
     idem_store *s = open_store(getenv("IDEM_TEST_URL"));
-    idem_options o = options(2000);
+    idem_options o = options(HOT_LEASE);
     idem_layer *l = open_layer(s, &o);
-    atomic_int runs[HOT_KEYS] = {0};
+    atomic_int runs[HOT_KEYS] = {0}, lost[HOT_KEYS] = {0};
     pthread_barrier_t go;
     pthread_barrier_init(&go, NULL, HOT_THREADS);
     hot h[HOT_THREADS];
     pthread_t t[HOT_THREADS];
     for (int i = 0; i < HOT_THREADS; i++) {
-        h[i] = (hot){.layer = l, .runs = runs, .go = &go, .group = i % 8};
+        h[i] = (hot){.layer = l, .runs = runs, .lost = lost, .go = &go, .group = i % 8};
         pthread_create(&t[i], NULL, hot_thread, &h[i]);
     }
-    int errors = 0, other = 0;
+    int errors = 0, other = 0, late = 0;
     for (int i = 0; i < HOT_THREADS; i++) {
         pthread_join(t[i], NULL);
         errors += h[i].backend_errors;
         other += h[i].other;
+        late += h[i].late;
     }
     pthread_barrier_destroy(&go);
-    int ran = 0;
+    int ran = 0, twice_after_a_slow_commit = 0;
     for (int k = 0; k < HOT_KEYS; k++) {
-        cr_assert_leq(atomic_load(&runs[k]), 1, "key hot%d: its handler ran %d times", k,
-                      atomic_load(&runs[k]));
-        ran += atomic_load(&runs[k]);
+        int n = atomic_load(&runs[k]), nl = atomic_load(&lost[k]);
+        cr_assert_leq(n - nl, 1, "key hot%d: its handler ran %d times, and only %d of the runs came back "
+                      "IDEM_ELOST", k, n, nl);
+        twice_after_a_slow_commit += n > 1;
+        ran += n > 0;
     }
-    cr_assert_eq(other, 0, "calls failed with other errors than a store error");
+    cr_assert_eq(late, 0, "%d handlers started more than a lease after their call", late);
+    cr_assert_eq(other, 0, "calls failed with other errors than a store error or IDEM_ELOST");
     cr_assert_geq(ran, HOT_KEYS / 2, "only %d of %d keys ran (%d store errors): the test proved little",
                   ran, HOT_KEYS, errors);
-    cr_log_info("%d keys ran once, %d store errors (claims given up) among %d calls", ran, errors,
+    cr_log_info("%d keys ran, %d of them twice after a commit that waited past its lease; %d store errors "
+                "(claims given up) among %d calls", ran, twice_after_a_slow_commit, errors,
                 HOT_THREADS * HOT_KEYS);
     idem_layer_free(l);
     idem_store_close(s);
@@ -569,7 +607,7 @@ Test(leases, auto_extend_keeps_a_slow_handlers_key_from_a_retry_in_another_proce
 {
     /* the steps of a double charge without renewal: lease L, a handler of
      * 3 L, a retry from another process at 1.5 L */
-    const uint32_t lease = is_memcached() ? 1500 : 600;
+    const uint32_t lease = is_memcached() ? 2000 : 1000;
     atomic_int *charges = shared_counter();
     int notify[2], result[2];
     nonblocking_pipe(notify);
@@ -609,7 +647,7 @@ Test(leases, auto_extend_keeps_a_slow_handlers_key_from_a_retry_in_another_proce
 
 Test(leases, sigkill_of_an_auto_extending_process_still_frees_the_key_after_one_lease)
 {
-    const uint32_t lease = is_memcached() ? 1500 : 600;
+    const uint32_t lease = is_memcached() ? 2000 : 1000;
     atomic_int *charges = shared_counter();
     int notify[2], result[2];
     nonblocking_pipe(notify);
@@ -647,7 +685,7 @@ Test(leases, sigkill_of_an_auto_extending_process_still_frees_the_key_after_one_
 
 Test(leases, sigstop_past_the_lease_still_ends_in_elost_with_auto_extend)
 {
-    const uint32_t lease = is_memcached() ? 1500 : 600;
+    const uint32_t lease = is_memcached() ? 2000 : 1000;
     atomic_int *charges = shared_counter();
     int notify[2], result[2];
     nonblocking_pipe(notify);
@@ -701,7 +739,7 @@ static int renewing_handler(void *arg, idem_response *resp)
 Test(leases, a_handler_renews_its_own_lease_and_sees_what_is_left)
 {
     idem_store *s = open_store(getenv("IDEM_TEST_URL"));
-    self_renew x = {.lease_ms = is_memcached() ? 1500 : 500};
+    self_renew x = {.lease_ms = is_memcached() ? 2000 : 1000};
     idem_options o = options(x.lease_ms);
     idem_layer *l = open_layer(s, &o);
     idem_request req = req_str("renew-self");
