@@ -15,7 +15,16 @@
  *     up") runs again, and a handler that ran is never run again while its
  *     key is claimed.
  *
- *   oom --url URL [--every K]   (every K-th N only; default 1: all of them)
+ * Before that, the first use of libcrypto in a process (idem_layer_new()
+ * sets it up) is failed at its Nth allocation, in a new process each time:
+ * it must fail cleanly, and the next layer must work (a failure is not
+ * remembered for the life of the process).
+ *
+ *   oom --url URL [--every K] [--first-every K]
+ *     --every K        the scenario for every K-th N only (default 1: all)
+ *     --first-every K  the first use of libcrypto for every K-th N only
+ *                      (default 1; it needs about 2700 allocations, a
+ *                      process each: some 5 s)
  *
  * malloc, calloc, realloc, free, strdup and strndup are replaced in this
  * program, so the library, libcrypto and the store's client library all
@@ -33,6 +42,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <idempotency/idempotency.h>
@@ -390,21 +400,80 @@ static long run_twice(long n)
     return used;
 }
 
+/* The first use of libcrypto in a process, with its Nth allocation failing
+ * (in a new child process each time, since a success is kept): the
+ * layer's set-up fails cleanly with IDEM_ENOMEM, and the next layer's set-up
+ * and a fingerprinted request work. Returns how many allocations the first
+ * set-up needs, or -1 after a violation. */
+static long first_use(long n)
+{
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0)
+        return -1;
+    if (pid == 0) {
+        idem_store *s;
+        if (idem_store_open(&s, url) != IDEM_OK)
+            _exit(4);
+        idem_layer *l = NULL;
+        alloc_count = 0;
+        fail_at = n;
+        counting_thread = pthread_self();
+        atomic_store(&counting, true);
+        int rc = idem_layer_new(&l, s, NULL);
+        atomic_store(&counting, false);
+        fail_at = 0;
+        if (alloc_count < n)
+            _exit(rc == IDEM_OK ? 3 : 1); /* nothing failed: the end of the set-up */
+        if (rc != IDEM_OK && rc != IDEM_ENOMEM)
+            _exit(1);
+        if (rc == IDEM_OK)
+            idem_layer_free(l);
+        if (idem_layer_new(&l, s, NULL) != IDEM_OK)
+            _exit(2); /* the failure was remembered */
+        idem_request req = {.key = "k", .key_len = 1, .fingerprint = "fp", .fingerprint_len = 2};
+        handler_arg h = {0};
+        idem_reply r = {0};
+        if (idem_run(l, &req, handler, &h, &r) != IDEM_OK)
+            _exit(2);
+        _exit(0);
+    }
+    int st;
+    if (waitpid(pid, &st, 0) != pid)
+        return -1;
+    if (WIFSIGNALED(st)) {
+        VIOLATION("first use of libcrypto, N=%ld: the process died of signal %d", n, WTERMSIG(st));
+        return -1;
+    }
+    switch (WEXITSTATUS(st)) {
+    case 0: return n + 1;
+    case 3: return n;
+    case 2: VIOLATION("first use of libcrypto, N=%ld: a failure was remembered: the next layer or "
+                      "fingerprint failed with memory back", n); return -1;
+    case 4: VIOLATION("first use of libcrypto, N=%ld: the store could not be opened", n); return -1;
+    default: VIOLATION("first use of libcrypto, N=%ld: idem_layer_new returned an undocumented code", n);
+             return -1;
+    }
+}
+
 int main(int argc, char **argv)
 {
-    long every = 1;
+    long every = 1, first_every = 1;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--url") == 0 && i + 1 < argc)
             url = argv[++i];
         else if (strcmp(argv[i], "--every") == 0 && i + 1 < argc)
             every = atol(argv[++i]);
+        else if (strcmp(argv[i], "--first-every") == 0 && i + 1 < argc)
+            first_every = atol(argv[++i]);
         else {
-            fprintf(stderr, "usage: oom --url URL [--every K]\n");
+            fprintf(stderr, "usage: oom --url URL [--every K] [--first-every K]\n");
             return 2;
         }
     }
-    if (!url || every < 1) {
-        fprintf(stderr, "usage: oom --url URL [--every K]\n");
+    if (!url || every < 1 || first_every < 1) {
+        fprintf(stderr, "usage: oom --url URL [--every K] [--first-every K]\n");
         return 2;
     }
     static char sqlite_url[4096];
@@ -415,6 +484,23 @@ int main(int argc, char **argv)
     }
     trace_failure = getenv("OOM_TRACE") != NULL;
     long only = getenv("OOM_N") ? atol(getenv("OOM_N")) : 0;
+    /* the first use of libcrypto, before anything set it up */
+    struct timespec f0, f1;
+    clock_gettime(CLOCK_MONOTONIC, &f0);
+    long first_runs = 0, first_total = 0;
+    for (long n = 1;; n += first_every, first_runs++) {
+        long r = first_use(n);
+        if (r < 0 && violations > 20)
+            break;
+        if (r == n) {
+            first_total = n;
+            break;
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &f1);
+    printf("oom: first use of libcrypto: about %ld allocations, %ld processes with one of them "
+           "failing (every %ld-th), %.1f s\n", first_total, first_runs, first_every,
+           (double)(f1.tv_sec - f0.tv_sec) + (double)(f1.tv_nsec - f0.tv_nsec) / 1e9);
     /* warm up: what a process sets up once (libcrypto, the store's client
      * library) is not part of the scenario */
     promises warm = {0};
