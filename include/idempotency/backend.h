@@ -302,6 +302,13 @@ struct idem_backend {
      * expires by the store's clock, or UINT32_MAX when the store cannot tell
      * (the core then uses the deadline in the record). Both in one round
      * trip where the store allows it.
+     * The core counts a won claim's lease from before this call: when the
+     * call returns after more than half of lease_ms, the handler does not
+     * run and the core releases the claim at once. A driver must therefore
+     * never stretch a lease by starting it later than the write (it may
+     * start it at the write, as SQLite does after waiting for the lock).
+     * After IDEM_EBACKEND the core assumes the claim may have landed, and
+     * later releases it, fenced by its token, once the store answers.
      */
     int (*claim)(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
                  uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms);
