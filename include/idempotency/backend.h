@@ -304,9 +304,10 @@ struct idem_backend {
      * trip where the store allows it.
      * The core counts a won claim's lease from before this call: when the
      * call returns after more than half of lease_ms, the handler does not
-     * run and the core releases the claim at once. A driver must therefore
-     * never stretch a lease by starting it later than the write (it may
-     * start it at the write, as SQLite does after waiting for the lock).
+     * run and the core releases the claim at once. The store must not
+     * expire a claim sooner than lease_ms after this call began (counting
+     * from the write, as SQLite does after waiting for its lock, is later
+     * and so allowed).
      * After IDEM_EBACKEND the core assumes the claim may have landed, and
      * later releases it, fenced by its token, once the store answers.
      */
