@@ -45,6 +45,7 @@ struct idem_keeper {
     pthread_cond_t   cond;       /* wakes the thread; also signals a renewal done */
     pthread_t        thread;
     bool             started, stop;
+    unsigned         generation; /* idem__fork_generation() when the thread started */
     pending         *pending;
     atomic_size_t    npending;
     uint64_t         next_round; /* monotonic ms of the next try at the pending frees */
@@ -205,6 +206,7 @@ static int start_locked(idem_keeper *k)
     if (pthread_create(&k->thread, NULL, keeper_main, k) != 0)
         return IDEM_ENOMEM;
     k->started = true;
+    k->generation = idem__fork_generation();
     return IDEM_OK;
 }
 
@@ -220,6 +222,18 @@ void idem__keeper_free(idem_keeper *k)
 {
     if (!k)
         return;
+    if (k->started && k->generation != idem__fork_generation()) {
+        /* A child of the process whose thread this was: the thread is not
+         * here, and the lock may have been held by it at fork(). Only our
+         * copy of the memory is freed. */
+        while (k->pending) {
+            pending *p = k->pending;
+            k->pending = p->next;
+            free(p);
+        }
+        free(k);
+        return;
+    }
     pthread_mutex_lock(&k->mu);
     k->stop = true;
     pthread_cond_broadcast(&k->cond);

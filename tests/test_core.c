@@ -2368,3 +2368,28 @@ Test(core, layer_free_with_keys_still_to_free_neither_hangs_nor_leaks)
     layer = NULL;
     cr_assert(mono_ms() - t0 < 2000, "idem_layer_free waited for the store");
 }
+
+Test(core, a_layer_with_a_running_renewal_thread_is_freed_in_a_forked_child_without_hanging)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.auto_extend = true; /* the layer's thread runs from idem_layer_new() */
+    start_with(&o);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        alarm(10); /* a hang ends as a failure, not a stuck test */
+        idem_layer_free(layer);
+        _exit(0);
+    }
+    int st;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child did not free the layer cleanly (%#x)", st);
+    /* the parent's layer still works, thread and all */
+    idem_request req = req_of("k");
+    job j = job_ok(200, "ok", 2);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    idem_reply_clear(&r);
+}
