@@ -206,6 +206,9 @@ static size_t key_bytes(int k, unsigned char *out)
  * are not prefixes of each other. */
 static const char *const layer_prefix[NLAYERS] = {"stressA:", "stressB:"};
 static const uint32_t layer_ttl_s[NLAYERS] = {3600, 1};
+/* Layer 1 renews the leases of its running handlers (auto_extend): its
+ * handlers that outlive the lease keep their keys instead of losing them. */
+static const bool layer_auto_extend[NLAYERS] = {false, true};
 
 /* ---- the workers ---- */
 
@@ -459,6 +462,7 @@ static int worker_main(uint64_t deadline_us)
         o.key_prefix = layer_prefix[l];
         o.lease_ms = cfg.lease_ms;
         o.ttl_s = layer_ttl_s[l];
+        o.auto_extend = layer_auto_extend[l];
         if (idem_layer_new(&layers[l], store, &o) != IDEM_OK) {
             fprintf(stderr, "worker: idem_layer_new: %s\n", idem_last_error());
             return 1;
