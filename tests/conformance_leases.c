@@ -43,7 +43,7 @@
 
 #include <idempotency/idempotency.h>
 
-#ifdef IDEM_HAVE_SQLITE
+#ifdef IDEM_TEST_HAVE_SQLITE
 #include <sqlite3.h>
 #endif
 
@@ -69,6 +69,12 @@ static void setup(void)
     uint32_t r;
     cr_assert_eq(getrandom(&r, sizeof r, 0), (ssize_t)sizeof r);
     snprintf(prefix, sizeof prefix, "L%ld-%08x:", (long)getpid(), r);
+#ifndef IDEM_TEST_HAVE_SQLITE
+    /* SQLite's store is frozen by holding its write lock with sqlite3 */
+    if (is_sqlite())
+        cr_fail("conformance was built without SQLite (IDEM_TEST_HAVE_SQLITE): the lease tests cannot "
+                "freeze an SQLite store");
+#endif
 }
 
 TestSuite(leases, .init = setup, .timeout = 120);
@@ -175,7 +181,7 @@ static job job_new(long sleep)
 typedef struct own_store {
     idem_test_server srv;
     char            *url;        /* with short timeouts */
-#ifdef IDEM_HAVE_SQLITE
+#ifdef IDEM_TEST_HAVE_SQLITE
     sqlite3         *locker;     /* holds the write lock while frozen */
 #endif
 } own_store;
@@ -190,7 +196,7 @@ static void own_start(own_store *o)
 
 static void own_stop(own_store *o)
 {
-#ifdef IDEM_HAVE_SQLITE
+#ifdef IDEM_TEST_HAVE_SQLITE
     if (o->locker)
         sqlite3_close(o->locker);
 #endif
@@ -234,7 +240,7 @@ static bool stopped(pid_t pid, long timeout_ms)
 static void freeze(own_store *o)
 {
     if (is_sqlite()) {
-#ifdef IDEM_HAVE_SQLITE
+#ifdef IDEM_TEST_HAVE_SQLITE
         const char *path = o->srv.url + strlen("sqlite://");
         cr_assert_eq(sqlite3_open(path, &o->locker), SQLITE_OK);
         sqlite3_busy_timeout(o->locker, 10000);
@@ -253,7 +259,7 @@ static void freeze(own_store *o)
 static void thaw(own_store *o)
 {
     if (is_sqlite()) {
-#ifdef IDEM_HAVE_SQLITE
+#ifdef IDEM_TEST_HAVE_SQLITE
         sqlite3_exec(o->locker, "ROLLBACK", NULL, NULL, NULL);
         sqlite3_close(o->locker);
         o->locker = NULL;
@@ -401,7 +407,7 @@ Test(leases, claim_reply_trickled_under_the_read_timeout_never_runs_the_handler)
     late_reply_case(IDEM_PROXY_TRICKLE, 150, 400, "timeout_ms=300");
 }
 
-#ifdef IDEM_HAVE_SQLITE
+#ifdef IDEM_TEST_HAVE_SQLITE
 static atomic_int lock_held;
 
 static void *hold_write_lock(void *arg)
@@ -443,7 +449,7 @@ Test(leases, sqlite_claim_behind_a_held_write_lock_never_runs_two_handlers_at_on
         cr_log_info("SQLite only: %s has no write lock", kind);
         return;
     }
-#ifdef IDEM_HAVE_SQLITE
+#ifdef IDEM_TEST_HAVE_SQLITE
     /* a file of its own: holding the write lock of the shared one would
      * stall the other tests' renewals */
     own_store own;
