@@ -57,6 +57,22 @@ static char prefix[64];
 
 static bool is_sqlite(void) { return strcmp(kind, "sqlite") == 0; }
 static bool is_memcached(void) { return strncmp(kind, "memcached", 9) == 0; }
+/* memory://: the store lives inside one process, with no wire and no
+ * server to stop. */
+static bool is_memory(void) { return strcmp(kind, "memory") == 0; }
+
+#define NOT_APPLICABLE_IF(cond, why)                                                               \
+    do {                                                                                           \
+        if (cond)                                                                                  \
+            cr_skip_test("not applicable to %s: %s", kind, why);                                   \
+    } while (0)
+#define NEEDS_A_WIRE() NOT_APPLICABLE_IF(is_sqlite() || is_memory(), "an embedded store has no reply " \
+                                         "on a wire to slow down (SQLite's late claim is its held "  \
+                                         "write lock, tested on its own)")
+#define NEEDS_PROCESSES() NOT_APPLICABLE_IF(is_memory(), "it lives inside one process, so another " \
+                                            "process cannot share it")
+#define NEEDS_A_FREEZE() NOT_APPLICABLE_IF(is_memory(), "an in-process store cannot be frozen apart " \
+                                           "from the process")
 
 /* memcached counts item expiry in whole seconds. */
 static long expiry_slack_ms(void) { return is_memcached() ? 2100 : 500; }
@@ -387,10 +403,7 @@ static void late_reply_case(idem_proxy_mode mode, uint32_t delay_ms, uint32_t le
 
 Test(leases, claim_reply_held_past_the_lease_never_runs_the_handler)
 {
-    if (is_sqlite()) {
-        cr_log_info("SQLite is embedded: its late claim is the held write lock, tested below");
-        return;
-    }
+    NEEDS_A_WIRE();
     /* lease 300 ms, per-read timeout 8000 ms: the claim's reply is held
      * until another request has claimed, run and committed the key */
     late_reply_case(IDEM_PROXY_DELAY, 6000, 300, "timeout_ms=8000");
@@ -398,10 +411,7 @@ Test(leases, claim_reply_held_past_the_lease_never_runs_the_handler)
 
 Test(leases, claim_reply_trickled_under_the_read_timeout_never_runs_the_handler)
 {
-    if (is_sqlite()) {
-        cr_log_info("SQLite is embedded: no reply to trickle");
-        return;
-    }
+    NEEDS_A_WIRE();
     /* lease 400 ms above timeout_ms=300: one byte every 150 ms never trips
      * a per-read timeout, and the reply takes longer than the lease */
     late_reply_case(IDEM_PROXY_TRICKLE, 150, 400, "timeout_ms=300");
@@ -445,10 +455,7 @@ static void count_overlap(void)
 
 Test(leases, sqlite_claim_behind_a_held_write_lock_never_runs_two_handlers_at_once)
 {
-    if (!is_sqlite()) {
-        cr_log_info("SQLite only: %s has no write lock", kind);
-        return;
-    }
+    NOT_APPLICABLE_IF(!is_sqlite(), "only SQLite has a write lock another connection can hold");
 #ifdef IDEM_TEST_HAVE_SQLITE
     /* a file of its own: holding the write lock of the shared one would
      * stall the other tests' renewals */
@@ -657,6 +664,7 @@ static void nonblocking_pipe(int fds[2])
 
 Test(leases, auto_extend_keeps_a_slow_handlers_key_from_a_retry_in_another_process)
 {
+    NEEDS_PROCESSES();
     /* the steps of a double charge without renewal: lease L, a handler of
      * 3 L, a retry from another process at 1.5 L */
     const uint32_t lease = is_memcached() ? 2000 : 1000;
@@ -699,6 +707,7 @@ Test(leases, auto_extend_keeps_a_slow_handlers_key_from_a_retry_in_another_proce
 
 Test(leases, sigkill_of_an_auto_extending_process_still_frees_the_key_after_one_lease)
 {
+    NEEDS_PROCESSES();
     const uint32_t lease = is_memcached() ? 2000 : 1000;
     atomic_int *charges = shared_counter();
     int notify[2], result[2];
@@ -737,6 +746,7 @@ Test(leases, sigkill_of_an_auto_extending_process_still_frees_the_key_after_one_
 
 Test(leases, sigstop_past_the_lease_still_ends_in_elost_with_auto_extend)
 {
+    NEEDS_PROCESSES();
     const uint32_t lease = is_memcached() ? 2000 : 1000;
     atomic_int *charges = shared_counter();
     int notify[2], result[2];
@@ -825,6 +835,7 @@ static void freeze_inside(void)
 
 Test(leases, commit_timeout_ms_bounds_the_commit_against_a_frozen_store)
 {
+    NEEDS_A_FREEZE();
     own_store o;
     own_start(&o);
     idem_store *s = open_store(o.url);
@@ -861,6 +872,7 @@ Test(leases, commit_timeout_ms_bounds_the_commit_against_a_frozen_store)
 
 Test(leases, a_claim_that_timed_out_on_a_frozen_store_is_freed_once_it_answers)
 {
+    NEEDS_A_FREEZE();
     own_store o;
     own_start(&o);
     idem_store *s = open_store(o.url);
@@ -895,6 +907,7 @@ Test(leases, a_claim_that_timed_out_on_a_frozen_store_is_freed_once_it_answers)
 
 Test(leases, failed_handler_whose_key_could_not_be_freed_says_so_and_the_layer_frees_it_later)
 {
+    NEEDS_A_FREEZE();
     own_store o;
     own_start(&o);
     idem_store *s = open_store(o.url);
