@@ -79,9 +79,18 @@ static long expiry_slack_ms(void) { return is_memcached() ? 2100 : 500; }
 
 static void setup(void)
 {
-    kind = getenv("IDEM_TEST_BACKEND");
-    if (!kind)
-        kind = "sqlite";
+    /* the kind of store from the URL under test (whichever way the runner
+     * was told to pick it) */
+    const char *url = getenv("IDEM_TEST_URL");
+    cr_assert(url, "IDEM_TEST_URL is not set; run this through meson test");
+    static const char *const kinds[] = {"sqlite", "redis", "memcached", "memory"};
+    kind = NULL;
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (strncmp(url, kinds[i], strlen(kinds[i])) == 0 && strchr(":+", url[strlen(kinds[i])]))
+            kind = kinds[i];
+    cr_assert(kind, "the lease tests do not know the store at %s", url);
+    if (strcmp(kind, "memcached") == 0 && strchr(url, ','))
+        kind = "memcached2";
     uint32_t r;
     cr_assert_eq(getrandom(&r, sizeof r, 0), (ssize_t)sizeof r);
     snprintf(prefix, sizeof prefix, "L%ld-%08x:", (long)getpid(), r);
