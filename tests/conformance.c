@@ -763,6 +763,21 @@ Test(table, claim_on_a_free_key_stores_the_record_and_on_a_live_one_returns_it_w
     free(rb.p);
 }
 
+Test(table, claim_sent_again_after_a_lost_reply_finds_its_own_started_record_and_has_claimed)
+{
+    uint8_t a[IDEM_TOKEN_LEN];
+    new_token(a);
+    tkey k = tk("t-claim-again");
+    rec ra = started(a, 10000);
+    claim_wins(k, ra, 10000);
+    claim_wins(k, ra, 10000); /* the same claim again: it is the caller's, not another's */
+    rec ca = completed(a, 200, "mine");
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 60000), IDEM_OK, "%s", idem_last_error());
+    /* Its own COMPLETED record is no claim of its own: a claim loses to it. */
+    claim_loses_to(k, ra, 10000, ca);
+    free(ra.p), free(ca.p);
+}
+
 Test(table, claim_on_an_expired_record_takes_it_over_and_fences_out_the_old_token)
 {
     uint8_t a[IDEM_TOKEN_LEN], b[IDEM_TOKEN_LEN];
@@ -931,7 +946,11 @@ Test(table, read_returns_a_live_record_and_its_time_left_and_changes_nothing)
     cr_assert_arr_eq(got, ra.p, ra.len);
     cr_assert(left == UINT32_MAX || left <= 400, "remaining_ms %u of a 400 ms lease", left);
     free(got);
-    claim_loses_to(k, ra, 400, ra); /* read claimed nothing and extended nothing */
+    uint8_t b[IDEM_TOKEN_LEN];
+    new_token(b);
+    rec rb = started(b, 400);
+    claim_loses_to(k, rb, 400, ra); /* read claimed nothing and extended nothing */
+    free(rb.p);
     sleep_ms(800);
     cr_assert_eq(driver->read(tstate, k.k, k.n, &got, &got_len, &left), IDEM_OK, "%s", idem_last_error());
     cr_assert_null(got, "an expired record reads as none");

@@ -315,8 +315,12 @@ static int mem_claim(void *state, const void *key, size_t key_len, const void *r
     pthread_mutex_lock(&t->mu);
     uint64_t now = now_ms();
     entry *e = find(t, key, key_len, now);
+    idem_record_info mine;
     int rc;
-    if (e) {
+    if (e && idem_record_peek(record, record_len, &mine) == IDEM_OK &&
+        fenced(e, mine.token, IDEM_STATE_STARTED)) {
+        rc = IDEM_OK; /* this very claim, sent again: it is the caller's */
+    } else if (e) {
         rc = idem_record_dup("memory", e->rec, e->rec_len, existing, existing_len);
         *remaining_ms = remaining(e, now);
     } else {
