@@ -129,11 +129,33 @@ int idem_test_server_start(idem_test_server *srv, const char *kind)
     return -1;
 }
 
+/* Gone: no such process, or a zombie (its descriptors, and so its
+ * listening socket, are closed). */
+static bool pid_gone(pid_t pid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%ld/stat", (long)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return kill(pid, 0) != 0 && errno == ESRCH;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *end = strrchr(buf, ')');   /* "pid (comm) S ..." */
+    return end && end[1] == ' ' && (end[2] == 'Z' || end[2] == 'X');
+}
+
 void idem_test_server_kill(idem_test_server *srv, int i)
 {
-    if (srv->pids[i] > 0) {
-        kill(srv->pids[i], SIGKILL);
-        waitpid(srv->pids[i], NULL, 0);
+    pid_t pid = srv->pids[i];
+    if (pid > 0) {
+        kill(pid, SIGKILL);
+        /* A test process that is not the server's parent (a Criterion test
+         * reads the PID from a file) cannot wait for it: poll until it is
+         * gone, so a restart on its port does not race its listening socket. */
+        if (waitpid(pid, NULL, 0) != pid)
+            for (int waited = 0; waited < 5000 && !pid_gone(pid); waited += 5)
+                usleep(5000);
         srv->pids[i] = 0;
     }
 }
