@@ -882,19 +882,21 @@ Test(table, extend_on_a_taken_over_claim_is_lost_and_the_new_holder_keeps_its_le
     new_token(a);
     new_token(b);
     tkey k = tk("t-extend");
-    rec ra = started(a, 300);
-    claim_wins(k, ra, 300);
-    rec longer = started(a, 600);
-    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, longer.p, longer.len, 600), IDEM_OK,
+    rec ra = started(a, 5000);
+    claim_wins(k, ra, 5000);
+    /* extend sets the expiry it is given, here a shorter one: only that
+     * lets the claim below take over. */
+    rec shorter = started(a, 400);
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, shorter.p, shorter.len, 400), IDEM_OK,
                  "the holder extends its live claim: %s", idem_last_error());
-    sleep_ms(1000);
+    sleep_ms(1200);
     rec rb = started(b, 10000);
     claim_wins(k, rb, 10000);
     rec late = started(a, 10000);
     cr_assert_eq(driver->extend(tstate, k.k, k.n, a, late.p, late.len, 10000), IDEM_ELOST);
     uint32_t left = claim_loses_to(k, late, 10000, rb); /* still b's record, unchanged */
     cr_assert(left == UINT32_MAX || left > 5000, "remaining_ms %u", left);
-    free(ra.p), free(longer.p), free(rb.p), free(late.p);
+    free(ra.p), free(shorter.p), free(rb.p), free(late.p);
 }
 
 Test(table, foreign_bytes_are_returned_by_claim_and_fence_out_every_token)
