@@ -96,6 +96,38 @@ int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len)
     return IDEM_OK;
 }
 
+int idem_record_build(void **out, size_t *out_len, int state, const uint8_t *token,
+                      uint64_t deadline_ms, int status, const void *body, size_t body_len)
+{
+    if (!out || !out_len || !token)
+        return idem_error_set(IDEM_EINVAL, "idem_record_build: out, out_len and token must not be NULL");
+    idem_record rec = {.state = state, .deadline_ms = deadline_ms};
+    memcpy(rec.token, token, IDEM_TOKEN_LEN);
+    if (state == IDEM_STATE_STARTED) {
+        if (deadline_ms == 0)
+            return idem_error_set(IDEM_EINVAL, "idem_record_build: a STARTED record needs a lease deadline");
+    } else if (state == IDEM_STATE_COMPLETED) {
+        if (status < MIN_STATUS || status > MAX_STATUS)
+            return idem_error_set(IDEM_EINVAL, "idem_record_build: status %d is out of range; use %d..%d",
+                                  status, MIN_STATUS, MAX_STATUS);
+        if ((!body && body_len) || body_len > UINT32_MAX)
+            return idem_error_set(IDEM_EINVAL, "idem_record_build: a body of %zu bytes at %p cannot be "
+                                  "stored", body_len, body);
+        rec.status = status;
+        rec.body = body;
+        rec.body_len = body_len;
+    } else {
+        return idem_error_set(IDEM_EINVAL, "idem_record_build: state must be IDEM_STATE_STARTED or "
+                              "IDEM_STATE_COMPLETED, not %d", state);
+    }
+    uint8_t *p;
+    if (idem__record_encode(&rec, &p, out_len) != IDEM_OK)
+        return idem_error_set(IDEM_ENOMEM, "idem_record_build: out of memory encoding a %zu-byte body",
+                              body_len);
+    *out = p;
+    return IDEM_OK;
+}
+
 int idem_record_peek(const void *buf, size_t len, idem_record_info *out)
 {
     const uint8_t *p = buf;

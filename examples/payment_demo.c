@@ -1,7 +1,7 @@
 /*
  * payment_demo: a client's retries never charge a customer twice.
  *
- *   payment_demo [--backend sqlite|redis|memcached] [--url URL]
+ *   payment_demo [--backend sqlite|redis|memcached|postgresql] [--url URL]
  *
  * SQLite is the default and needs no server. Exit status: 0 when every
  * scenario behaved, 1 when one did not, 2 when the store cannot be used.
@@ -132,14 +132,15 @@ static void *slow_race(void *arg)
 
 static void usage(FILE *f)
 {
-    fputs("usage: payment_demo [--backend sqlite|redis|memcached] [--url URL]\n"
+    fputs("usage: payment_demo [--backend sqlite|redis|memcached|postgresql] [--url URL]\n"
           "\n"
           "Sends payment requests with idempotency keys and shows that retries are\n"
           "answered from the store instead of charging again.\n"
           "\n"
           "  --backend NAME  sqlite (default; a file in $TMPDIR, no server needed),\n"
-          "                  redis (redis://127.0.0.1:6379), or\n"
-          "                  memcached (memcached://127.0.0.1:11211)\n"
+          "                  redis (redis://127.0.0.1:6379),\n"
+          "                  memcached (memcached://127.0.0.1:11211), or\n"
+          "                  postgresql (postgresql://postgres@127.0.0.1:5432/postgres)\n"
           "  --url URL       a store URL of your own, e.g. redis://127.0.0.1:6380/2\n"
           "  --help          this text\n",
           f);
@@ -158,6 +159,8 @@ static const char *default_url(const char *backend, char *buf, size_t len)
         return "redis://127.0.0.1:6379";
     if (strcmp(backend, "memcached") == 0)
         return "memcached://127.0.0.1:11211";
+    if (strcmp(backend, "postgresql") == 0)
+        return "postgresql://postgres@127.0.0.1:5432/postgres";
     return NULL;
 }
 
@@ -167,6 +170,8 @@ static const char *install_hint(const char *backend)
         return "; Debian: apt-get install redis-server";
     if (strcmp(backend, "memcached") == 0)
         return "; Debian: apt-get install memcached";
+    if (strcmp(backend, "postgresql") == 0)
+        return "; Debian: apt-get install postgresql";
     return "";
 }
 
@@ -189,7 +194,7 @@ int main(int argc, char *argv[])
     }
     char buf[4200];
     if (!url && !(url = default_url(backend, buf, sizeof buf))) {
-        fprintf(stderr, "payment_demo: unknown backend '%s'; use sqlite, redis or memcached\n", backend);
+        fprintf(stderr, "payment_demo: unknown backend '%s'; use sqlite, redis, memcached or postgresql\n", backend);
         return 2;
     }
 

@@ -1,5 +1,5 @@
 /*
- * Stress: SPEC sections 2 and 5 under pressure, against one kind of store.
+ * Stress: docs/contract.md sections 2 to 4 and 8 under pressure, against one kind of store.
  *
  * Several worker processes, each with several threads, hammer a small set
  * of hot keys through two layers (different prefixes, one with a ttl of a

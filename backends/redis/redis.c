@@ -375,8 +375,9 @@ static redisReply *eval(const store *s, redisContext *ctx, enum script_id id, si
 }
 
 /*
- * Run script id on KEYS[1] = args[0] and ARGV = args[1..]; *out is the
- * reply, which the caller frees with freeReplyObject(). An error reply is
+ * Run script id on KEYS[1] = args[0] and ARGV = args[1..]; on IDEM_OK *out is
+ * the reply, which the caller frees with freeReplyObject(), and on any error
+ * it is NULL (set first, so no path leaves it unset). An error reply is
  * IDEM_EBACKEND. A pooled connection that turns out closed by the server
  * (it restarted while the connection sat idle) is retried once on a new
  * one: every script is safe to run twice (see the callers).
@@ -385,6 +386,7 @@ static int run_script(store *s, enum script_id id, size_t nargs, const char *con
                       const size_t *lens, redisReply **out, bool *retried)
 {
     const char *what = script_what[id];
+    *out = NULL;
     for (int attempt = 0;; attempt++) {
         if (retried)
             *retried = attempt > 0;

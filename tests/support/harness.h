@@ -11,7 +11,7 @@
 #include <sys/types.h>
 
 typedef struct idem_test_server {
-    char    *kind;      /* "sqlite", "redis", "memcached", "memcached2" */
+    char    *kind;      /* "sqlite", "redis", "memcached", "memcached2", "postgresql", "memory" */
     char    *url;       /* the store URL to open */
     char    *dir;       /* a private temporary directory, removed on stop */
     pid_t    pids[2];   /* server processes, 0 when none */
@@ -47,5 +47,11 @@ int idem_test_start_redis(idem_test_server *srv);
 int idem_test_start_memcached(idem_test_server *srv, int nservers);
 int idem_test_restart_redis(idem_test_server *srv, int i);
 int idem_test_restart_memcached(idem_test_server *srv, int i);
+int idem_test_start_postgres(idem_test_server *srv);
+int idem_test_restart_postgres(idem_test_server *srv, int i);
+/* SIGKILL the postmaster and its backends (its process group). */
+void idem_test_kill_postgres(idem_test_server *srv, int i);
+/* A fast shutdown (SIGINT), then SIGKILL. */
+void idem_test_stop_postgres(idem_test_server *srv);
 
 #endif
