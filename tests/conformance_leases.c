@@ -60,6 +60,13 @@ static bool is_memcached(void) { return strncmp(kind, "memcached", 9) == 0; }
 /* memory://: the store lives inside one process, with no wire and no
  * server to stop. */
 static bool is_memory(void) { return strcmp(kind, "memory") == 0; }
+static bool is_postgresql(void) { return strcmp(kind, "postgresql") == 0; }
+
+/* The URL parameter that bounds a wait for the store's reply. */
+static const char *reply_timeout_param(void)
+{
+    return is_postgresql() ? "statement_timeout_ms" : "timeout_ms";
+}
 
 #define NOT_APPLICABLE_IF(cond, why)                                                               \
     do {                                                                                           \
@@ -83,7 +90,7 @@ static void setup(void)
      * was told to pick it) */
     const char *url = getenv("IDEM_TEST_URL");
     cr_assert(url, "IDEM_TEST_URL is not set; run this through meson test");
-    static const char *const kinds[] = {"sqlite", "redis", "memcached", "memory"};
+    static const char *const kinds[] = {"sqlite", "redis", "memcached", "memory", "postgresql"};
     kind = NULL;
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
         if (strncmp(url, kinds[i], strlen(kinds[i])) == 0 && strchr(":+", url[strlen(kinds[i])]))
@@ -91,6 +98,8 @@ static void setup(void)
     cr_assert(kind, "the lease tests do not know the store at %s", url);
     if (strcmp(kind, "memcached") == 0 && strchr(url, ','))
         kind = "memcached2";
+    if (strncmp(url, "postgres://", 11) == 0)
+        kind = "postgresql";
     uint32_t r;
     cr_assert_eq(getrandom(&r, sizeof r, 0), (ssize_t)sizeof r);
     snprintf(prefix, sizeof prefix, "L%ld-%08x:", (long)getpid(), r);
@@ -215,8 +224,8 @@ static void own_start(own_store *o)
 {
     memset(o, 0, sizeof *o);
     cr_assert_eq(idem_test_server_start(&o->srv, kind), 0, "cannot start a %s store of the test's own", kind);
-    const char *param = is_sqlite() ? "busy_timeout_ms=300" : "timeout_ms=300";
-    cr_assert(asprintf(&o->url, "%s?%s", o->srv.url, param) > 0);
+    cr_assert(asprintf(&o->url, "%s%c%s=300", o->srv.url, strchr(o->srv.url, '?') ? '&' : '?',
+                       is_sqlite() ? "busy_timeout_ms" : reply_timeout_param()) > 0);
 }
 
 static void own_stop(own_store *o)
@@ -262,6 +271,32 @@ static bool stopped(pid_t pid, long timeout_ms)
     return false;
 }
 
+/* Send sig to pid and to its children: PostgreSQL serves each connection
+ * from a child of its postmaster, in a session of its own. */
+static void signal_server(pid_t pid, int sig)
+{
+    kill(pid, sig);
+    DIR *d = opendir("/proc");
+    if (!d)
+        return;
+    for (struct dirent *e; (e = readdir(d)) != NULL;) {
+        if (e->d_name[0] < '1' || e->d_name[0] > '9')
+            continue;
+        char file[300], buf[512] = "";
+        snprintf(file, sizeof file, "/proc/%s/stat", e->d_name);
+        FILE *f = fopen(file, "r");
+        if (!f)
+            continue;
+        buf[fread(buf, 1, sizeof buf - 1, f)] = '\0';
+        fclose(f);
+        const char *paren = strrchr(buf, ')');
+        int ppid = 0;
+        if (paren && sscanf(paren + 2, "%*c %d", &ppid) == 1 && ppid == pid)
+            kill((pid_t)atoi(e->d_name), sig);
+    }
+    closedir(d);
+}
+
 static void freeze(own_store *o)
 {
     if (is_sqlite()) {
@@ -276,8 +311,10 @@ static void freeze(own_store *o)
     }
     for (int i = 0; i < 2; i++)
         if (o->srv.pids[i] > 0) {
-            cr_assert_eq(kill(o->srv.pids[i], SIGSTOP), 0);
+            signal_server(o->srv.pids[i], SIGSTOP);
             cr_assert(stopped(o->srv.pids[i], 5000), "the %s server did not stop", kind);
+            if (is_postgresql())
+                sleep_ms(100);
         }
 }
 
@@ -293,7 +330,7 @@ static void thaw(own_store *o)
     }
     for (int i = 0; i < 2; i++)
         if (o->srv.pids[i] > 0)
-            kill(o->srv.pids[i], SIGCONT);
+            signal_server(o->srv.pids[i], SIGCONT);
 }
 
 /* The store URL with every host:port replaced by a proxy in front of it. */
@@ -306,6 +343,9 @@ static char *proxied_url(const char *url, idem_proxy **proxies, int *nproxies, c
     size_t cap = strlen(url) + 256;
     out = malloc(cap);
     cr_assert_not_null(out);
+    const char *at = strchr(p, '@'), *end = p + strcspn(p, "/?");
+    if (at && at < end)
+        p = at + 1; /* user[:password]@ stays as it is */
     size_t n = (size_t)(p - url);
     memcpy(out, url, n);
     *nproxies = 0;
@@ -320,7 +360,7 @@ static char *proxied_url(const char *url, idem_proxy **proxies, int *nproxies, c
         if (*p == ',')
             p++;
     }
-    snprintf(out + n, cap - n, "%s?%s", p, params);
+    snprintf(out + n, cap - n, "%s%c%s", p, strchr(p, '?') ? '&' : '?', params);
     return out;
 }
 
@@ -415,7 +455,9 @@ Test(leases, claim_reply_held_past_the_lease_never_runs_the_handler)
     NEEDS_A_WIRE();
     /* lease 300 ms, per-read timeout 8000 ms: the claim's reply is held
      * until another request has claimed, run and committed the key */
-    late_reply_case(IDEM_PROXY_DELAY, 6000, 300, "timeout_ms=8000");
+    char params[64];
+    snprintf(params, sizeof params, "%s=8000", reply_timeout_param());
+    late_reply_case(IDEM_PROXY_DELAY, 6000, 300, params);
 }
 
 Test(leases, claim_reply_trickled_under_the_read_timeout_never_runs_the_handler)
@@ -423,7 +465,9 @@ Test(leases, claim_reply_trickled_under_the_read_timeout_never_runs_the_handler)
     NEEDS_A_WIRE();
     /* lease 400 ms above timeout_ms=300: one byte every 150 ms never trips
      * a per-read timeout, and the reply takes longer than the lease */
-    late_reply_case(IDEM_PROXY_TRICKLE, 150, 400, "timeout_ms=300");
+    char params[64];
+    snprintf(params, sizeof params, "%s=300", reply_timeout_param());
+    late_reply_case(IDEM_PROXY_TRICKLE, 150, 400, params);
 }
 
 #ifdef IDEM_TEST_HAVE_SQLITE
