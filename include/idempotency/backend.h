@@ -87,6 +87,18 @@ IDEM_API int idem_record_peek(const void *rec, size_t len, idem_record_info *out
  * clock of the deadline above. */
 IDEM_API uint64_t idem_now_ms(void);
 
+/* Encode a record as the core writes it, without a request: for a driver's
+ * own tests and for tools. state IDEM_STATE_STARTED: the claim of token with
+ * lease deadline deadline_ms (Unix epoch ms, not 0); status and body are
+ * ignored. IDEM_STATE_COMPLETED: the response (status 100..999, body_len
+ * bytes of body) committed by the claim of token; deadline_ms is ignored.
+ * The record carries no fingerprint. *out is the caller's, freed with
+ * free(). IDEM_OK, IDEM_EINVAL (a NULL out, out_len or token, another
+ * state, a status out of range, a STARTED record without a deadline, body
+ * NULL with a length) or IDEM_ENOMEM, with a message. Thread-safe. */
+IDEM_API int idem_record_build(void **out, size_t *out_len, int state, const uint8_t *token,
+                               uint64_t deadline_ms, int status, const void *body, size_t body_len);
+
 /* ------------------------------------------------------------------------ */
 /* URLs                                                                     */
 /* ------------------------------------------------------------------------ */
@@ -318,6 +330,14 @@ struct idem_backend {
      * expires by the store's clock, or UINT32_MAX when the store cannot tell
      * (the core then uses the deadline in the record). Both in one round
      * trip where the store allows it.
+     * The core counts a won claim's lease from before this call: when the
+     * call returns after more than half of lease_ms, the handler does not
+     * run and the core releases the claim at once. The store must not
+     * expire a claim sooner than lease_ms after this call began (counting
+     * from the write, as SQLite does after waiting for its lock, is later
+     * and so allowed).
+     * After IDEM_EBACKEND the core assumes the claim may have landed, and
+     * later releases it, fenced by its token, once the store answers.
      */
     int (*claim)(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
                  uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms);
