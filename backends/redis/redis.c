@@ -1,6 +1,6 @@
 /*
  * Redis driver over hiredis:
- *   redis://[[user]:password@]host[:port][/db][?connect_timeout_ms=N&timeout_ms=N]
+ *   redis://[[user]:password@]host[:port][/db][?connect_timeout_ms=N&timeout_ms=N&max_record_bytes=N]
  *   redis+unix:///path/to/redis.sock[?db=N&password=...&connect_timeout_ms=N&timeout_ms=N]
  *
  * One string per key, expiring by the server's clock (PX). Every operation
@@ -11,6 +11,10 @@
  * token (fencing), by comparing bytes at the fixed offsets of the record
  * header. Scripts are constants; keys and records travel as KEYS and ARGV
  * with explicit lengths, so any byte is safe in them.
+ *
+ * timeout_ms bounds an operation's command and its whole reply: hiredis
+ * bounds each read by the socket's timeout, so the driver runs the reads
+ * itself and shortens that timeout to the time left (conn_reply()).
  *
  * A hiredis context is not thread-safe, so the store keeps a pool of them
  * behind a mutex. A context that saw an I/O error, a timeout or EOF is
@@ -25,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 
 #include <hiredis/hiredis.h>
 
@@ -37,6 +42,11 @@
 #define MAX_DB                     1000000
 /* Redis refuses strings longer than proto-max-bulk-len, 512 MiB by default. */
 #define MAX_RECORD_LEN             ((size_t)512 << 20)
+/* The default for max_record_bytes: far above the layer's default response
+ * limit (1 MiB), far below what would hurt to read by mistake. */
+#define DEFAULT_MAX_RECORD_LEN     ((size_t)64 << 20)
+/* A socket timeout within this of the time left is left alone. */
+#define TIMEOUT_SLACK_MS           5
 
 /* ---- the scripts ---- */
 
@@ -53,23 +63,40 @@
 #define LUA_STARTED   XSTR(IDEM_STATE_STARTED)    /* 'S' */
 #define LUA_COMPLETED XSTR(IDEM_STATE_COMPLETED)  /* 'C' */
 
-/* The record under KEYS[1] if it carries the token ARGV[1], else return 0.
+/* The header of the record under KEYS[1] if it carries the token ARGV[1],
+ * else return 0. Only the header is read (GETRANGE), however long the value.
  * pcall: a key of another type (a hash, a list) is not ours either. */
 #define LUA_FENCE                                                                       \
-    "local v = redis.pcall('GET', KEYS[1])\n"                                           \
+    "local v = redis.pcall('GETRANGE', KEYS[1], 0, "                                    \
+    XSTR(IDEM_RECORD_TOKEN_OFFSET) " + " XSTR(IDEM_TOKEN_LEN) " - 1)\n"                  \
     "if type(v) ~= 'string' or " LUA_TOKEN " ~= ARGV[1] then return 0 end\n"             \
     "local s = " LUA_STATE "\n"
 
 enum script_id { SC_CLAIM, SC_COMMIT, SC_RELEASE, SC_EXTEND, SC_COUNT };
 
 static const char *const script_src[SC_COUNT] = {
-    /* KEYS[1] key, ARGV[1] record, ARGV[2] lease ms.
-     * 0: claimed. {record, pttl}: the key was taken; record is "" for a
-     * value that is not a string. */
+    /* KEYS[1] key, ARGV[1] record, ARGV[2] lease ms, ARGV[3] the longest
+     * record this store holds.
+     * 0: claimed. {record, pttl}: the key was taken.
+     * {n, pttl}: taken by a string of n bytes, too long to be a record: it
+     * is not read. {'', pttl, type}: taken by a value that is not a string.
+     * pcall on SET: a server that refuses writes (OOM at maxmemory, a
+     * read-only replica) can still serve the record that is there, which
+     * is how a replay keeps working; with nothing there its error is the
+     * answer. */
     [SC_CLAIM] =
+        "local n = redis.pcall('STRLEN', KEYS[1])\n"
+        "if type(n) ~= 'number' then\n"
+        "  return {'', redis.call('PTTL', KEYS[1]), redis.call('TYPE', KEYS[1])['ok']}\n"
+        "end\n"
+        "if n > tonumber(ARGV[3]) then return {n, redis.call('PTTL', KEYS[1])} end\n"
         "local v = redis.pcall('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')\n"
         "if v == false then return 0 end\n"
-        "if type(v) ~= 'string' then v = '' end\n"
+        "if type(v) == 'table' then\n"
+        "  local e = v\n"
+        "  v = redis.call('GET', KEYS[1])\n"
+        "  if v == false then return e end\n"
+        "end\n"
         "return {v, redis.call('PTTL', KEYS[1])}\n",
     /* KEYS[1] key, ARGV[1] token, ARGV[2] record, ARGV[3] ttl ms.
      * 1: stored. 2: this token had already committed. 0: lost. */
@@ -109,6 +136,9 @@ static const char *const script_what[SC_COUNT] = {
 
 typedef struct conn {
     redisContext *ctx;
+    unsigned      socket_ms;  /* the socket's timeout now (SO_RCVTIMEO, SO_SNDTIMEO) */
+    bool          timed_out;  /* the last command ran out of time */
+    bool          partial;    /* ... after part of its reply had come */
     struct conn  *next;
 } conn;
 
@@ -120,8 +150,9 @@ typedef struct store {
     char           *user;        /* ACL user name, or NULL */
     char           *password;    /* never printed */
     unsigned long   db;
-    struct timeval  connect_tv, command_tv;
+    struct timeval  connect_tv;
     unsigned        command_ms;
+    size_t          max_record; /* the longest value read back as a record */
     char            sha[SC_COUNT][41]; /* SHA1 hex of each script, fixed at open */
     pthread_mutex_t mu;
     conn           *idle;        /* connections not in use */
@@ -167,18 +198,25 @@ static bool peer_went_away(const redisContext *c)
            (c->err == REDIS_ERR_IO && (errstr_is(c, ECONNRESET) || errstr_is(c, EPIPE)));
 }
 
-/* Describe a failed context: IDEM_EBACKEND with a message. */
-static int context_error(const store *s, const redisContext *c, const char *what)
+/* Describe a failed context: IDEM_EBACKEND with a message. timed_out and
+ * partial: the command ran out of time, after part of its reply came. */
+static int context_error_at(const store *s, const redisContext *c, bool timed_out, bool partial,
+                            const char *what)
 {
     char hint[PATH_MAX + 128] = "";
     if (!c)
         return idem_error_set(IDEM_ENOMEM, "redis %s: %s: out of memory", s->where, what);
+    bool eagain = c->err == REDIS_ERR_IO && (errstr_is(c, EAGAIN) || errstr_is(c, EWOULDBLOCK));
+    if ((timed_out || eagain) && partial)
+        return backend_error(s, what, "the reply was still incomplete after %u ms (timeout_ms in "
+                             "the store URL bounds the whole reply); is the network or the server "
+                             "overloaded?", s->command_ms);
+    if (timed_out || eagain)
+        return backend_error(s, what, "no reply within %u ms (timeout_ms in the store URL)",
+                             s->command_ms);
     if (c->err == REDIS_ERR_EOF)
         return backend_error(s, what, "the server closed the connection (restarting, or "
                                       "maxclients or timeout in its config?)");
-    if (c->err == REDIS_ERR_IO && (errstr_is(c, EAGAIN) || errstr_is(c, EWOULDBLOCK)))
-        return backend_error(s, what, "no reply within %u ms (timeout_ms in the store URL)",
-                             s->command_ms);
     if (c->err == REDIS_ERR_IO && (errstr_is(c, ETIMEDOUT) || errstr_is(c, EINPROGRESS)))
         return backend_error(s, what, "connecting timed out after %ld ms (connect_timeout_ms in "
                              "the store URL); is the host reachable?",
@@ -193,6 +231,16 @@ static int context_error(const store *s, const redisContext *c, const char *what
     if (c->err == REDIS_ERR_OTHER && !s->socket_path && strcmp(what, "connecting") == 0)
         return backend_error(s, what, "%s; check the host name in the store URL", c->errstr);
     return backend_error(s, what, "%s", c->errstr[0] ? c->errstr : "unknown hiredis error");
+}
+
+static int context_error(const store *s, const redisContext *c, const char *what)
+{
+    return context_error_at(s, c, false, false, what);
+}
+
+static int conn_error(const store *s, const conn *c, const char *what)
+{
+    return context_error_at(s, c->ctx, c->timed_out, c->partial, what);
 }
 
 /* Describe an error reply from the server, with a hint for the known ones. */
@@ -233,9 +281,85 @@ static void conn_free(conn *c)
     free(c);
 }
 
-/* Send AUTH and SELECT as needed, pipelined: one round trip. */
-static int conn_setup(store *s, redisContext *ctx)
+/* ---- one command, bounded as a whole ---- */
+
+static struct timeval tv_ms(uint64_t ms)
 {
+    return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* A deadline timeout_ms from now, for the commands of one operation. */
+static uint64_t deadline_in(const store *s)
+{
+    return mono_ms() + s->command_ms;
+}
+
+/* Before one read or write: fit the socket's timeout to the time left
+ * until deadline, so that no read or write, and so no reply however it
+ * trickles in, outlasts it. false when the time is up. */
+static bool conn_budget(conn *c, uint64_t deadline)
+{
+    uint64_t now = mono_ms();
+    if (now >= deadline) {
+        c->timed_out = true;
+        return false;
+    }
+    uint64_t left = deadline - now;
+    if (left + TIMEOUT_SLACK_MS < c->socket_ms || left > c->socket_ms + TIMEOUT_SLACK_MS) {
+        struct timeval tv = {.tv_sec = (time_t)(left / 1000),
+                             .tv_usec = (suseconds_t)(left % 1000) * 1000};
+        if (redisSetTimeout(c->ctx, tv) != REDIS_OK)
+            return false;
+        c->socket_ms = (unsigned)left;
+    }
+    return true;
+}
+
+/* Write what is buffered on c and read replies until one is whole, all by
+ * deadline. The reply (freeReplyObject()), or NULL when the connection
+ * failed or the time ran out (c->timed_out): the connection is then
+ * unusable. hiredis reads with a per-read socket timeout; the loop here is
+ * what bounds the whole reply. */
+static redisReply *conn_reply(conn *c, uint64_t deadline)
+{
+    redisContext *ctx = c->ctx;
+    c->timed_out = c->partial = false;
+    int done = 0;
+    while (!done) {
+        if (!conn_budget(c, deadline) || redisBufferWrite(ctx, &done) != REDIS_OK)
+            return NULL;
+    }
+    for (;;) {
+        void *reply = NULL;
+        if (redisGetReplyFromReader(ctx, &reply) != REDIS_OK)
+            return NULL;
+        if (reply)
+            return reply;
+        if (!conn_budget(c, deadline) || redisBufferRead(ctx) != REDIS_OK)
+            return NULL;
+        c->partial = true;
+    }
+}
+
+static redisReply *conn_command(conn *c, uint64_t deadline, int argc, const char **argv,
+                                const size_t *lens)
+{
+    if (redisAppendCommandArgv(c->ctx, argc, argv, lens) != REDIS_OK)
+        return NULL;
+    return conn_reply(c, deadline);
+}
+
+/* Send AUTH and SELECT as needed, pipelined: one round trip. */
+static int conn_setup(store *s, conn *c)
+{
+    redisContext *ctx = c->ctx;
     int n = 0;
     if (s->password) {
         int rc = s->user ? redisAppendCommand(ctx, "AUTH %s %s", s->user, s->password)
@@ -250,13 +374,13 @@ static int conn_setup(store *s, redisContext *ctx)
         n++;
     }
     int ret = IDEM_OK;
+    uint64_t deadline = deadline_in(s);
     for (int i = 0; i < n; i++) {
         bool auth = s->password && i == 0;
         const char *what = auth ? "authenticating" : "selecting the database";
-        void *reply = NULL;
-        if (redisGetReply(ctx, &reply) != REDIS_OK || !reply)
-            return context_error(s, ctx, what);
-        redisReply *r = reply;
+        redisReply *r = conn_reply(c, deadline);
+        if (!r)
+            return conn_error(s, c, what);
         if (ret == IDEM_OK && r->type == REDIS_REPLY_ERROR) {
             if (auth)
                 ret = backend_error(s, what, "the server refused the password (%.*s); check the "
@@ -287,14 +411,15 @@ static int conn_new(store *s, conn **out)
         conn_free(c);
         return rc;
     }
-    if (redisSetTimeout(c->ctx, s->command_tv) != REDIS_OK) {
+    if (redisSetTimeout(c->ctx, tv_ms(s->command_ms)) != REDIS_OK) {
         rc = context_error(s, c->ctx, "setting the command timeout");
         conn_free(c);
         return rc;
     }
+    c->socket_ms = s->command_ms;
     if (!s->socket_path)
         (void)redisEnableKeepAlive(c->ctx); /* only helps to notice a dead peer sooner */
-    if ((rc = conn_setup(s, c->ctx))) {
+    if ((rc = conn_setup(s, c))) {
         conn_free(c);
         return rc;
     }
@@ -344,9 +469,9 @@ static void drop(store *s, conn *c)
 /* ---- running a script ---- */
 
 /* EVALSHA the script, or EVAL it after NOSCRIPT (which also caches it on
- * the server again: after a restart or SCRIPT FLUSH). NULL when the
- * connection failed. */
-static redisReply *eval(const store *s, redisContext *ctx, enum script_id id, size_t nargs,
+ * the server again: after a restart or SCRIPT FLUSH), both by deadline.
+ * NULL when the connection failed. */
+static redisReply *eval(const store *s, conn *c, uint64_t deadline, enum script_id id, size_t nargs,
                         const char *const *args, const size_t *lens)
 {
     const char *argv[8];
@@ -362,14 +487,14 @@ static redisReply *eval(const store *s, redisContext *ctx, enum script_id id, si
         argvlen[3 + i] = lens[i];
     }
     int argc = (int)(3 + nargs);
-    redisReply *r = redisCommandArgv(ctx, argc, argv, argvlen);
+    redisReply *r = conn_command(c, deadline, argc, argv, argvlen);
     if (r && r->type == REDIS_REPLY_ERROR && r->str && strncmp(r->str, "NOSCRIPT", 8) == 0) {
         freeReplyObject(r);
         argv[0] = "EVAL";
         argvlen[0] = 4;
         argv[1] = script_src[id];
         argvlen[1] = strlen(script_src[id]);
-        r = redisCommandArgv(ctx, argc, argv, argvlen);
+        r = conn_command(c, deadline, argc, argv, argvlen);
     }
     return r;
 }
@@ -393,11 +518,11 @@ static int run_script(store *s, enum script_id id, size_t nargs, const char *con
         int rc = acquire(s, &c, &fresh);
         if (rc)
             return rc;
-        redisReply *r = eval(s, c->ctx, id, nargs, args, lens);
+        redisReply *r = eval(s, c, deadline_in(s), id, nargs, args, lens);
         if (!r) {
-            bool retry = !fresh && attempt == 0 && peer_went_away(c->ctx);
+            bool retry = !fresh && attempt == 0 && !c->timed_out && peer_went_away(c->ctx);
             if (!retry)
-                rc = context_error(s, c->ctx, what);
+                rc = conn_error(s, c, what);
             drop(s, c);
             if (retry)
                 continue;
@@ -465,11 +590,6 @@ static void store_free(store *s)
     free(s);
 }
 
-static struct timeval tv_ms(uint64_t ms)
-{
-    return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
-}
-
 static int parse_db(const char *text, const char *from, unsigned long *out)
 {
     char *end;
@@ -489,25 +609,30 @@ static int parse_url(store *s, const idem_url *url)
     if (!unix_socket && strcmp(url->scheme, "redis") != 0)
         return idem_error_set(IDEM_EINVAL, "unknown redis URL scheme '%s'; use redis:// or "
                               "redis+unix://", url->scheme);
-    const char *known = unix_socket ? "db, password, connect_timeout_ms, timeout_ms"
-                                    : "connect_timeout_ms, timeout_ms";
+    const char *known = unix_socket ? "db, password, connect_timeout_ms, timeout_ms, max_record_bytes"
+                                    : "connect_timeout_ms, timeout_ms, max_record_bytes";
     for (size_t i = 0; i < url->nparams; i++) {
         const char *n = url->params[i].name;
         bool ok = strcmp(n, "connect_timeout_ms") == 0 || strcmp(n, "timeout_ms") == 0 ||
+                  strcmp(n, "max_record_bytes") == 0 ||
                   (unix_socket && (strcmp(n, "db") == 0 || strcmp(n, "password") == 0));
         if (!ok)
             return idem_error_set(IDEM_EINVAL, "redis URL parameter '%s' is unknown; the known "
                                   "ones are %s", n, known);
     }
     uint64_t connect_ms = DEFAULT_CONNECT_TIMEOUT_MS, command_ms = DEFAULT_TIMEOUT_MS;
+    uint64_t max_record = DEFAULT_MAX_RECORD_LEN;
     int rc = idem_url_param_uint(url, "connect_timeout_ms", 1, MAX_TIMEOUT_MS, &connect_ms);
     if (rc == IDEM_OK)
         rc = idem_url_param_uint(url, "timeout_ms", 1, MAX_TIMEOUT_MS, &command_ms);
+    if (rc == IDEM_OK)
+        rc = idem_url_param_uint(url, "max_record_bytes", IDEM_RECORD_HEADER_LEN + 8,
+                                 MAX_RECORD_LEN, &max_record);
     if (rc)
         return rc;
     s->connect_tv = tv_ms(connect_ms);
-    s->command_tv = tv_ms(command_ms);
     s->command_ms = (unsigned)command_ms;
+    s->max_record = (size_t)max_record;
 
     const char *password = url->password;
     if (unix_socket) {
@@ -554,8 +679,9 @@ static int parse_url(store *s, const idem_url *url)
 /* SCRIPT LOAD every script, pipelined, and keep the digests the server
  * returns. The script cache is the server's, so once is enough; a flushed
  * cache is refilled by EVAL (see eval()). */
-static int load_scripts(store *s, redisContext *ctx)
+static int load_scripts(store *s, conn *c)
 {
+    redisContext *ctx = c->ctx;
     for (int i = 0; i < SC_COUNT; i++) {
         const char *argv[3] = {"SCRIPT", "LOAD", script_src[i]};
         size_t argvlen[3] = {6, 4, strlen(script_src[i])};
@@ -563,11 +689,11 @@ static int load_scripts(store *s, redisContext *ctx)
             return context_error(s, ctx, "loading the scripts");
     }
     int ret = IDEM_OK;
+    uint64_t deadline = deadline_in(s);
     for (int i = 0; i < SC_COUNT; i++) {
-        void *reply = NULL;
-        if (redisGetReply(ctx, &reply) != REDIS_OK || !reply)
-            return context_error(s, ctx, "loading the scripts");
-        redisReply *r = reply;
+        redisReply *r = conn_reply(c, deadline);
+        if (!r)
+            return conn_error(s, c, "loading the scripts");
         if (ret == IDEM_OK) {
             if (r->type == REDIS_REPLY_ERROR)
                 ret = reply_error(s, r, "loading the scripts");
@@ -597,7 +723,7 @@ static int rd_open(void **state, const idem_url *url)
     conn *c = NULL;
     if (rc == IDEM_OK)
         rc = conn_new(s, &c);
-    if (rc == IDEM_OK && (rc = load_scripts(s, c->ctx)) != IDEM_OK)
+    if (rc == IDEM_OK && (rc = load_scripts(s, c)) != IDEM_OK)
         conn_free(c);
     if (rc) {
         store_free(s);
@@ -626,24 +752,45 @@ static int rd_claim(void *state, const void *key, size_t key_len, const void *re
                     uint32_t *remaining_ms)
 {
     store *s = state;
-    char lease[24];
-    size_t lease_len;
+    char lease[24], max[24];
+    size_t lease_len, max_len;
     format_ms(lease, sizeof lease, lease_ms, &lease_len);
-    const char *args[3] = {key, record, lease};
-    size_t lens[3] = {key_len, record_len, lease_len};
+    format_ms(max, sizeof max, s->max_record, &max_len);
+    const char *args[4] = {key, record, lease, max};
+    size_t lens[4] = {key_len, record_len, lease_len, max_len};
     *existing = NULL;
     *existing_len = 0;
     redisReply *r;
-    int rc = run_script(s, SC_CLAIM, 3, args, lens, &r, NULL);
+    int rc = run_script(s, SC_CLAIM, 4, args, lens, &r, NULL);
     if (rc)
         return rc;
     if (r->type == REDIS_REPLY_INTEGER && r->integer == 0) {
         freeReplyObject(r);
         return IDEM_OK;
     }
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_INTEGER) {
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->elements > 3 ||
+        (r->element[0]->type != REDIS_REPLY_STRING && r->element[0]->type != REDIS_REPLY_INTEGER) ||
+        r->element[1]->type != REDIS_REPLY_INTEGER ||
+        (r->elements == 3 && r->element[2]->type != REDIS_REPLY_STATUS &&
+         r->element[2]->type != REDIS_REPLY_STRING)) {
         rc = unexpected(s, SC_CLAIM, r);
+        freeReplyObject(r);
+        return rc;
+    }
+    if (r->elements == 3) {
+        rc = idem_error_set(IDEM_ECORRUPT, "redis %s: claiming a key: the key holds a Redis %s, "
+                            "which libidempotency did not write (its records are strings); delete "
+                            "it, or give this layer a key_prefix of its own", s->where,
+                            r->element[2]->str);
+        freeReplyObject(r);
+        return rc;
+    }
+    if (r->element[0]->type == REDIS_REPLY_INTEGER) {
+        rc = idem_error_set(IDEM_ECORRUPT, "redis %s: claiming a key: the key holds a %lld-byte "
+                            "string, longer than any record of this store (max_record_bytes=%zu in "
+                            "the store URL), so libidempotency did not write it and did not read "
+                            "it; delete it, or give this layer a key_prefix of its own", s->where,
+                            r->element[0]->integer, s->max_record);
         freeReplyObject(r);
         return rc;
     }
@@ -704,8 +851,7 @@ static int rd_extend(void *state, const void *key, size_t key_len, const uint8_t
 
 static size_t rd_max_record_len(void *state)
 {
-    (void)state;
-    return MAX_RECORD_LEN;
+    return ((store *)state)->max_record;
 }
 
 const idem_backend idem__redis_backend = {
