@@ -829,12 +829,121 @@ Test(redis, new_key_costs_two_round_trips_and_a_replay_one)
 
 /* ---- a reply lost after the server acted ---- */
 
+/* A TCP proxy to redis that, when told, passes one request on, swallows
+ * the server's reply and closes that connection: the server ran the
+ * command, the client never hears of it. */
+typedef struct proxy {
+    int         lfd;
+    uint16_t    port, upstream;
+    atomic_bool drop_reply, stop;
+    pthread_t   thread;
+} proxy;
+
+enum { PROXY_PAIRS = 8 };
+
+static int connect_port(uint16_t port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
+                            .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+        close(fd);
+        fd = -1;
+    }
+    return fd;
+}
+
+static void *proxy_run(void *arg)
+{
+    proxy *p = arg;
+    int cli[PROXY_PAIRS], up[PROXY_PAIRS];
+    for (int i = 0; i < PROXY_PAIRS; i++)
+        cli[i] = up[i] = -1;
+    char buf[65536];
+    while (!atomic_load(&p->stop)) {
+        struct pollfd fds[1 + 2 * PROXY_PAIRS];
+        int n = 0;
+        fds[n++] = (struct pollfd){.fd = p->lfd, .events = POLLIN};
+        for (int i = 0; i < PROXY_PAIRS; i++) {
+            fds[n++] = (struct pollfd){.fd = cli[i], .events = POLLIN};
+            fds[n++] = (struct pollfd){.fd = up[i], .events = POLLIN};
+        }
+        if (poll(fds, (nfds_t)n, 50) <= 0)
+            continue;
+        if (fds[0].revents & POLLIN) {
+            int c = accept(p->lfd, NULL, NULL);
+            int i = 0;
+            while (i < PROXY_PAIRS && cli[i] >= 0)
+                i++;
+            int u = c >= 0 && i < PROXY_PAIRS ? connect_port(p->upstream) : -1;
+            if (u < 0) {
+                if (c >= 0)
+                    close(c);
+            } else {
+                cli[i] = c;
+                up[i] = u;
+            }
+        }
+        for (int i = 0; i < PROXY_PAIRS; i++) {
+            struct pollfd *fc = &fds[1 + 2 * i], *fu = &fds[2 + 2 * i];
+            bool dead = false;
+            if (cli[i] >= 0 && fc->revents) {
+                ssize_t got = read(cli[i], buf, sizeof buf);
+                if (got <= 0 || write(up[i], buf, (size_t)got) != got) {
+                    dead = true;
+                } else if (atomic_exchange(&p->drop_reply, false)) {
+                    struct pollfd w = {.fd = up[i], .events = POLLIN};
+                    if (poll(&w, 1, 2000) > 0)
+                        (void)!read(up[i], buf, sizeof buf); /* the reply, swallowed */
+                    dead = true;
+                }
+            }
+            if (!dead && up[i] >= 0 && fu->revents) {
+                ssize_t got = read(up[i], buf, sizeof buf);
+                dead = got <= 0 || write(cli[i], buf, (size_t)got) != got;
+            }
+            if (dead) {
+                close(cli[i]);
+                close(up[i]);
+                cli[i] = up[i] = -1;
+            }
+        }
+    }
+    for (int i = 0; i < PROXY_PAIRS; i++)
+        if (cli[i] >= 0) {
+            close(cli[i]);
+            close(up[i]);
+        }
+    return NULL;
+}
+
+static void proxy_start(proxy *p, uint16_t upstream)
+{
+    memset(p, 0, sizeof *p);
+    p->upstream = upstream;
+    p->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    cr_assert_eq(bind(p->lfd, (struct sockaddr *)&a, sizeof a), 0);
+    cr_assert_eq(listen(p->lfd, 16), 0);
+    cr_assert_eq(getsockname(p->lfd, (struct sockaddr *)&a, &len), 0);
+    p->port = ntohs(a.sin_port);
+    cr_assert_eq(pthread_create(&p->thread, NULL, proxy_run, p), 0);
+}
+
+static void proxy_stop(proxy *p)
+{
+    atomic_store(&p->stop, true);
+    pthread_join(p->thread, NULL);
+    close(p->lfd);
+}
+
 Test(redis, abort_whose_reply_was_lost_after_the_server_freed_the_key_is_ok)
 {
-    idem_test_proxy *p = idem_test_proxy_start(srv.ports[0]);
-    cr_assert_not_null(p);
+    proxy p;
+    proxy_start(&p, srv.ports[0]);
     char url[64];
-    snprintf(url, sizeof url, "redis://127.0.0.1:%u", idem_test_proxy_port(p));
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", p.port);
     idem_store *st = open_store(url);
     idem_layer *l = layer_on(st, 10000);
     idem_request req = {.key = "lost-reply", .key_len = 10};
@@ -845,9 +954,9 @@ Test(redis, abort_whose_reply_was_lost_after_the_server_freed_the_key_is_ok)
 
     /* The release runs on the server, its reply is lost with the connection,
      * and the driver tries again on a new one: the key is already free. */
-    idem_test_proxy_set(p, IDEM_PROXY_DROP_REPLY, 0);
+    atomic_store(&p.drop_reply, true);
     int rc = idem_abort(c);
-    cr_assert(!idem_test_proxy_drop_pending(p), "the proxy saw no request");
+    cr_assert(!atomic_load(&p.drop_reply), "the proxy saw no request");
     cr_assert_eq(rc, IDEM_OK, "the key was freed, yet abort said %d: %s", rc, idem_last_error());
     redisContext *ctl = raw();
     redisReply *e = raw_cmd(ctl, "EXISTS idem:lost-reply");
@@ -865,7 +974,7 @@ Test(redis, abort_whose_reply_was_lost_after_the_server_freed_the_key_is_ok)
 
     idem_layer_free(l);
     idem_store_close(st);
-    idem_test_proxy_stop(p);
+    proxy_stop(&p);
 }
 
 /* ---- a server that refuses writes, a reply that trickles, a huge value ---- */
@@ -969,10 +1078,10 @@ Test(redis, read_only_replica_replays_committed_keys_and_refuses_new_ones_with_t
 
 Test(redis, reply_that_trickles_in_is_bounded_as_a_whole_by_timeout_ms)
 {
-    idem_test_proxy *p = idem_test_proxy_start(srv.ports[0]);
-    cr_assert_not_null(p);
+    idem_proxy *p;
+    cr_assert_eq(idem_proxy_start(&p, srv.ports[0]), 0);
     char url[96];
-    snprintf(url, sizeof url, "redis://127.0.0.1:%u?timeout_ms=200", idem_test_proxy_port(p));
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u?timeout_ms=200", idem_proxy_port(p));
     idem_store *st = open_store(url);
     idem_layer *l = layer_on(st, 0);
     handler_arg a = {.body = "a body long enough to trickle for a while"};
@@ -984,20 +1093,20 @@ Test(redis, reply_that_trickles_in_is_bounded_as_a_whole_by_timeout_ms)
      * timeout too. */
     static const unsigned every[] = {50, 150};
     for (int i = 0; i < 2; i++) {
-        idem_test_proxy_set(p, IDEM_PROXY_TRICKLE, every[i]);
+        idem_proxy_set(p, IDEM_PROXY_TRICKLE, every[i]);
         uint64_t t0 = mono_ms();
         int rc = run_key(l, "trickled", 8, &a, &r);
         uint64_t took = mono_ms() - t0;
-        idem_test_proxy_set(p, IDEM_PROXY_PASS, 0);
+        idem_proxy_set(p, IDEM_PROXY_PASS, 0);
         cr_assert_eq(rc, IDEM_EBACKEND, "a replay trickling in at 1 byte / %u ms", every[i]);
         cr_assert(took < 600, "took %llu ms with timeout_ms=200 (1 byte / %u ms)",
                   (unsigned long long)took, every[i]);
         cr_assert(strstr(idem_last_error(), "incomplete after 200 ms"), "%s", idem_last_error());
     }
     /* A new key whose claim (":0\r\n") trickles past the timeout: nothing runs. */
-    idem_test_proxy_set(p, IDEM_PROXY_TRICKLE, 100);
+    idem_proxy_set(p, IDEM_PROXY_TRICKLE, 100);
     cr_assert_eq(run_key(l, "trickled-new", 12, &a, &r), IDEM_EBACKEND);
-    idem_test_proxy_set(p, IDEM_PROXY_PASS, 0);
+    idem_proxy_set(p, IDEM_PROXY_PASS, 0);
     cr_assert_eq(atomic_load(&a.calls), 1);
 
     /* Passing again: the spoilt connections are gone, the next ones work. */
@@ -1007,7 +1116,7 @@ Test(redis, reply_that_trickles_in_is_bounded_as_a_whole_by_timeout_ms)
     idem_reply_clear(&r);
     idem_layer_free(l);
     idem_store_close(st);
-    idem_test_proxy_stop(p);
+    idem_proxy_stop(p);
 }
 
 Test(redis, value_far_over_the_record_limit_is_refused_without_being_read)

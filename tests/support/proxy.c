@@ -1,7 +1,9 @@
-/* Test support: a TCP proxy that spoils replies on command (see proxy.h). */
+/* Test support: a TCP proxy that shapes a server's replies (see proxy.h). */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -15,27 +17,34 @@
 
 #include "proxy.h"
 
-#define MAX_PAIRS 64
-#define TICK_MS   10
+#define MAX_CONNS 256
+#define TICK_MS   2
 
-typedef struct pair {
-    struct idem_test_proxy *p;
-    int       cli, up;
-    pthread_t thread;
-    bool      used;   /* the slot holds a thread to join */
-    atomic_bool done; /* that thread has finished */
-} pair;
+/* Reply bytes read from the server, not yet sent to the client. */
+typedef struct chunk {
+    struct chunk *next;
+    uint64_t      arrived_ms;
+    size_t        len, off;
+    unsigned char data[];
+} chunk;
 
-struct idem_test_proxy {
-    int          lfd;
-    uint16_t     port, upstream;
-    atomic_int   mode;
-    atomic_uint  ms;
+typedef struct conn {
+    int      client, server;     /* -1 once closed */
+    chunk   *head, *tail;
+    uint64_t last_byte_ms;       /* TRICKLE: when the last byte went out */
+    bool     server_eof;
+} conn;
+
+struct idem_proxy {
+    int          listener;
+    uint16_t     port, target;
+    pthread_t    thread;
     atomic_bool  stop;
-    atomic_uint  accepted;
-    pthread_t    acceptor;
-    pthread_mutex_t mu;
-    pair         pairs[MAX_PAIRS];
+    atomic_int   mode;
+    atomic_uint  delay_ms;
+    _Atomic uint64_t reply_bytes;
+    conn         conns[MAX_CONNS];
+    int          nconns;
 };
 
 static uint64_t now_ms(void)
@@ -45,211 +54,223 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static int connect_port(uint16_t port)
+static int connect_target(uint16_t port)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port),
                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    if (fd >= 0 && connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+    if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
         close(fd);
-        fd = -1;
+        return -1;
     }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     return fd;
 }
 
-static bool send_all(int fd, const char *buf, size_t len)
+static void conn_close(conn *c)
 {
-    while (len) {
-        ssize_t n = send(fd, buf, len, MSG_NOSIGNAL);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n <= 0)
-            return false;
-        buf += n;
-        len -= (size_t)n;
+    if (c->client >= 0)
+        close(c->client);
+    if (c->server >= 0)
+        close(c->server);
+    c->client = c->server = -1;
+    while (c->head) {
+        chunk *n = c->head->next;
+        free(c->head);
+        c->head = n;
+    }
+    c->tail = NULL;
+}
+
+/* Send what the mode lets out now. false when the client is gone. */
+static bool flush_replies(idem_proxy *p, conn *c, uint64_t now)
+{
+    while (c->head) {
+        chunk *k = c->head;
+        size_t n = k->len - k->off;
+        int mode = atomic_load(&p->mode);
+        uint32_t delay = atomic_load(&p->delay_ms);
+        if (mode == IDEM_PROXY_HOLD)
+            return true;
+        if (mode == IDEM_PROXY_DELAY && now < k->arrived_ms + delay)
+            return true;
+        if (mode == IDEM_PROXY_TRICKLE) {
+            if (now < c->last_byte_ms + delay)
+                return true;
+            n = 1;
+        }
+        ssize_t w = send(c->client, k->data + k->off, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0)
+            return errno == EAGAIN || errno == EWOULDBLOCK;
+        atomic_fetch_add(&p->reply_bytes, (uint64_t)w);
+        c->last_byte_ms = now;
+        k->off += (size_t)w;
+        if (k->off < k->len)
+            return true;
+        c->head = k->next;
+        if (!c->head)
+            c->tail = NULL;
+        free(k);
+        if (mode == IDEM_PROXY_TRICKLE)
+            return true;
     }
     return true;
 }
 
-/* Sleep until ms have passed since t0, the proxy stops, or (when
- * while_mode >= 0) the mode is no longer while_mode. */
-static void wait_until(idem_test_proxy *p, uint64_t t0, unsigned ms, int while_mode)
+/* Relay from one side; false when that side closed or failed. */
+static bool relay_request(conn *c)
 {
-    while (!atomic_load(&p->stop) && now_ms() - t0 < ms &&
-           (while_mode < 0 || atomic_load(&p->mode) == while_mode))
-        usleep(TICK_MS * 1000);
-}
-
-/* Pass one chunk of a reply to the client as the mode says. */
-static bool pass_reply(idem_test_proxy *p, int cli, const char *buf, size_t len)
-{
-    uint64_t t0 = now_ms();
-    while (len && !atomic_load(&p->stop)) {
-        int mode = atomic_load(&p->mode);
-        unsigned ms = atomic_load(&p->ms);
-        if (mode == IDEM_PROXY_HOLD) {
-            wait_until(p, t0, UINT32_MAX, IDEM_PROXY_HOLD);
-            continue;
-        }
-        if (mode == IDEM_PROXY_DELAY) {
-            wait_until(p, t0, ms, IDEM_PROXY_DELAY);
-            if (atomic_load(&p->mode) == IDEM_PROXY_DELAY || now_ms() - t0 >= ms)
-                return send_all(cli, buf, len);
-            continue;
-        }
-        if (mode == IDEM_PROXY_TRICKLE) {
-            if (!send_all(cli, buf, 1))
-                return false;
-            buf++, len--;
-            if (len)
-                wait_until(p, now_ms(), ms, IDEM_PROXY_TRICKLE);
-            continue;
-        }
-        return send_all(cli, buf, len);
+    unsigned char buf[16384];
+    ssize_t n = recv(c->client, buf, sizeof buf, MSG_DONTWAIT);
+    if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR))
+        return false;
+    for (ssize_t off = 0; n > 0 && off < n;) {
+        ssize_t w = send(c->server, buf + off, (size_t)(n - off), MSG_NOSIGNAL);
+        if (w < 0)
+            return false;
+        off += w;
     }
-    return len == 0;
+    return true;
 }
 
-static void *pair_run(void *arg)
+static bool read_reply(conn *c, uint64_t now)
 {
-    pair *pr = arg;
-    idem_test_proxy *p = pr->p;
-    char *buf = malloc(65536);
-    bool dead = buf == NULL;
-    while (!dead && !atomic_load(&p->stop)) {
-        struct pollfd fds[2] = {{.fd = pr->cli, .events = POLLIN}, {.fd = pr->up, .events = POLLIN}};
-        if (poll(fds, 2, 50) <= 0)
-            continue;
-        if (fds[0].revents) {
-            ssize_t got = read(pr->cli, buf, 65536);
-            if (got <= 0 || !send_all(pr->up, buf, (size_t)got)) {
-                dead = true;
-            } else {
-                int want = IDEM_PROXY_DROP_REPLY;
-                if (atomic_compare_exchange_strong(&p->mode, &want, IDEM_PROXY_PASS)) {
-                    struct pollfd w = {.fd = pr->up, .events = POLLIN};
-                    if (poll(&w, 1, 2000) > 0)
-                        (void)!read(pr->up, buf, 65536); /* the reply, swallowed */
-                    dead = true;
-                }
-            }
-        }
-        if (!dead && fds[1].revents) {
-            ssize_t got = read(pr->up, buf, 65536);
-            dead = got <= 0 || !pass_reply(p, pr->cli, buf, (size_t)got);
-        }
+    unsigned char buf[16384];
+    ssize_t n = recv(c->server, buf, sizeof buf, MSG_DONTWAIT);
+    if (n == 0) {
+        c->server_eof = true;
+        return true;
     }
-    shutdown(pr->cli, SHUT_RDWR);
-    shutdown(pr->up, SHUT_RDWR);
-    free(buf);
-    atomic_store(&pr->done, true);
-    return NULL;
+    if (n < 0)
+        return errno == EAGAIN || errno == EINTR;
+    chunk *k = malloc(sizeof *k + (size_t)n);
+    if (!k)
+        return false;
+    *k = (chunk){.arrived_ms = now, .len = (size_t)n};
+    memcpy(k->data, buf, (size_t)n);
+    if (c->tail)
+        c->tail->next = k;
+    else
+        c->head = k;
+    c->tail = k;
+    return true;
 }
 
-static void *accept_run(void *arg)
+static void accept_one(idem_proxy *p)
 {
-    idem_test_proxy *p = arg;
+    int fd = accept4(p->listener, NULL, NULL, SOCK_CLOEXEC);
+    if (fd < 0)
+        return;
+    int server = connect_target(p->target);
+    if (server < 0 || p->nconns == MAX_CONNS) {
+        close(fd);
+        if (server >= 0)
+            close(server);
+        return;
+    }
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    p->conns[p->nconns++] = (conn){.client = fd, .server = server};
+}
+
+static void *proxy_main(void *arg)
+{
+    idem_proxy *p = arg;
+    struct pollfd fds[1 + 2 * MAX_CONNS];
     while (!atomic_load(&p->stop)) {
-        struct pollfd l = {.fd = p->lfd, .events = POLLIN};
-        if (poll(&l, 1, 50) <= 0)
-            continue;
-        int c = accept(p->lfd, NULL, NULL);
-        if (c < 0)
-            continue;
-        atomic_fetch_add(&p->accepted, 1);
-        int u = connect_port(p->upstream);
-        pthread_mutex_lock(&p->mu);
-        for (int j = 0; j < MAX_PAIRS; j++)
-            if (p->pairs[j].used && atomic_load(&p->pairs[j].done)) {
-                pthread_join(p->pairs[j].thread, NULL);
-                close(p->pairs[j].cli);
-                close(p->pairs[j].up);
-                p->pairs[j].used = false;
+        int n = 0;
+        fds[n++] = (struct pollfd){.fd = p->listener, .events = POLLIN};
+        for (int i = 0; i < p->nconns; i++) {
+            fds[n++] = (struct pollfd){.fd = p->conns[i].client, .events = POLLIN};
+            fds[n++] = (struct pollfd){.fd = p->conns[i].server_eof ? -1 : p->conns[i].server,
+                                       .events = POLLIN};
+        }
+        (void)poll(fds, (nfds_t)n, TICK_MS);
+        uint64_t now = now_ms();
+        if (fds[0].revents & POLLIN)
+            accept_one(p);
+        for (int i = 0; i < p->nconns; i++) {
+            conn *c = &p->conns[i];
+            struct pollfd *cl = &fds[1 + 2 * i], *sv = &fds[2 + 2 * i];
+            bool ok = true;
+            if (i * 2 + 2 < n) {
+                if (cl->revents & (POLLIN | POLLHUP | POLLERR))
+                    ok = relay_request(c);
+                if (ok && (sv->revents & (POLLIN | POLLHUP | POLLERR)))
+                    ok = read_reply(c, now);
             }
-        int i = 0;
-        while (i < MAX_PAIRS && p->pairs[i].used)
-            i++;
-        if (u < 0 || i == MAX_PAIRS) {
-            pthread_mutex_unlock(&p->mu);
-            close(c);
-            if (u >= 0)
-                close(u);
-            continue;
+            if (ok)
+                ok = flush_replies(p, c, now);
+            if (ok && c->server_eof && !c->head)
+                ok = false;
+            if (!ok) {
+                conn_close(c);
+                p->conns[i] = p->conns[--p->nconns];
+                /* the moved connection's poll slots are stale: it waits a tick */
+                n = 2 * i + 1;
+                i--;
+            }
         }
-        p->pairs[i].p = p;
-        p->pairs[i].cli = c;
-        p->pairs[i].up = u;
-        p->pairs[i].used = true;
-        atomic_store(&p->pairs[i].done, false);
-        if (pthread_create(&p->pairs[i].thread, NULL, pair_run, &p->pairs[i]) != 0) {
-            p->pairs[i].used = false;
-            close(c);
-            close(u);
-        }
-        pthread_mutex_unlock(&p->mu);
     }
+    for (int i = 0; i < p->nconns; i++)
+        conn_close(&p->conns[i]);
+    p->nconns = 0;
     return NULL;
 }
 
-idem_test_proxy *idem_test_proxy_start(uint16_t upstream)
+int idem_proxy_start(idem_proxy **out, uint16_t target_port)
 {
-    idem_test_proxy *p = calloc(1, sizeof *p);
-    if (!p) {
-        fprintf(stderr, "proxy: out of memory\n");
-        return NULL;
-    }
-    p->upstream = upstream;
-    pthread_mutex_init(&p->mu, NULL);
-    p->lfd = socket(AF_INET, SOCK_STREAM, 0);
+    idem_proxy *p = calloc(1, sizeof *p);
+    if (!p)
+        return -1;
+    p->target = target_port;
+    p->listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     socklen_t len = sizeof a;
-    if (p->lfd < 0 || bind(p->lfd, (struct sockaddr *)&a, sizeof a) != 0 || listen(p->lfd, 64) != 0 ||
-        getsockname(p->lfd, (struct sockaddr *)&a, &len) != 0 ||
-        pthread_create(&p->acceptor, NULL, accept_run, p) != 0) {
+    if (p->listener < 0 || bind(p->listener, (struct sockaddr *)&a, sizeof a) != 0 ||
+        listen(p->listener, 64) != 0 || getsockname(p->listener, (struct sockaddr *)&a, &len) != 0) {
         fprintf(stderr, "proxy: cannot listen on a loopback port: %s\n", strerror(errno));
-        if (p->lfd >= 0)
-            close(p->lfd);
+        if (p->listener >= 0)
+            close(p->listener);
         free(p);
-        return NULL;
+        return -1;
     }
     p->port = ntohs(a.sin_port);
-    return p;
+    if (pthread_create(&p->thread, NULL, proxy_main, p) != 0) {
+        fprintf(stderr, "proxy: cannot start its thread\n");
+        close(p->listener);
+        free(p);
+        return -1;
+    }
+    *out = p;
+    return 0;
 }
 
-uint16_t idem_test_proxy_port(const idem_test_proxy *p)
+uint16_t idem_proxy_port(const idem_proxy *p)
 {
     return p->port;
 }
 
-void idem_test_proxy_set(idem_test_proxy *p, idem_test_proxy_mode mode, unsigned ms)
+void idem_proxy_set(idem_proxy *p, idem_proxy_mode mode, uint32_t delay_ms)
 {
-    atomic_store(&p->ms, ms);
+    atomic_store(&p->delay_ms, delay_ms);
     atomic_store(&p->mode, (int)mode);
 }
 
-int idem_test_proxy_drop_pending(const idem_test_proxy *p)
+uint64_t idem_proxy_reply_bytes(const idem_proxy *p)
 {
-    return atomic_load(&((idem_test_proxy *)p)->mode) == IDEM_PROXY_DROP_REPLY;
+    return atomic_load(&((idem_proxy *)p)->reply_bytes);
 }
 
-unsigned idem_test_proxy_accepted(const idem_test_proxy *p)
-{
-    return atomic_load(&((idem_test_proxy *)p)->accepted);
-}
-
-void idem_test_proxy_stop(idem_test_proxy *p)
+void idem_proxy_stop(idem_proxy *p)
 {
     if (!p)
         return;
     atomic_store(&p->stop, true);
-    pthread_join(p->acceptor, NULL);
-    for (int i = 0; i < MAX_PAIRS; i++)
-        if (p->pairs[i].used) {
-            pthread_join(p->pairs[i].thread, NULL);
-            close(p->pairs[i].cli);
-            close(p->pairs[i].up);
-        }
-    close(p->lfd);
-    pthread_mutex_destroy(&p->mu);
+    pthread_join(p->thread, NULL);
+    close(p->listener);
     free(p);
 }

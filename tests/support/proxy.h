@@ -1,42 +1,45 @@
-/* Test support: a TCP proxy on a free loopback port that passes traffic to
- * one upstream port and, when told, spoils the replies: holds them, lets
- * them trickle in a byte at a time, or swallows one and cuts the
- * connection. For the faults a slow or dying store causes, without
- * touching the server.
+/* Test support: a TCP proxy on a loopback port that slows, trickles or
+ * holds what a server sends back, to test how the library copes with a slow
+ * store without touching the store itself.
  *
- * Requests (client to upstream) always pass at once. The way replies
- * (upstream to client) travel can be changed at any time from any thread;
- * it applies to every connection from the next chunk on. Connections are
- * served by one thread each; the proxy holds up to 64 at once and refuses
- * more (it closes them). */
+ * The proxy runs in a thread of the test process. Every connection made to
+ * its port is relayed to the target port on 127.0.0.1. Requests (client to
+ * server) always pass at once; replies (server to client) are shaped by the
+ * current mode, which a test may change at any time (the mode in force
+ * when bytes are due to go out is the one that applies):
+ *
+ *   IDEM_PROXY_PASS     replies pass at once
+ *   IDEM_PROXY_DELAY    each reply chunk is held delay_ms after it arrived
+ *   IDEM_PROXY_TRICKLE  replies are sent one byte every delay_ms
+ *   IDEM_PROXY_HOLD     replies are held until the mode changes (a frozen
+ *                       server, seen from the client), then sent
+ *
+ * Thread-safe: the setters may be called from any thread. */
 #ifndef IDEM_TEST_PROXY_H
 #define IDEM_TEST_PROXY_H
 
 #include <stdint.h>
 
-typedef struct idem_test_proxy idem_test_proxy;
+typedef enum idem_proxy_mode {
+    IDEM_PROXY_PASS = 0,
+    IDEM_PROXY_DELAY,
+    IDEM_PROXY_TRICKLE,
+    IDEM_PROXY_HOLD,
+} idem_proxy_mode;
 
-typedef enum idem_test_proxy_mode {
-    IDEM_PROXY_PASS = 0,    /* replies pass as they come */
-    IDEM_PROXY_DELAY,       /* each reply chunk is held ms milliseconds, then passed whole */
-    IDEM_PROXY_TRICKLE,     /* replies pass one byte every ms milliseconds */
-    IDEM_PROXY_HOLD,        /* replies are held until the mode changes */
-    IDEM_PROXY_DROP_REPLY,  /* the next request passes, its reply is swallowed and that
-                               connection closed (the server acted, the client never
-                               hears of it); then back to PASS */
-} idem_test_proxy_mode;
+typedef struct idem_proxy idem_proxy;
 
-/* Start a proxy to 127.0.0.1:upstream. NULL with a message on stderr. */
-idem_test_proxy *idem_test_proxy_start(uint16_t upstream);
-/* The port the proxy listens on. */
-uint16_t idem_test_proxy_port(const idem_test_proxy *p);
-/* Change how replies travel. Thread-safe. */
-void idem_test_proxy_set(idem_test_proxy *p, idem_test_proxy_mode mode, unsigned ms);
-/* True while a DROP_REPLY is armed and no request has come to trigger it. */
-int idem_test_proxy_drop_pending(const idem_test_proxy *p);
-/* Connections accepted so far. */
-unsigned idem_test_proxy_accepted(const idem_test_proxy *p);
-/* Close every connection, stop the threads, free the proxy. */
-void idem_test_proxy_stop(idem_test_proxy *p);
+/* Listen on a free loopback port and relay to 127.0.0.1:target_port.
+ * 0 and *out, or -1 with a message on stderr. */
+int idem_proxy_start(idem_proxy **out, uint16_t target_port);
+/* The port clients should connect to. */
+uint16_t idem_proxy_port(const idem_proxy *p);
+/* Shape the replies from now on; delay_ms is for DELAY and TRICKLE. */
+void idem_proxy_set(idem_proxy *p, idem_proxy_mode mode, uint32_t delay_ms);
+/* Bytes of replies relayed to clients so far, over all connections. */
+uint64_t idem_proxy_reply_bytes(const idem_proxy *p);
+/* Close every connection and the listener, stop the thread, free. NULL is
+ * a no-op. */
+void idem_proxy_stop(idem_proxy *p);
 
 #endif
