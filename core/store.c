@@ -150,6 +150,29 @@ int idem_store_open(idem_store **out, const char *url)
     return rc;
 }
 
+int idem__store_read(idem_store *s, const void *key, size_t key_len, void **record, size_t *record_len,
+                     uint32_t *remaining_ms)
+{
+    *record = NULL;
+    *record_len = 0;
+    *remaining_ms = UINT32_MAX;
+    if (!IDEM_HAS(s->ops, 2, read))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot read a record without "
+                              "claiming it (its table, version %u, has no read function); use the "
+                              "store's own tools", s->ops->name, s->ops->version);
+    return s->ops->read(s->state, key, key_len, record, record_len, remaining_ms);
+}
+
+int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted)
+{
+    *deleted = false;
+    if (!IDEM_HAS(s->ops, 2, remove))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot delete a key (its table, "
+                              "version %u, has no remove function); use the store's own tools",
+                              s->ops->name, s->ops->version);
+    return s->ops->remove(s->state, key, key_len, deleted);
+}
+
 void idem_store_close(idem_store *store)
 {
     if (!store)

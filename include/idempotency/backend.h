@@ -160,6 +160,24 @@ IDEM_API int idem_record_dup(const char *driver, const void *src, size_t len, vo
  * which most likely went away or restarted). Idle connections beyond
  * max_idle, or unused for idle_ms, are closed, so a burst of threads does
  * not keep its connections open for ever. Thread-safe.
+ *
+ * Exactly:
+ *   - No connection is made before the first idem_pool_get(); the pool
+ *     never holds more than max_idle idle connections, and has no limit on
+ *     how many are out at once (one per calling thread).
+ *   - get hands out the idle connection put back last (its socket is the
+ *     warmest), never one idle for idle_ms or longer: those are closed.
+ *   - Every get and put closes a few of the connections idle for idle_ms
+ *     or longer, so the idle list shrinks while the program keeps making
+ *     requests; a program that makes none keeps its idle connections until
+ *     idem_pool_free().
+ *   - put with IDEM_CONN_OK keeps the connection, or closes it when
+ *     max_idle are already idle. put with IDEM_CONN_BROKEN or
+ *     IDEM_CONN_STALE closes it and every idle one; connections that other
+ *     threads hold are theirs to report.
+ *   - connect and disconnect are called without the pool's lock held,
+ *     except that disconnect of the idle connections after a broken one
+ *     runs under it: disconnect must not call back into the pool.
  */
 typedef struct idem_pool idem_pool;
 
@@ -199,9 +217,12 @@ IDEM_API void idem_pool_put(idem_pool *pool, void *conn, idem_conn_state state);
 typedef int (*idem_pool_fn)(void *conn, void *arg, idem_conn_state *state);
 
 /* Take a connection, run fn on it, give it back as fn says. When fn reports
- * IDEM_CONN_STALE on a pooled connection, fn runs once more on a new one:
- * the retry-once policy every built-in driver follows. fn may therefore run
- * twice and must be safe to. Returns fn's code (or cfg->connect's). */
+ * IDEM_CONN_STALE on a pooled connection, fn runs once more on a connection
+ * made for the retry by cfg->connect (never another idle one): the
+ * retry-once policy every built-in driver follows. STALE on a new
+ * connection, or on the retry, is not retried, and BROKEN never is (the use
+ * may have changed the store). fn may therefore run twice and must be safe
+ * to; *state starts as IDEM_CONN_OK. Returns fn's code (or cfg->connect's). */
 IDEM_API int  idem_pool_run(idem_pool *pool, idem_pool_fn fn, void *arg);
 
 /* ------------------------------------------------------------------------ */
