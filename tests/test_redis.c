@@ -1160,3 +1160,97 @@ Test(redis, value_far_over_the_record_limit_is_refused_without_being_read)
     idem_layer_free(l);
     idem_store_close(st);
 }
+
+/* ---- read and remove (the operator's tools) ---- */
+
+Test(redis, read_returns_the_record_and_its_ttl_and_remove_deletes_whatever_is_there)
+{
+    const idem_backend *b = &idem__redis_backend;
+    idem_url *u;
+    cr_assert_eq(idem_url_parse(&u, srv.url), IDEM_OK);
+    void *s;
+    cr_assert_eq(b->open(&s, u), IDEM_OK, "%s", idem_last_error());
+    idem_url_free(u);
+    uint8_t rec[128];
+    size_t rec_len = make_record(rec, IDEM_STATE_STARTED, 0xaa, NULL);
+    void *ex, *got;
+    size_t ex_len, got_len;
+    uint32_t left;
+    cr_assert_eq(b->read(s, "r", 1, &got, &got_len, &left), IDEM_OK);
+    cr_assert_null(got, "nothing there yet");
+    cr_assert_eq(b->claim(s, "r", 1, rec, rec_len, 5000, &ex, &ex_len, &left), IDEM_OK);
+    cr_assert_eq(b->read(s, "r", 1, &got, &got_len, &left), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(got);
+    cr_assert_eq(got_len, rec_len);
+    cr_assert_arr_eq(got, rec, rec_len);
+    cr_assert(left > 4000 && left <= 5000, "remaining %u", left);
+    free(got);
+
+    redisContext *c = raw();
+    freeReplyObject(raw_cmd(c, "RPUSH r-list x"));
+    cr_assert_eq(b->read(s, "r-list", 6, &got, &got_len, &left), IDEM_ECORRUPT);
+    cr_assert(strstr(idem_last_error(), "Redis list"), "%s", idem_last_error());
+
+    bool deleted = false;
+    cr_assert_eq(b->remove(s, "r", 1, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert(deleted);
+    cr_assert_eq(b->remove(s, "r-list", 6, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert(deleted, "remove deletes whatever is there");
+    cr_assert_eq(b->remove(s, "r", 1, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not(deleted);
+    redisReply *e = raw_cmd(c, "EXISTS r r-list");
+    cr_assert_eq(e->integer, 0);
+    freeReplyObject(e);
+    redisFree(c);
+    b->close(s);
+}
+
+/* ---- wait_replicas ---- */
+
+Test(redis, claim_no_replica_acknowledged_is_given_up_and_nothing_runs)
+{
+    char url[128];
+    snprintf(url, sizeof url, "%s?wait_replicas=1&wait_timeout_ms=50", srv.url);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "unacked", 7, &a, &r), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "0 of the 1 replicas") &&
+              strstr(idem_last_error(), "given up"), "%s", idem_last_error());
+    cr_assert_eq(atomic_load(&a.calls), 0, "nothing runs on a claim no replica has");
+    redisContext *c = raw();
+    redisReply *e = raw_cmd(c, "EXISTS idem:unacked");
+    cr_assert_eq(e->integer, 0, "the unacknowledged claim was released");
+    freeReplyObject(e);
+
+    /* With a replica attached, claims and commits are acknowledged. */
+    idem_test_server rep;
+    start_custom(&rep, NULL, NULL, NULL, NULL);
+    redisContext *rc = redisConnect("127.0.0.1", rep.ports[0]);
+    cr_assert(rc && !rc->err);
+    freeReplyObject(raw_cmd(rc, "REPLICAOF 127.0.0.1 %u", (unsigned)srv.ports[0]));
+    uint64_t t0 = mono_ms();
+    while (info_field(c, "replication", "connected_slaves") < 1 ||
+           info_field(rc, "replication", "master_sync_in_progress") != 0 ||
+           info_field(rc, "replication", "master_last_io_seconds_ago") < 0) {
+        cr_assert(mono_ms() - t0 < 15000, "the replica did not sync");
+        usleep(50000);
+    }
+    snprintf(url, sizeof url, "%s?wait_replicas=1&wait_timeout_ms=2000", srv.url);
+    idem_store *st2 = open_store(url);
+    idem_layer *l2 = layer_on(st2, 0);
+    cr_assert_eq(run_key(l2, "acked", 5, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    e = raw_cmd(rc, "EXISTS idem:acked");
+    cr_assert_eq(e->integer, 1, "an acknowledged commit is on the replica when the call returns");
+    freeReplyObject(e);
+    idem_reply_clear(&r);
+    idem_layer_free(l2);
+    idem_store_close(st2);
+    redisFree(rc);
+    idem_test_server_stop(&rep);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
