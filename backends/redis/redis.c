@@ -37,6 +37,7 @@
 #include <idempotency/backend.h>
 
 #define DEFAULT_PORT               6379
+#define DEFAULT_SENTINEL_PORT      26379
 #define DEFAULT_CONNECT_TIMEOUT_MS 1000
 #define DEFAULT_TIMEOUT_MS         2000
 #define MAX_TIMEOUT_MS             3600000
@@ -49,6 +50,11 @@
 /* A socket timeout within this of the time left is left alone. */
 #define TIMEOUT_SLACK_MS           5
 #define DEFAULT_WAIT_TIMEOUT_MS    100
+/* Redirects (MOVED, ASK) and retries (TRYAGAIN, CLUSTERDOWN, a failed
+ * server) one operation follows at most, all within its timeout_ms. */
+#define MAX_HOPS                   8
+/* The topology is asked again at most this often. */
+#define LEARN_INTERVAL_MS          100
 #define MAX_WAIT_REPLICAS          64
 
 /* ---- the scripts ---- */
@@ -170,7 +176,16 @@ typedef struct node {
     struct node *next;
 } node;
 
+enum topology {
+    TOPO_SINGLE,    /* redis://, redis+unix:// */
+    TOPO_CLUSTER,   /* redis+cluster://: keys spread over the masters by slot */
+    TOPO_SENTINEL,  /* redis+sentinel://: the master the sentinels name */
+};
+
+#define CLUSTER_SLOTS 16384
+
 struct store {
+    enum topology   topo;
     char           *socket_path; /* redis+unix: the socket; NULL for TCP */
     char           *user;        /* ACL user name, or NULL */
     char           *password;    /* never printed */
@@ -181,7 +196,20 @@ struct store {
     char            sha[SC_COUNT][41]; /* SHA1 hex of each script, fixed at open */
     pthread_mutex_t mu;          /* guards nodes */
     node           *nodes;       /* every node used so far */
-    node *_Atomic   master;      /* where every operation goes */
+    node *_Atomic   master;      /* single, sentinel: where every operation goes */
+    /* cluster: the master of each slot (NULL: unknown), refreshed from
+     * CLUSTER SLOTS at open, after MOVED and after a connection failure */
+    node *_Atomic  *slots;
+    /* sentinel */
+    char           *master_name;
+    char           *sentinel_password;
+    idem_url_host  *sentinels;   /* in the order to ask them; one that answers moves first */
+    size_t          nsentinels;
+    /* cluster and sentinel: one thread at a time learns the topology */
+    pthread_mutex_t learn_mu;
+    uint64_t        learned_ms;  /* when it last did */
+    atomic_bool     unsure;      /* a failure left no time to learn: do it first */
+    atomic_ulong    moved, asked, retried, learned; /* counts, for the curious */
 };
 
 /* ---- messages ---- */
@@ -378,11 +406,12 @@ static int auth_refused(const char *where, const redisReply *r, const char *what
                              r->str ? r->str : "");
 }
 
-/* Send AUTH and SELECT as needed, pipelined: one round trip. */
+/* Send AUTH, SELECT and (sentinel: is it still the master?) ROLE as
+ * needed, pipelined: one round trip. */
 static int conn_setup(store *s, const char *where, conn *c)
 {
     redisContext *ctx = c->ctx;
-    enum { AUTH, SELECT } sent[2];
+    enum { AUTH, SELECT, ROLE } sent[3];
     int n = 0;
     if (s->password) {
         int rc = s->user ? redisAppendCommand(ctx, "AUTH %s %s", s->user, s->password)
@@ -396,19 +425,36 @@ static int conn_setup(store *s, const char *where, conn *c)
             return context_error_at(s, where, ctx, false, false, "selecting the database");
         sent[n++] = SELECT;
     }
+    if (s->topo == TOPO_SENTINEL) {
+        if (redisAppendCommand(ctx, "ROLE") != REDIS_OK)
+            return context_error_at(s, where, ctx, false, false, "checking the role");
+        sent[n++] = ROLE;
+    }
     int ret = IDEM_OK;
     uint64_t deadline = mono_ms() + s->command_ms;
     for (int i = 0; i < n; i++) {
-        const char *what = sent[i] == AUTH ? "authenticating" : "selecting the database";
+        const char *what = sent[i] == AUTH ? "authenticating"
+                         : sent[i] == SELECT ? "selecting the database" : "checking the role";
         redisReply *r = conn_reply(c, deadline);
         if (!r)
             return conn_error(s, where, c, what);
         if (ret == IDEM_OK && r->type == REDIS_REPLY_ERROR)
-            ret = sent[i] == AUTH
-                      ? auth_refused(where, r, what)
-                      : idem_driver_error(IDEM_EBACKEND, where, what, "SELECT %lu failed (%s); the "
-                                          "URL's database number must be below the server's "
-                                          "`databases` setting", s->db, r->str ? r->str : "");
+            ret = sent[i] == AUTH ? auth_refused(where, r, what)
+                : sent[i] == SELECT
+                    ? idem_driver_error(IDEM_EBACKEND, where, what, "SELECT %lu failed (%s); the "
+                                        "URL's database number must be below the server's "
+                                        "`databases` setting", s->db, r->str ? r->str : "")
+                    : reply_error(where, r, what);
+        else if (ret == IDEM_OK && sent[i] == ROLE &&
+                 !(r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+                   r->element[0]->type == REDIS_REPLY_STRING &&
+                   strcmp(r->element[0]->str, "master") == 0))
+            ret = idem_driver_error(IDEM_EBACKEND, where, what, "the server the sentinels named "
+                                    "as master of %s is not a master (ROLE says %s); a failover "
+                                    "is under way: retry shortly", s->master_name,
+                                    r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+                                    r->element[0]->type == REDIS_REPLY_STRING
+                                        ? r->element[0]->str : "something else");
         freeReplyObject(r);
     }
     return ret;
@@ -524,6 +570,7 @@ typedef struct op {
     size_t         *lens;
     uint64_t        deadline;
     bool            wait;       /* follow a write with WAIT (wait_replicas) */
+    bool            asking;     /* send ASKING first (cluster: ASK redirect) */
     bool            maybe_ran;  /* an earlier try may have run on the server */
     long long       acked;      /* replicas that acknowledged the write (WAIT), or -1 */
     redisReply     *reply;      /* the answer, never an error reply of the connection's */
@@ -541,16 +588,31 @@ static bool op_wrote(const op *o, const redisReply *r)
  * then WAIT when asked. Every script is safe to run twice (see the
  * operations), so a pooled connection the server closed is reported STALE
  * and idem_pool_run() tries once more on a new one. */
+/* Send the command (pipelined after ASKING when asked) and read its reply. */
+static redisReply *op_send(op *o, conn *c)
+{
+    if (!o->asking)
+        return conn_command(c, o->deadline, o->argc, o->argv, o->lens);
+    if (redisAppendCommand(c->ctx, "ASKING") != REDIS_OK)
+        return NULL;
+    redisReply *a = conn_command(c, o->deadline, o->argc, o->argv, o->lens); /* ASKING's +OK */
+    if (!a)
+        return NULL;
+    freeReplyObject(a);
+    return conn_reply(c, o->deadline);
+}
+
 static int op_run(void *connp, void *arg, idem_conn_state *state)
 {
     conn *c = connp;
     op *o = arg;
     store *s = o->s;
     const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
-    redisReply *r = conn_command(c, o->deadline, o->argc, o->argv, o->lens);
+    redisReply *r = op_send(o, c);
     if (r && o->id >= 0 && reply_is(r, "NOSCRIPT")) {
         /* The server lost its script cache (restart, failover, SCRIPT
-         * FLUSH): EVAL runs the script and caches it again. */
+         * FLUSH), or never had it (another cluster node): EVAL runs the
+         * script and caches it. */
         freeReplyObject(r);
         const char *argv0 = o->argv[0], *argv1 = o->argv[1];
         size_t len0 = o->lens[0], len1 = o->lens[1];
@@ -558,7 +620,7 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         o->lens[0] = 4;
         o->argv[1] = script_src[o->id];
         o->lens[1] = strlen(script_src[o->id]);
-        r = conn_command(c, o->deadline, o->argc, o->argv, o->lens);
+        r = op_send(o, c);
         o->argv[0] = argv0, o->argv[1] = argv1;
         o->lens[0] = len0, o->lens[1] = len1;
     }
@@ -588,31 +650,384 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
     return IDEM_OK;
 }
 
-/* Send o to where its key lives and return the answer in o->reply; an
- * error reply is IDEM_EBACKEND with the server's words and a hint. */
-static int op_exec(store *s, op *o, const void *key, size_t key_len)
+/* ---- the topology: cluster slots, the sentinels' master ---- */
+
+/* CRC16 (XMODEM: polynomial 0x1021, no reflection), as the cluster
+ * specification defines the key hash. */
+static uint16_t crc16(const unsigned char *p, size_t n)
 {
-    (void)key, (void)key_len;
-    o->deadline = mono_ms() + s->command_ms;
-    o->acked = -1;
-    o->n = atomic_load(&s->master);
-    int rc = idem_pool_run(o->n->pool, op_run, o);
-    if (rc)
-        return rc;
-    if (o->reply->type == REDIS_REPLY_ERROR) {
-        rc = reply_error(o->n->where, o->reply, o->id >= 0 ? script_what[o->id] : "removing a key");
-        freeReplyObject(o->reply);
-        o->reply = NULL;
+    uint16_t crc = 0;
+    while (n--) {
+        crc ^= (uint16_t)(*p++ << 8);
+        for (int i = 0; i < 8; i++)
+            crc = crc & 0x8000 ? (uint16_t)((crc << 1) ^ 0x1021) : (uint16_t)(crc << 1);
+    }
+    return crc;
+}
+
+/* The slot of a key: only what is between the first '{' and the next '}'
+ * counts, when that is not empty. */
+static unsigned key_slot(const void *key, size_t len)
+{
+    const unsigned char *k = key;
+    size_t open = 0;
+    while (open < len && k[open] != '{')
+        open++;
+    if (open < len) {
+        size_t close = open + 1;
+        while (close < len && k[close] != '}')
+            close++;
+        if (close < len && close > open + 1)
+            return crc16(k + open + 1, close - open - 1) & (CLUSTER_SLOTS - 1);
+    }
+    return crc16(k, len) & (CLUSTER_SLOTS - 1);
+}
+
+/* host:port from "host:port" (IPv6: the last colon splits); an empty host
+ * is the server that said it. */
+static node *node_at(store *s, const char *text, size_t len, const node *said)
+{
+    const char *colon = NULL;
+    for (size_t i = 0; i < len; i++)
+        if (text[i] == ':')
+            colon = text + i;
+    if (!colon)
+        return NULL;
+    char host[256];
+    size_t hlen = (size_t)(colon - text);
+    if (hlen >= sizeof host)
+        return NULL;
+    memcpy(host, text, hlen);
+    host[hlen] = '\0';
+    int port = atoi(colon + 1);
+    if (port <= 0 || port > 65535)
+        return NULL;
+    return node_get(s, hlen ? host : said->host, port);
+}
+
+/* A node to ask about the topology, and by when. */
+typedef struct ask_arg {
+    node    *n;
+    uint64_t deadline;
+} ask_arg;
+
+/* CLUSTER SLOTS on one node, into the slot table. */
+static int slots_run(void *connp, void *arg, idem_conn_state *state)
+{
+    conn *c = connp;
+    node *n = ((ask_arg *)arg)->n;
+    store *s = n->s;
+    const char *what = "reading the cluster's slot map (CLUSTER SLOTS)";
+    const char *argv[2] = {"CLUSTER", "SLOTS"};
+    size_t lens[2] = {7, 5};
+    redisReply *r = conn_command(c, ((ask_arg *)arg)->deadline, 2, argv, lens);
+    if (!r) {
+        *state = IDEM_CONN_BROKEN;
+        return conn_error(s, n->where, c, what);
+    }
+    int rc = IDEM_OK;
+    if (r->type == REDIS_REPLY_ERROR) {
+        rc = idem_driver_error(IDEM_EBACKEND, n->where, what, "the server answered: %s%s", r->str,
+                               strstr(r->str, "cluster support disabled")
+                                   ? "; this server is not in cluster mode: use redis://"
+                                   : "");
+    } else if (r->type != REDIS_REPLY_ARRAY || r->elements == 0) {
+        rc = idem_driver_error(IDEM_EBACKEND, n->where, what, "no slot is served; is the cluster "
+                               "created (redis-cli --cluster create) and cluster_state:ok?");
+    } else {
+        for (size_t i = 0; i < r->elements && rc == IDEM_OK; i++) {
+            redisReply *e = r->element[i];
+            if (e->type != REDIS_REPLY_ARRAY || e->elements < 3 ||
+                e->element[0]->type != REDIS_REPLY_INTEGER ||
+                e->element[1]->type != REDIS_REPLY_INTEGER ||
+                e->element[2]->type != REDIS_REPLY_ARRAY || e->element[2]->elements < 2 ||
+                e->element[2]->element[0]->type != REDIS_REPLY_STRING ||
+                e->element[2]->element[1]->type != REDIS_REPLY_INTEGER) {
+                rc = idem_driver_error(IDEM_EBACKEND, n->where, what, "unexpected entry %zu", i);
+                break;
+            }
+            long long lo = e->element[0]->integer, hi = e->element[1]->integer;
+            const redisReply *ip = e->element[2]->element[0];
+            int port = (int)e->element[2]->element[1]->integer;
+            node *m = node_get(s, ip->len && strcmp(ip->str, "?") != 0 ? ip->str : n->host, port);
+            if (!m) {
+                rc = IDEM_ENOMEM;
+                break;
+            }
+            for (long long k = lo; k <= hi && k >= 0 && k < CLUSTER_SLOTS; k++)
+                atomic_store(&s->slots[k], m);
+        }
+    }
+    freeReplyObject(r);
+    return rc;
+}
+
+/* Ask the sentinels in turn for the master's address, connect to it and
+ * check ROLE (on the pool's connection: conn_setup()). */
+static int sentinel_ask(store *s, const idem_url_host *h, uint64_t deadline, node **out)
+{
+    char where[300];
+    snprintf(where, sizeof where, strchr(h->host, ':') ? "redis sentinel [%s]:%u"
+                                                       : "redis sentinel %s:%u", h->host, h->port);
+    const char *what = "asking for the master";
+    conn c = {0};
+    c.ctx = redisConnectWithTimeout(h->host, h->port ? h->port : DEFAULT_SENTINEL_PORT,
+                                    tv_ms(s->connect_ms));
+    int rc = IDEM_OK;
+    if (!c.ctx || c.ctx->err) {
+        rc = context_error_at(s, where, c.ctx, false, false, "connecting");
+        goto done;
+    }
+    c.socket_ms = 0;
+    if (s->sentinel_password) {
+        const char *argv[2] = {"AUTH", s->sentinel_password};
+        size_t lens[2] = {4, strlen(s->sentinel_password)};
+        redisReply *a = conn_command(&c, deadline, 2, argv, lens);
+        if (!a) {
+            rc = conn_error(s, where, &c, "authenticating");
+            goto done;
+        }
+        if (a->type == REDIS_REPLY_ERROR)
+            rc = auth_refused(where, a, "authenticating");
+        freeReplyObject(a);
+        if (rc)
+            goto done;
+    }
+    const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", s->master_name};
+    size_t lens[3] = {8, 23, strlen(s->master_name)};
+    redisReply *r = conn_command(&c, deadline, 3, argv, lens);
+    if (!r) {
+        rc = conn_error(s, where, &c, what);
+        goto done;
+    }
+    if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+        r->element[0]->type == REDIS_REPLY_STRING && r->element[1]->type == REDIS_REPLY_STRING) {
+        *out = node_get(s, r->element[0]->str, atoi(r->element[1]->str));
+        if (!*out)
+            rc = IDEM_ENOMEM;
+    } else if (r->type == REDIS_REPLY_ERROR) {
+        rc = reply_error(where, r, what);
+    } else {
+        rc = idem_driver_error(IDEM_EBACKEND, where, what, "this sentinel knows no master called "
+                               "'%s'; check the name in the store URL "
+                               "(redis+sentinel://host:port/MASTERNAME)", s->master_name);
+    }
+    freeReplyObject(r);
+done:
+    if (c.ctx)
+        redisFree(c.ctx);
+    return rc;
+}
+
+static int check_run(void *connp, void *arg, idem_conn_state *state)
+{
+    /* A new connection has passed conn_setup()'s ROLE check; a pooled one
+     * is asked again. */
+    conn *c = connp;
+    node *n = ((ask_arg *)arg)->n;
+    const char *argv[1] = {"ROLE"};
+    size_t lens[1] = {4};
+    redisReply *r = conn_command(c, ((ask_arg *)arg)->deadline, 1, argv, lens);
+    if (!r) {
+        *state = IDEM_CONN_BROKEN;
+        return conn_error(n->s, n->where, c, "checking the role");
+    }
+    bool master = r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
+                  r->element[0]->type == REDIS_REPLY_STRING && strcmp(r->element[0]->str, "master") == 0;
+    freeReplyObject(r);
+    if (!master) {
+        *state = IDEM_CONN_BROKEN; /* and every idle one: they talk to a replica now */
+        return idem_driver_error(IDEM_EBACKEND, n->where, "checking the role", "the server the "
+                                 "sentinels named as master of %s is not a master; a failover is "
+                                 "under way: retry shortly", n->s->master_name);
+    }
+    return IDEM_OK;
+}
+
+static int resolve_master(store *s, uint64_t deadline)
+{
+    int rc = IDEM_EBACKEND;
+    for (size_t i = 0; i < s->nsentinels && (i == 0 || mono_ms() < deadline); i++) {
+        node *m = NULL;
+        rc = sentinel_ask(s, &s->sentinels[i], deadline, &m);
+        ask_arg a = {.n = m, .deadline = deadline};
+        if (rc == IDEM_OK)
+            rc = idem_pool_run(m->pool, check_run, &a);
+        if (rc == IDEM_OK) {
+            atomic_store(&s->master, m);
+            if (i) { /* the sentinel that answered is asked first next time */
+                idem_url_host h = s->sentinels[i];
+                memmove(s->sentinels + 1, s->sentinels, i * sizeof *s->sentinels);
+                s->sentinels[0] = h;
+            }
+            return IDEM_OK;
+        }
+        if (rc == IDEM_ENOMEM)
+            return rc;
     }
     return rc;
 }
 
-/* Run script id with KEYS[1] = key and ARGV = args: *out is the reply.
- * *maybe_ran: an earlier try may have run it. *acked: the replicas that
- * acknowledged its write (wait_replicas), -1 when there was no WAIT. */
+static int refresh_slots(store *s, uint64_t deadline)
+{
+    /* Ask the nodes known, newest first (the masters found last), until one
+     * answers. The list only grows, so the snapshot stays valid. */
+    pthread_mutex_lock(&s->mu);
+    node *first = s->nodes;
+    pthread_mutex_unlock(&s->mu);
+    int rc = IDEM_EBACKEND;
+    for (node *n = first; n && (n == first || mono_ms() < deadline); n = n->next) {
+        ask_arg a = {.n = n, .deadline = deadline};
+        rc = idem_pool_run(n->pool, slots_run, &a);
+        if (rc == IDEM_OK || rc == IDEM_ENOMEM)
+            break;
+    }
+    return rc;
+}
+
+/* Learn the topology again (cluster: the slot map; sentinel: the master),
+ * by deadline, unless another thread did so in the last
+ * LEARN_INTERVAL_MS; force at open. */
+static int learn(store *s, bool force, uint64_t deadline)
+{
+    pthread_mutex_lock(&s->learn_mu);
+    uint64_t now = mono_ms();
+    int rc = IDEM_OK;
+    if (force || now - s->learned_ms >= LEARN_INTERVAL_MS) {
+        rc = s->topo == TOPO_CLUSTER ? refresh_slots(s, deadline) : resolve_master(s, deadline);
+        s->learned_ms = mono_ms();
+        atomic_store(&s->unsure, rc != IDEM_OK);
+        atomic_fetch_add(&s->learned, 1);
+    }
+    pthread_mutex_unlock(&s->learn_mu);
+    return rc;
+}
+
+/* Where the key lives now. */
+static node *route(store *s, unsigned slot)
+{
+    return s->topo == TOPO_CLUSTER ? atomic_load(&s->slots[slot]) : atomic_load(&s->master);
+}
+
+/* Sleep ms, but not past deadline. */
+static void backoff(uint64_t deadline, unsigned ms)
+{
+    uint64_t now = mono_ms();
+    if (now + ms > deadline)
+        ms = now < deadline ? (unsigned)(deadline - now) : 0;
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+/*
+ * Send o to where its key lives and return the answer in o->reply; an
+ * error reply is IDEM_EBACKEND with the server's words and a hint.
+ *
+ * Cluster: MOVED updates the slot, asks for the whole map again and
+ * follows; ASK sends ASKING and the command to the node named, once,
+ * leaving the map alone; TRYAGAIN and CLUSTERDOWN are retried after a
+ * growing pause; a server that cannot be reached makes the map be asked
+ * again and the operation follow a slot that moved (a failover).
+ * Sentinel: a connection failure or READONLY (the master was demoted)
+ * makes the master be resolved again, and the operation follow it.
+ * At most MAX_HOPS of these, all within timeout_ms. Following is safe
+ * because every script is safe to run twice (see the operations).
+ */
+static int op_exec(store *s, op *o, const void *key, size_t key_len)
+{
+    o->deadline = mono_ms() + s->command_ms;
+    o->acked = -1;
+    unsigned slot = s->topo == TOPO_CLUSTER ? key_slot(key, key_len) : 0;
+    const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
+    node *ask = NULL;
+    if (s->topo != TOPO_SINGLE && atomic_load(&s->unsure))
+        (void)learn(s, false, o->deadline);
+    for (int hop = 0;; hop++) {
+        bool last = hop + 1 >= MAX_HOPS || mono_ms() >= o->deadline;
+        node *n = ask ? ask : route(s, slot);
+        if (!n && s->topo != TOPO_SINGLE && learn(s, false, o->deadline) == IDEM_OK)
+            n = route(s, slot);
+        if (!n)
+            return idem_driver_error(IDEM_EBACKEND, "redis cluster", what, "no master serves slot "
+                                     "%u of this key; is every slot assigned (cluster_state:ok)?",
+                                     slot);
+        o->n = n;
+        o->asking = ask != NULL;
+        ask = NULL;
+        o->reply = NULL;
+        int rc = idem_pool_run(n->pool, op_run, o);
+        if (rc) {
+            /* The server is gone or stuck: in a cluster or under sentinels
+             * another may have taken over. */
+            if (rc != IDEM_EBACKEND || s->topo == TOPO_SINGLE)
+                return rc;
+            if (last || mono_ms() >= o->deadline) {
+                atomic_store(&s->unsure, true);
+                return rc;
+            }
+            char *msg = strdup(idem_last_error()); /* learn() may say something else */
+            bool follow = learn(s, false, o->deadline) == IDEM_OK && route(s, slot) != n;
+            if (!follow)
+                idem_error_set(rc, "%s", msg ? msg : "redis: out of memory");
+            free(msg);
+            if (!follow)
+                return rc;
+            atomic_fetch_add(&s->retried, 1);
+            continue;
+        }
+        redisReply *r = o->reply;
+        if (r->type != REDIS_REPLY_ERROR)
+            return IDEM_OK;
+        bool moved = s->topo == TOPO_CLUSTER && reply_is(r, "MOVED ");
+        bool asked = s->topo == TOPO_CLUSTER && reply_is(r, "ASK ");
+        bool again = s->topo == TOPO_CLUSTER && (reply_is(r, "TRYAGAIN") || reply_is(r, "CLUSTERDOWN"));
+        bool demoted = s->topo == TOPO_SENTINEL && reply_is(r, "READONLY");
+        if (!last && (moved || asked)) {
+            /* "MOVED 3999 127.0.0.1:6381" */
+            const char *sp = strchr(r->str + (moved ? 6 : 4), ' ');
+            node *to = sp ? node_at(s, sp + 1, strlen(sp + 1), n) : NULL;
+            if (to) {
+                freeReplyObject(r);
+                o->reply = NULL;
+                if (moved) {
+                    atomic_fetch_add(&s->moved, 1);
+                    atomic_store(&s->slots[slot], to);
+                    (void)learn(s, false, o->deadline);
+                    atomic_store(&s->slots[slot], to);
+                } else {
+                    atomic_fetch_add(&s->asked, 1);
+                    ask = to;
+                }
+                continue;
+            }
+        }
+        if (!last && (again || demoted)) {
+            bool down = reply_is(r, "CLUSTERDOWN");
+            freeReplyObject(r);
+            o->reply = NULL;
+            atomic_fetch_add(&s->retried, 1);
+            if (demoted || down)
+                (void)learn(s, false, o->deadline);
+            backoff(o->deadline, 10u << (hop < 5 ? hop : 5));
+            continue;
+        }
+        rc = reply_error(n->where, r, what);
+        freeReplyObject(r);
+        o->reply = NULL;
+        return rc;
+    }
+}
+
+/* What came of one script besides its reply. */
+typedef struct op_result {
+    const char *where;      /* the server that answered, for messages */
+    bool        maybe_ran;  /* an earlier try may have run the script */
+    long long   acked;      /* replicas that acknowledged its write (WAIT); -1: no WAIT */
+} op_result;
+
+/* Run script id with KEYS[1] = key and ARGV = args: *out is the reply. */
 static int run_script(store *s, enum script_id id, const void *key, size_t key_len, size_t nargs,
-                      const char *const *args, const size_t *lens, redisReply **out, bool *maybe_ran,
-                      long long *acked)
+                      const char *const *args, const size_t *lens, redisReply **out, op_result *res)
 {
     const char *argv[8];
     size_t argvlen[8];
@@ -631,19 +1046,17 @@ static int run_script(store *s, enum script_id id, const void *key, size_t key_l
     op o = {.s = s, .id = (int)id, .argc = (int)(4 + nargs), .argv = argv, .lens = argvlen,
             .wait = s->wait_replicas > 0};
     int rc = op_exec(s, &o, key, key_len);
-    if (maybe_ran)
-        *maybe_ran = o.maybe_ran;
-    if (acked)
-        *acked = o.acked;
+    res->where = o.n ? o.n->where : "redis";
+    res->maybe_ran = o.maybe_ran;
+    res->acked = o.acked;
     if (rc == IDEM_OK)
         *out = o.reply;
     return rc;
 }
 
-static int unexpected(const store *s, enum script_id id, const redisReply *r)
+static int unexpected(const char *where, enum script_id id, const redisReply *r)
 {
-    node *n = atomic_load(&((store *)s)->master);
-    return idem_driver_error(IDEM_EBACKEND, n->where, script_what[id], "unexpected reply of type "
+    return idem_driver_error(IDEM_EBACKEND, where, script_what[id], "unexpected reply of type "
                              "%d from the script; is this a Redis server (or a proxy that "
                              "rewrites replies)?", r->type);
 }
@@ -655,15 +1068,15 @@ static int run_fenced(store *s, enum script_id id, const void *key, size_t key_l
                       const char *const *args, const size_t *lens, long long max_ok)
 {
     redisReply *r;
-    bool maybe_ran = false;
-    int rc = run_script(s, id, key, key_len, nargs, args, lens, &r, &maybe_ran, NULL);
+    op_result res;
+    int rc = run_script(s, id, key, key_len, nargs, args, lens, &r, &res);
     if (rc)
         return rc;
     bool absent = id == SC_RELEASE && r->type == REDIS_REPLY_INTEGER && r->integer == 3;
     if (absent)
-        rc = maybe_ran ? IDEM_OK : IDEM_ELOST;
+        rc = res.maybe_ran ? IDEM_OK : IDEM_ELOST;
     else if (r->type != REDIS_REPLY_INTEGER || r->integer < 0 || r->integer > max_ok)
-        rc = unexpected(s, id, r);
+        rc = unexpected(res.where, id, r);
     else
         rc = r->integer == 0 ? IDEM_ELOST : IDEM_OK;
     freeReplyObject(r);
@@ -682,6 +1095,16 @@ static void store_free(store *s)
         node_free(n);
     }
     pthread_mutex_destroy(&s->mu);
+    pthread_mutex_destroy(&s->learn_mu);
+    free((void *)s->slots);
+    for (size_t i = 0; i < s->nsentinels; i++)
+        free(s->sentinels[i].host);
+    free(s->sentinels);
+    free(s->master_name);
+    if (s->sentinel_password) {
+        memset(s->sentinel_password, 0, strlen(s->sentinel_password));
+        free(s->sentinel_password);
+    }
     if (s->password) {
         memset(s->password, 0, strlen(s->password));
         free(s->password);
@@ -736,8 +1159,74 @@ static int parse_settings(store *s, const idem_url *url)
 
 /* Fill s from the URL; IDEM_EINVAL with a message for what does not fit.
  * *first is the server to connect to first. */
+static const char *const sentinel_params[] = {"db", "sentinel_password", "connect_timeout_ms",
+                                              "timeout_ms", "max_record_bytes", "wait_replicas",
+                                              "wait_timeout_ms", NULL};
+
+/* redis+cluster://seed[,seed...] and redis+sentinel://s[,s...]/MASTERNAME */
+static int parse_topology(store *s, const idem_url *url, node **first)
+{
+    bool cluster = s->topo == TOPO_CLUSTER;
+    int rc = idem_url_check_params(url, url->scheme, cluster ? tcp_params : sentinel_params);
+    if (rc == IDEM_OK)
+        rc = parse_settings(s, url);
+    if (rc)
+        return rc;
+    if (!url->nhosts)
+        return idem_error_set(IDEM_EINVAL, cluster ? "redis+cluster URLs name one or more nodes "
+                              "of the cluster: redis+cluster://host:port[,host:port...]"
+                              : "redis+sentinel URLs name one or more sentinels and the master: "
+                              "redis+sentinel://host:port[,host:port...]/MASTERNAME");
+    if (cluster && url->path && strcmp(url->path, "/") != 0)
+        return idem_error_set(IDEM_EINVAL, "redis+cluster URLs have no path: a cluster has only "
+                              "database 0; give a key_prefix of its own to each application");
+    if (!cluster && (!url->path || !url->path[1] || strchr(url->path + 1, '/')))
+        return idem_error_set(IDEM_EINVAL, "redis+sentinel URLs end with the name the sentinels "
+                              "know the master by: redis+sentinel://host:26379/mymaster");
+    if (url->user && !url->password)
+        return idem_error_set(IDEM_EINVAL, "redis URL gives a user name but no password: "
+                              "%s://user:PASSWORD@host:port", url->scheme);
+    if (url->password && !(s->password = strdup(url->password)))
+        return IDEM_ENOMEM;
+    if (url->user && !(s->user = strdup(url->user)))
+        return IDEM_ENOMEM;
+    if (cluster) {
+        if (!(s->slots = calloc(CLUSTER_SLOTS, sizeof *s->slots)))
+            return IDEM_ENOMEM;
+        /* Made last-first, so the list (newest first) asks them in the
+         * URL's order. */
+        for (size_t i = url->nhosts; i-- > 0;) {
+            const idem_url_host *h = &url->hosts[i];
+            if (!(*first = node_get(s, h->host, h->port ? h->port : DEFAULT_PORT)))
+                return IDEM_ENOMEM;
+        }
+        return IDEM_OK;
+    }
+    const char *db = idem_url_param_get(url, "db");
+    if (db && (rc = parse_db(db, "the db parameter", &s->db)))
+        return rc;
+    const char *sp = idem_url_param_get(url, "sentinel_password");
+    if (sp && !(s->sentinel_password = strdup(sp)))
+        return IDEM_ENOMEM;
+    if (!(s->master_name = strdup(url->path + 1)) ||
+        !(s->sentinels = calloc(url->nhosts, sizeof *s->sentinels)))
+        return IDEM_ENOMEM;
+    for (size_t i = 0; i < url->nhosts; i++) {
+        s->sentinels[i].port = url->hosts[i].port ? url->hosts[i].port : DEFAULT_SENTINEL_PORT;
+        if (!(s->sentinels[i].host = strdup(url->hosts[i].host)))
+            return IDEM_ENOMEM;
+        s->nsentinels++;
+    }
+    *first = NULL;
+    return IDEM_OK;
+}
+
 static int parse_url(store *s, const idem_url *url, node **first)
 {
+    if (strcmp(url->scheme, "redis+cluster") == 0 || strcmp(url->scheme, "redis+sentinel") == 0) {
+        s->topo = url->scheme[6] == 'c' ? TOPO_CLUSTER : TOPO_SENTINEL;
+        return parse_topology(s, url, first);
+    }
     bool unix_socket = strcmp(url->scheme, "redis+unix") == 0;
     if (!unix_socket && strcmp(url->scheme, "redis") != 0)
         return idem_error_set(IDEM_EINVAL, "unknown redis URL scheme '%s'; use redis://, "
@@ -832,12 +1321,22 @@ static int rd_open(void **state, const idem_url *url)
     if (!s)
         return idem_error_set(IDEM_ENOMEM, "redis: out of memory");
     pthread_mutex_init(&s->mu, NULL);
+    pthread_mutex_init(&s->learn_mu, NULL);
     node *first = NULL;
     int rc = parse_url(s, url, &first);
     if (rc == IDEM_ENOMEM)
         idem_error_set(rc, "redis: out of memory");
     /* Connect now, so a wrong address or password fails here and not at
      * the first request; the connection stays in the pool. */
+    if (rc == IDEM_OK && s->topo != TOPO_SINGLE)
+        rc = learn(s, true, mono_ms() + s->command_ms);
+    if (rc == IDEM_OK && s->topo == TOPO_CLUSTER) {
+        first = NULL;
+        for (unsigned k = 0; k < CLUSTER_SLOTS && !first; k++)
+            first = atomic_load(&s->slots[k]);
+    }
+    if (rc == IDEM_OK && s->topo == TOPO_SENTINEL)
+        first = atomic_load(&s->master);
     if (rc == IDEM_OK) {
         atomic_store(&s->master, first);
         rc = idem_pool_run(first->pool, load_scripts_run, first);
@@ -866,16 +1365,15 @@ static void format_ms(char *buf, size_t len, uint64_t ms, size_t *out_len)
 /* A key that is taken, from the answer of the claim or read script:
  * IDEM_OK and the record in *existing, or IDEM_ECORRUPT for a value that
  * cannot be a record (another type, too long to read). */
-static int taken(store *s, enum script_id id, redisReply *r, void **existing, size_t *existing_len,
-                 uint32_t *remaining_ms)
+static int taken(store *s, const char *where, enum script_id id, redisReply *r, void **existing,
+                 size_t *existing_len, uint32_t *remaining_ms)
 {
-    const char *where = atomic_load(&s->master)->where;
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->elements > 3 ||
         (r->element[0]->type != REDIS_REPLY_STRING && r->element[0]->type != REDIS_REPLY_INTEGER) ||
         r->element[1]->type != REDIS_REPLY_INTEGER ||
         (r->elements == 3 && r->element[2]->type != REDIS_REPLY_STATUS &&
          r->element[2]->type != REDIS_REPLY_STRING))
-        return unexpected(s, id, r);
+        return unexpected(where, id, r);
     if (r->elements == 3)
         return idem_driver_error(IDEM_ECORRUPT, where, script_what[id], "the key holds a Redis "
                                  "%s, which libidempotency did not write (its records are "
@@ -912,8 +1410,8 @@ static int rd_claim(void *state, const void *key, size_t key_len, const void *re
     *existing = NULL;
     *existing_len = 0;
     redisReply *r;
-    long long acked = -1;
-    int rc = run_script(s, SC_CLAIM, key, key_len, 3, args, lens, &r, NULL, &acked);
+    op_result res;
+    int rc = run_script(s, SC_CLAIM, key, key_len, 3, args, lens, &r, &res);
     if (rc)
         return rc;
     bool claimed = r->type == REDIS_REPLY_INTEGER && r->integer == 0;
@@ -923,17 +1421,16 @@ static int rd_claim(void *state, const void *key, size_t key_len, const void *re
         memcmp(r->element[0]->str, record, record_len) == 0)
         claimed = true;
     if (!claimed)
-        rc = taken(s, SC_CLAIM, r, existing, existing_len, remaining_ms);
+        rc = taken(s, res.where, SC_CLAIM, r, existing, existing_len, remaining_ms);
     freeReplyObject(r);
-    if (claimed && s->wait_replicas && acked < (long long)s->wait_replicas) {
+    if (claimed && s->wait_replicas && res.acked < (long long)s->wait_replicas) {
         /* Not on enough replicas: a failover now could lose the claim and
          * let a duplicate run. Give it up; nothing runs. */
         const char *rargs[1] = {(const char *)record + IDEM_RECORD_TOKEN_OFFSET};
         size_t rlens[1] = {IDEM_TOKEN_LEN};
-        const char *where = atomic_load(&s->master)->where;
-        long long got = acked < 0 ? 0 : acked;
+        long long got = res.acked < 0 ? 0 : res.acked;
         int rel = run_fenced(s, SC_RELEASE, key, key_len, 1, rargs, rlens, 1);
-        return idem_driver_error(IDEM_EBACKEND, where, "claiming a key", "%lld of the %u replicas "
+        return idem_driver_error(IDEM_EBACKEND, res.where, "claiming a key", "%lld of the %u replicas "
                                  "asked for (wait_replicas) acknowledged the claim within %u ms "
                                  "(wait_timeout_ms); %s and nothing ran; are the replicas up and "
                                  "connected?", got, s->wait_replicas, s->wait_timeout_ms,
@@ -993,11 +1490,12 @@ static int rd_read(void *state, const void *key, size_t key_len, void **record, 
     *record_len = 0;
     *remaining_ms = UINT32_MAX;
     redisReply *r;
-    int rc = run_script(s, SC_READ, key, key_len, 1, args, lens, &r, NULL, NULL);
+    op_result res;
+    int rc = run_script(s, SC_READ, key, key_len, 1, args, lens, &r, &res);
     if (rc)
         return rc;
     if (!(r->type == REDIS_REPLY_INTEGER && r->integer == 0))
-        rc = taken(s, SC_READ, r, record, record_len, remaining_ms);
+        rc = taken(s, res.where, SC_READ, r, record, record_len, remaining_ms);
     freeReplyObject(r);
     return rc;
 }
