@@ -1,7 +1,17 @@
 /*
  * Redis driver over hiredis:
- *   redis://[[user]:password@]host[:port][/db][?connect_timeout_ms=N&timeout_ms=N&max_record_bytes=N]
- *   redis+unix:///path/to/redis.sock[?db=N&password=...&connect_timeout_ms=N&timeout_ms=N]
+ *   redis://[[user]:password@]host[:port][/db][?PARAMS]
+ *   redis+unix:///path/to/redis.sock[?db=N&password=...&PARAMS]
+ *   redis+cluster://[[user]:password@]host:port[,host:port...][?PARAMS]
+ *   redis+sentinel://[[user]:password@]host:port[,...]/MASTERNAME[?db=N&sentinel_password=...&PARAMS]
+ * PARAMS: connect_timeout_ms, timeout_ms, max_record_bytes, wait_replicas,
+ * wait_timeout_ms (backends/redis/README.md).
+ *
+ * Every server is a node with its own connection pool (idem_pool). One
+ * server: all operations go to it. Cluster: to the master of the key's
+ * slot, from CLUSTER SLOTS, following MOVED/ASK/TRYAGAIN/CLUSTERDOWN
+ * (op_exec()). Sentinel: to the master the sentinels name, checked with
+ * ROLE and resolved again after a failure or READONLY.
  *
  * One string per key, expiring by the server's clock (PX). Every operation
  * is one round trip: a Lua script, loaded once per server with SCRIPT LOAD
@@ -16,10 +26,10 @@
  * bounds each read by the socket's timeout, so the driver runs the reads
  * itself and shortens that timeout to the time left (conn_reply()).
  *
- * A hiredis context is not thread-safe, so the store keeps a pool of them
- * behind a mutex. A context that saw an I/O error, a timeout or EOF is
- * freed, never pooled again, and the idle ones are dropped with it (they
- * talk to the same server, which most likely went away).
+ * A hiredis context is not thread-safe, so each node keeps a pool of them.
+ * A context that saw an I/O error, a timeout or EOF is freed, never pooled
+ * again, and the idle ones are dropped with it (they talk to the same
+ * server, which most likely went away).
  */
 #include <errno.h>
 #include <limits.h>
@@ -296,6 +306,8 @@ static const char *reply_hint(const char *msg)
         return "; the server is loading its data set after a restart: retry shortly";
     if (strncmp(msg, "CLUSTERDOWN", 11) == 0 || strncmp(msg, "TRYAGAIN", 8) == 0)
         return "; the cluster is failing over or resharding: retry shortly";
+    if (strncmp(msg, "NOREPLICAS", 10) == 0)
+        return "; the master has fewer replicas than its min-replicas-to-write: bring them back";
     if (strncmp(msg, "MASTERDOWN", 10) == 0)
         return "; the replica lost its master: retry shortly";
     return "";
