@@ -61,6 +61,11 @@ int idem_test_start_redis_sentinel(idem_test_server *srv);
  * (empty: there is no persistence). 0 or -1. */
 void idem_test_topology_kill(idem_test_server *srv);
 int  idem_test_topology_restart(idem_test_server *srv);
+/* SIGKILL process i of a topology (sentinels included) and reap it. */
+void idem_test_server_kill_more(idem_test_server *srv, int i);
+/* Start every process of the topology that is not running (sentinels
+ * included) on its port, and wait until it serves. 0 or -1. */
+int  idem_test_topology_start_again(idem_test_server *srv);
 /* Send an inline command to the Redis (or sentinel) at 127.0.0.1:port and
  * put its reply, raw, in buf (NUL-terminated). Bytes read, or -1. */
 int idem_test_redis_query(uint16_t port, const char *command, char *buf, size_t len);

@@ -128,3 +128,31 @@ int idem_test_topology_restart(idem_test_server *srv)
         return idem_test_sentinel_restart(srv);
     return idem_test_cluster_restart(srv);
 }
+
+void idem_test_server_kill_more(idem_test_server *srv, int i)
+{
+    if (srv->more_pids[i] > 0) {
+        kill(srv->more_pids[i], SIGKILL);
+        waitpid(srv->more_pids[i], NULL, 0);
+        srv->more_pids[i] = 0;
+    }
+}
+
+int idem_test_topology_start_again(idem_test_server *srv)
+{
+    if (!srv->kind || strcmp(srv->kind, "redis-sentinel") != 0)
+        return idem_test_cluster_restart(srv);
+    for (int i = 2; i < 5; i++) {
+        if (srv->more_pids[i])
+            continue;
+        char *conf;
+        if (asprintf(&conf, "%s/sentinel-%d.conf", srv->dir, i) < 0)
+            return -1;
+        char *argv[] = {srv->bin, conf, "--sentinel", NULL};
+        int rc = spawn(srv, i, argv);
+        free(conf);
+        if (rc)
+            return -1;
+    }
+    return idem_test_sentinel_restart(srv);
+}
