@@ -35,6 +35,11 @@
  *              commit: gets (token check, CAS id) then cas. libmemcached has
  *              no claim-and-return-the-record and no fenced write in one
  *              command, so the raw floor is replay 1, new key 4 round trips.
+ *   postgresql claim: the driver's own prepared statement (a CTE that reads the
+ *              live row and otherwise INSERTs .. ON CONFLICT DO UPDATE ..
+ *              RETURNING). commit: its fenced UPDATE. The same statement
+ *              texts, binary parameters and results, through PQexecPrepared
+ *              on one blocking connection per thread.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -66,6 +71,9 @@
 #endif
 #ifdef IDEM_BENCH_HAVE_LIBMEMCACHED
 #include <libmemcached/memcached.h>
+#endif
+#ifdef IDEM_BENCH_HAVE_LIBPQ
+#include <libpq-fe.h>
 #endif
 
 #define BODY_LEN      100
@@ -184,6 +192,10 @@ static double quantile_us(samples *s, double q)
  *   memcached  stats: cmd_get + cmd_set (set, add, cas, replace, append) +
  *              cmd_touch + delete_hits + delete_misses + incr/decr hits and
  *              misses; `stats` itself counts in none of them.
+ *   postgresql calls of pg_stat_statements (the server the harness starts for
+ *              the benchmark loads it; track_utility off, so PREPARE and
+ *              SET at connect do not count), less the reading queries.
+ *              Every statement is one round trip for both sides.
  * Connections are opened before a round starts and its counters are read,
  * so neither connecting nor preparing counts. The SQLite counters belong to
  * each process: a child process reports the part it counted itself.
@@ -691,6 +703,119 @@ static const raw_client raw_mc_client = {
 };
 #endif
 
+#ifdef IDEM_BENCH_HAVE_LIBPQ
+/* The driver's claim and commit (backends/postgresql/postgresql.c), on the
+ * driver's own table. */
+static const char pg_claim_sql[] =
+    "WITH now AS MATERIALIZED (SELECT clock_timestamp() AS t), "
+    "live AS (SELECT r.value, r.expires_at FROM idempotency_keys r, now "
+    "         WHERE r.key = $1 AND r.expires_at > now.t), "
+    "ins AS (INSERT INTO idempotency_keys AS r (key, token, state, value, expires_at) "
+    "        SELECT $1, $2, $3, $4, now.t + ($5 * interval '1 millisecond') FROM now "
+    "        WHERE NOT EXISTS (SELECT FROM live) "
+    "        ON CONFLICT (key) DO UPDATE SET (token, state, value, expires_at) = "
+    "          (SELECT CASE WHEN d.e THEN excluded.token ELSE r.token END, "
+    "                  CASE WHEN d.e THEN excluded.state ELSE r.state END, "
+    "                  CASE WHEN d.e THEN excluded.value ELSE r.value END, "
+    "                  CASE WHEN d.e THEN excluded.expires_at ELSE r.expires_at END "
+    "           FROM (SELECT r.expires_at <= (SELECT t FROM now)) AS d(e)) "
+    "        RETURNING r.value, r.expires_at) "
+    "SELECT x.value = $4, CASE WHEN x.value = $4 THEN NULL ELSE x.value END, "
+    "greatest(0, floor(extract(epoch FROM x.expires_at - now.t) * 1000))::bigint "
+    "FROM (SELECT * FROM live UNION ALL SELECT * FROM ins) AS x, now";
+static const char pg_commit_sql[] =
+    "WITH now AS MATERIALIZED (SELECT clock_timestamp() AS t), "
+    "upd AS (UPDATE idempotency_keys AS r SET state = 'C', value = $3, "
+    "        expires_at = now.t + ($4 * interval '1 millisecond') FROM now "
+    "        WHERE r.key = $1 AND r.token = $2 AND r.state = 'S' AND r.expires_at > now.t RETURNING 1) "
+    "SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM idempotency_keys AS r, now "
+    "WHERE r.key = $1 AND r.token = $2 AND r.state = 'C' AND r.expires_at > now.t)";
+
+static void raw_pg_disconnect(void *p)
+{
+    if (p)
+        PQfinish(p);
+}
+
+static void *raw_pg_connect(const char *url)
+{
+    PGconn *c = PQconnectdb(url);
+    if (!c || PQstatus(c) != CONNECTION_OK) {
+        fprintf(stderr, "raw postgresql: %s\n", c ? PQerrorMessage(c) : "out of memory");
+        raw_pg_disconnect(c);
+        return NULL;
+    }
+    static const Oid claim_types[] = {17, 17, 25, 17, 20}, commit_types[] = {17, 17, 17, 20};
+    PGresult *a = PQprepare(c, "raw_claim", pg_claim_sql, 5, claim_types);
+    PGresult *b = PQprepare(c, "raw_commit", pg_commit_sql, 4, commit_types);
+    bool ok = PQresultStatus(a) == PGRES_COMMAND_OK && PQresultStatus(b) == PGRES_COMMAND_OK;
+    PQclear(a);
+    PQclear(b);
+    if (!ok) {
+        fprintf(stderr, "raw postgresql: PREPARE: %s\n", PQerrorMessage(c));
+        raw_pg_disconnect(c);
+        return NULL;
+    }
+    return c;
+}
+
+static int raw_pg_claim(void *p, const char *key, size_t key_len, const uint8_t *rec, size_t rec_len,
+                        uint8_t **existing, size_t *existing_len)
+{
+    char lease[24];
+    snprintf(lease, sizeof lease, "%u", LEASE_MS);
+    const char *v[] = {key, (const char *)rec + IDEM_RECORD_TOKEN_OFFSET, "S", (const char *)rec, lease};
+    int l[] = {(int)key_len, IDEM_TOKEN_LEN, 0, (int)rec_len, 0}, f[] = {1, 1, 0, 1, 0};
+    PGresult *r = PQexecPrepared(p, "raw_claim", 5, v, l, f, 1);
+    int ret = -1;
+    if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
+        if (PQgetvalue(r, 0, 0)[0] == 1) {
+            ret = 0;
+        } else if (!PQgetisnull(r, 0, 1)) {
+            *existing_len = (size_t)PQgetlength(r, 0, 1);
+            *existing = malloc(*existing_len);
+            memcpy(*existing, PQgetvalue(r, 0, 1), *existing_len);
+            ret = 1;
+        }
+    }
+    PQclear(r);
+    return ret;
+}
+
+static int raw_pg_commit(void *p, const char *key, size_t key_len, const uint8_t *token, const uint8_t *rec,
+                         size_t rec_len)
+{
+    char ttl[24];
+    snprintf(ttl, sizeof ttl, "%llu", TTL_S * 1000ull);
+    const char *v[] = {key, (const char *)token, (const char *)rec, ttl};
+    int l[] = {(int)key_len, IDEM_TOKEN_LEN, (int)rec_len, 0}, f[] = {1, 1, 1, 0};
+    PGresult *r = PQexecPrepared(p, "raw_commit", 4, v, l, f, 1);
+    int ret = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 && PQgetlength(r, 0, 0) == 8 &&
+                      PQgetvalue(r, 0, 0)[7] == 1
+                  ? 0
+                  : -1;
+    PQclear(r);
+    return ret;
+}
+
+static const raw_client raw_pg_client = {
+    .name = "postgresql",
+    .connect = raw_pg_connect,
+    .disconnect = raw_pg_disconnect,
+    .claim = raw_pg_claim,
+    .commit = raw_pg_commit,
+};
+
+/* A bigint the admin connection reads. */
+static uint64_t pg_u64(PGconn *c, const char *sql)
+{
+    PGresult *r = PQexec(c, sql);
+    uint64_t v = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 ? strtoull(PQgetvalue(r, 0, 0), NULL, 10) : 0;
+    PQclear(r);
+    return v;
+}
+#endif
+
 /* ------------------------------------------------------------------------ */
 /* Stores under test                                                        */
 /* ------------------------------------------------------------------------ */
@@ -737,6 +862,14 @@ static backend backends[] = {
 #endif
 #ifdef IDEM_BENCH_HAVE_LIBMEMCACHED
      .raw = &raw_mc_client,
+#endif
+    },
+    {.name = "postgresql",
+#ifdef IDEM_HAVE_POSTGRESQL
+     .lib_built = true,
+#endif
+#ifdef IDEM_BENCH_HAVE_LIBPQ
+     .raw = &raw_pg_client,
 #endif
     },
 };
@@ -797,6 +930,11 @@ static uint64_t rt_read(backend *b, uint64_t *write_tx)
                                             "decr_misses", NULL};
         return mc_stat_sum(b->admin, names);
     }
+#endif
+#ifdef IDEM_BENCH_HAVE_LIBPQ
+    if (strcmp(b->name, "postgresql") == 0)
+        return pg_u64(b->admin, "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements "
+                                "WHERE query NOT LIKE '%pg_stat_statements%'");
 #endif
     return 0;
 }
@@ -1294,6 +1432,13 @@ static void measure_memory(backend *b, idem_layer *layer, int n)
             m->method = "stats bytes delta / curr_items delta";
         }
 #endif
+#ifdef IDEM_BENCH_HAVE_LIBPQ
+        if (strcmp(b->name, "postgresql") == 0) {
+            PQclear(PQexec(b->admin, "CHECKPOINT"));
+            v = (double)pg_u64(b->admin, "SELECT pg_total_relation_size('idempotency_keys')");
+            m->method = "pg_total_relation_size delta / rows (table, index, TOAST)";
+        }
+#endif
         if (phase == 0) {
             before = v;
             for (int i = 0; i < n; i++) {
@@ -1351,6 +1496,9 @@ static void measure_memory(backend *b, idem_layer *layer, int n)
 
 static bool start_backend(backend *b)
 {
+    if (!b->url && strcmp(b->name, "postgresql") == 0) /* round trips are counted by the server */
+        setenv("IDEM_TEST_PG_CONF", "shared_preload_libraries = 'pg_stat_statements'\n"
+                                    "pg_stat_statements.track_utility = off\n", 1);
     if (!b->url) {
         if (idem_test_server_start(&b->srv, b->name) != 0) {
             idem_test_server_stop(&b->srv);
@@ -1377,6 +1525,18 @@ static bool start_backend(backend *b)
             die("cannot connect to memcached at %s", b->url);
     }
 #endif
+#ifdef IDEM_BENCH_HAVE_LIBPQ
+    if (strcmp(b->name, "postgresql") == 0) {
+        b->admin = PQconnectdb(b->url);
+        if (!b->admin || PQstatus(b->admin) != CONNECTION_OK)
+            die("cannot connect to postgresql at %s: %s", b->url, PQerrorMessage(b->admin));
+        PGresult *r = PQexec(b->admin, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+        if (PQresultStatus(r) != PGRES_COMMAND_OK)
+            die("postgresql at %s: round trips are counted with pg_stat_statements, which the server must "
+                "load (shared_preload_libraries): %s", b->url, PQerrorMessage(b->admin));
+        PQclear(r);
+    }
+#endif
     return true;
 }
 
@@ -1389,6 +1549,10 @@ static void stop_backend(backend *b)
 #ifdef IDEM_BENCH_HAVE_LIBMEMCACHED
     if (strcmp(b->name, "memcached") == 0 && b->admin)
         memcached_free(b->admin);
+#endif
+#ifdef IDEM_BENCH_HAVE_LIBPQ
+    if (strcmp(b->name, "postgresql") == 0 && b->admin)
+        PQfinish(b->admin);
 #endif
     b->admin = NULL;
     if (b->started)
@@ -1537,7 +1701,7 @@ static void usage(FILE *f)
             "  --rounds N    alternating library/raw rounds per configuration (default 4)\n"
             "  --quick       a smoke run: --seconds 0.08 --rounds 2, fewer records for memory\n"
             "  --csv FILE    also write the figures as CSV (default idem_bench.csv)\n"
-            "  --only LIST   measure only these stores (sqlite, redis, memcached)\n"
+            "  --only LIST   measure only these stores (sqlite, redis, memcached, postgresql)\n"
             "  --paths LIST  only these paths (new, replay, in-progress, mix)\n"
             "  --conc LIST   only these concurrencies (1t, 4t, 2p)\n"
             "  --url S=URL   use a running server for store S instead of starting one\n");

@@ -83,4 +83,57 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec);
 /* SHA-256 of a fingerprint. IDEM_OK or IDEM_ENOMEM/IDEM_EBACKEND (libcrypto failed). */
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN]);
 
+/* ---- lease.c: a layer's keeper (deferred frees, renewals) ---- */
+uint64_t idem__mono_ms(void);
+
+typedef struct idem_keeper idem_keeper;
+
+/* A lease renewed by the keeper: renew() runs on the keeper's thread when
+ * due; it returns true with *next_due (monotonic ms) to go on, false to
+ * stop. Owned by the caller, which must unwatch it before freeing it. */
+typedef struct idem_renewal {
+    struct idem_renewal *next;
+    uint64_t             due;
+    bool                 busy;
+    bool               (*renew)(void *arg, uint64_t *next_due);
+    void                *arg;
+} idem_renewal;
+
+/* IDEM_OK or IDEM_ENOMEM. freed is bumped for each deferred free done. */
+int  idem__keeper_new(idem_keeper **out, idem_store *store, _Atomic uint64_t *freed);
+/* Start the thread now (else it starts when first needed). IDEM_ENOMEM. */
+int  idem__keeper_start(idem_keeper *k);
+/* Stop and join the thread; forget what is pending (those keys free
+ * themselves when their leases end). NULL is a no-op. */
+void idem__keeper_free(idem_keeper *k);
+/* Free key, fenced by token, once the store answers, until the monotonic
+ * time until; unsure: the claim may not have landed yet. IDEM_OK, or
+ * IDEM_ENOMEM (nothing queued). Thread-safe. */
+int  idem__keeper_defer_release(idem_keeper *k, const uint8_t *key, size_t key_len, const uint8_t *token,
+                                uint64_t until, bool unsure);
+/* The store just answered a request: try the pending frees now. Cheap
+ * when nothing is pending. */
+void idem__keeper_poke(idem_keeper *k);
+size_t idem__keeper_pending(idem_keeper *k);
+/* Renew r from due on; IDEM_OK or IDEM_ENOMEM (no thread). unwatch waits
+ * for a renewal in flight, so afterwards renew() no longer runs. */
+int  idem__keeper_watch(idem_keeper *k, idem_renewal *r, uint64_t due);
+void idem__keeper_unwatch(idem_keeper *k, idem_renewal *r);
+
+/* Recent handler durations, for retry_after_ms. */
+#define IDEM_DURATIONS     64
+#define IDEM_DURATIONS_MIN 4
+typedef struct idem_durations {
+    atomic_uint         next;
+    _Atomic uint32_t    ms[IDEM_DURATIONS];
+} idem_durations;
+void idem__durations_add(idem_durations *d, uint64_t ms);
+/* The 95th percentile of the recent ones; false until IDEM_DURATIONS_MIN. */
+bool idem__durations_p95(idem_durations *d, uint32_t *out);
+
+/* ---- record.c: libcrypto ---- */
+/* Set OpenSSL up and fetch SHA-256 (again, after a failure). IDEM_OK or
+ * IDEM_ENOMEM with a message. Thread-safe. */
+int idem__crypto_init(void);
+
 #endif

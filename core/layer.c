@@ -24,6 +24,9 @@ struct idem_layer {
     size_t       max_body;      /* min(max_response_len, what the store holds) */
     bool         store_limits;  /* the store's limit is the smaller one */
     counter executed, replayed, in_progress, mismatched, failed, lost, backend_errors;
+    counter unstored, extended, claims_freed;
+    idem_keeper   *keeper;      /* deferred frees and auto_extend renewals */
+    idem_durations durations;   /* of recent handlers, for retry_after_ms */
 };
 
 struct idem_response {
@@ -31,13 +34,17 @@ struct idem_response {
     int               status;
     unsigned char    *body;     /* NUL-terminated; len + 1 bytes */
     size_t            len;
+    idem_claim       *claim;    /* the handler's claim, for its lease */
 };
 
 struct idem_claim {
     idem_layer *layer;
     idem_record rec;            /* the STARTED record we wrote */
-    uint64_t    lease_end;      /* monotonic ms */
+    uint64_t    lease_end;      /* monotonic ms, counted from when the claim or renewal was sent */
     bool        lost;           /* extend found the key taken over */
+    uint64_t    started;        /* monotonic ms when the claim was sent */
+    pthread_mutex_t mu;         /* lease_end, lost and rec against the auto_extend thread */
+    idem_renewal renewal;
     size_t      key_len;
     uint8_t     key[];          /* prefix + user key */
 };
@@ -49,9 +56,7 @@ static void count(counter *c)
 
 static uint64_t mono_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    return idem__mono_ms();
 }
 
 static void sleep_ms(uint64_t ms)
@@ -74,6 +79,20 @@ void idem_options_init(idem_options *opts)
         .max_key_len = 255,
         .max_response_len = 1u << 20,
     };
+}
+
+static int layer_keeper_new(idem_layer *l, idem_store *store, bool start)
+{
+    if (idem__keeper_new(&l->keeper, store, &l->claims_freed) != IDEM_OK)
+        return idem_error_set(IDEM_ENOMEM, "out of memory making a layer");
+    /* auto_extend needs the thread for every request: start it now, where
+     * a failure is clean. */
+    if (start && idem__keeper_start(l->keeper) != IDEM_OK) {
+        idem__keeper_free(l->keeper);
+        l->keeper = NULL;
+        return idem_error_set(IDEM_ENOMEM, "cannot start the layer's lease-renewal thread (auto_extend)");
+    }
+    return IDEM_OK;
 }
 
 int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts)
@@ -108,10 +127,18 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
         return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix must be 2 to 255 bytes: any bytes "
                               "but ':', then one ':' (e.g. \"orders:\" or \"shop-{eu}:\"), so that two "
                               "prefixes never make the same store key");
+    int rc = idem__crypto_init();
+    if (rc)
+        return rc;
     idem_layer *l = calloc(1, sizeof *l);
     if (!l || !(l->prefix = strdup(o.key_prefix))) {
         free(l);
         return idem_error_set(IDEM_ENOMEM, "out of memory making a layer");
+    }
+    if ((rc = layer_keeper_new(l, store, o.auto_extend))) {
+        free(l->prefix);
+        free(l);
+        return rc;
     }
     l->store = store;
     l->opts = o;
@@ -136,6 +163,7 @@ void idem_layer_free(idem_layer *layer)
 {
     if (!layer)
         return;
+    idem__keeper_free(layer->keeper);
     free(layer->prefix);
     free(layer);
 }
@@ -154,6 +182,9 @@ void idem_layer_stats(const idem_layer *l, idem_stats *out)
     out->failed = atomic_load(&l->failed);
     out->lost = atomic_load(&l->lost);
     out->backend_errors = atomic_load(&l->backend_errors);
+    out->unstored = atomic_load(&l->unstored);
+    out->extended = atomic_load(&l->extended);
+    out->claims_freed = atomic_load(&l->claims_freed);
 }
 
 /* ---- replies and responses ---- */
@@ -311,6 +342,23 @@ static int backend_failed(idem_layer *l, int rc)
     return rc;
 }
 
+/* When a duplicate should come back, the holder having left ms on its
+ * lease: the 95th percentile of recent handler durations, less what the
+ * holder has run already (judged by this layer's lease), or half that
+ * percentile when the holder runs long; the time left when too few runs were
+ * seen. Never 0, never past the holder's lease. */
+static uint32_t retry_hint(idem_layer *l, uint32_t left)
+{
+    uint32_t p95, hint = left;
+    if (idem__durations_p95(&l->durations, &p95)) {
+        uint32_t ran = l->opts.lease_ms > left ? l->opts.lease_ms - left : 0;
+        hint = p95 > ran ? p95 - ran : p95 / 2;
+        if (hint > left)
+            hint = left;
+    }
+    return hint ? hint : 1;
+}
+
 /* Turn the record that beat our claim into a reply. */
 static int reply_existing(idem_layer *l, const idem_record *mine, const void *buf, size_t len,
                           uint32_t remaining_ms, idem_reply *reply)
@@ -337,7 +385,7 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
         count(&l->in_progress);
         reply->outcome = IDEM_IN_PROGRESS;
         reply->status = 409;
-        reply->retry_after_ms = remaining_ms ? remaining_ms : 1;
+        reply->retry_after_ms = retry_hint(l, remaining_ms);
         return IDEM_OK;
     }
     int rc = reply_body(reply, old.body, old.body_len);
@@ -397,6 +445,9 @@ idem_store *idem__layer_store(const idem_layer *l)
     return l->store;
 }
 
+static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, size_t key_len,
+                     uint64_t sent, uint64_t lease_end, idem_claim **out);
+
 int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_reply *reply)
 {
     return idem_begin_scoped(l, NULL, 0, req, out, reply);
@@ -433,7 +484,8 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     if (rc)
         return rc;
 
-    uint64_t lease_end = mono_ms() + l->opts.lease_ms;
+    uint64_t sent = mono_ms();
+    uint64_t lease_end = sent + l->opts.lease_ms;
     rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
     uint8_t enc[IDEM_RECORD_HEADER_LEN];
     idem__record_write(&rec, enc);
@@ -442,20 +494,82 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     uint32_t remaining = UINT32_MAX;
     rc = l->store->ops->claim(l->store->state, key, key_len, enc, sizeof enc, l->opts.lease_ms,
                               &existing, &existing_len, &remaining);
+    if (rc != IDEM_EBACKEND)
+        idem__keeper_poke(l->keeper); /* the store answers: free what waits for it */
     if (rc == IDEM_OK && existing) {
         rc = reply_existing(l, &rec, existing, existing_len, remaining, reply);
         free(existing);
     } else if (rc == IDEM_OK) {
-        idem_claim *c = malloc(sizeof *c + key_len);
-        if (!c) {
-            (void)l->store->ops->release(l->store->state, key, key_len, rec.token);
-            return idem_error_set(IDEM_ENOMEM, "out of memory holding a claim; the key was given up");
-        }
-        *c = (idem_claim){.layer = l, .rec = rec, .lease_end = lease_end, .key_len = key_len};
-        memcpy(c->key, key, key_len);
-        *out = c;
+        rc = claim_won(l, &rec, key, key_len, sent, lease_end, out);
+    } else if (rc == IDEM_EBACKEND) {
+        /* The claim may have landed (a timeout, a lost reply): free it,
+         * fenced by its token, once the store answers again. */
+        if (idem__keeper_defer_release(l->keeper, key, key_len, rec.token, lease_end, true) == IDEM_OK)
+            error_append(rc, "nothing ran; if the claim reached the store, this layer frees the key as "
+                             "soon as the store answers again");
     }
     return backend_failed(l, rc);
+}
+
+/* Give up a claim we hold: free it now, or later if the store cannot be
+ * told. Returns what the release returned, and says in *later whether the
+ * key was queued to be freed later. */
+static int give_up(idem_layer *l, const uint8_t *key, size_t key_len, const uint8_t *token,
+                   uint64_t lease_end, bool *later)
+{
+    *later = false;
+    int rc = l->store->ops->release(l->store->state, key, key_len, token);
+    if (rc == IDEM_EBACKEND || rc == IDEM_ENOMEM) {
+        if (rc == IDEM_EBACKEND)
+            count(&l->backend_errors);
+        *later = idem__keeper_defer_release(l->keeper, key, key_len, token, lease_end, false) == IDEM_OK;
+    }
+    return rc;
+}
+
+/* The claim landed. It is only good for the time left on its lease counted
+ * from when it was sent: a reply that took more than half of the lease to
+ * come back (a slow or trickling store, a write lock held elsewhere) leaves
+ * too little to run a handler safely, and the key may even be taken over
+ * already. Such a claim is given up, fenced by its token, and answered as a
+ * store error; nothing runs. */
+static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, size_t key_len,
+                     uint64_t sent, uint64_t lease_end, idem_claim **out)
+{
+    uint64_t now = mono_ms();
+    uint32_t lease = l->opts.lease_ms;
+    if (now - sent > lease / 2) {
+        bool later;
+        int rrc = give_up(l, key, key_len, rec->token, lease_end, &later);
+        return idem_error_set(IDEM_EBACKEND, "%s store took %llu ms to answer a claim, more than half of "
+                              "its %u ms lease: nothing ran, and the key %s; retry (if this goes on, the "
+                              "store is overloaded, or raise lease_ms)", l->store->ops->name,
+                              (unsigned long long)(now - sent), lease,
+                              rrc == IDEM_OK || rrc == IDEM_ELOST ? "was given up"
+                              : later ? "is freed as soon as the store answers again"
+                                      : "stays claimed until that lease ends");
+    }
+    idem_claim *c = malloc(sizeof *c + key_len);
+    if (!c) {
+        bool later;
+        int rrc = give_up(l, key, key_len, rec->token, lease_end, &later);
+        return idem_error_set(IDEM_ENOMEM, "out of memory holding a claim; nothing ran, and the key %s",
+                              rrc == IDEM_OK || rrc == IDEM_ELOST ? "was given up"
+                              : later ? "is freed as soon as the store answers again"
+                                      : "stays claimed until its lease ends");
+    }
+    *c = (idem_claim){.layer = l, .rec = *rec, .lease_end = lease_end, .started = sent,
+                      .key_len = key_len};
+    pthread_mutex_init(&c->mu, NULL);
+    memcpy(c->key, key, key_len);
+    *out = c;
+    return IDEM_OK;
+}
+
+static void claim_free(idem_claim *c)
+{
+    pthread_mutex_destroy(&c->mu);
+    free(c);
 }
 
 /* idem_commit() without its advice to the caller, which idem_run() words
@@ -464,7 +578,7 @@ static int commit_claim(idem_claim *c, int status, const void *body, size_t len)
 {
     idem_layer *l = c->layer;
     if (c->lost) {
-        free(c);
+        claim_free(c);
         return idem_error_set(IDEM_ELOST, LOST_WHY "; this response was not stored");
     }
     int rc = check_response(l, status, body, len);
@@ -484,8 +598,13 @@ static int commit_claim(idem_claim *c, int status, const void *body, size_t len)
     if ((rc = idem__record_encode(&done, &enc, &enc_len)))
         return idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
 
-    /* A store error is retried until the lease is nearly over: giving the
-     * key up would let a retry repeat a handler that succeeded. */
+    /* A store error is retried until the lease is nearly over (or the
+     * commit deadline): giving the key up would let a retry repeat a
+     * handler that succeeded. */
+    uint64_t start = mono_ms(), stop = c->lease_end;
+    if (l->opts.commit_timeout_ms && start + l->opts.commit_timeout_ms < stop)
+        stop = start + l->opts.commit_timeout_ms;
+    idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
     for (;;) {
         rc = l->store->ops->commit(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len,
@@ -494,7 +613,7 @@ static int commit_claim(idem_claim *c, int status, const void *body, size_t len)
             break;
         count(&l->backend_errors);
         uint64_t now = mono_ms();
-        if (now + backoff >= c->lease_end)
+        if (now + backoff >= stop)
             break;
         sleep_ms(backoff);
         backoff = backoff * 2 > COMMIT_BACKOFF_MAX_MS ? COMMIT_BACKOFF_MAX_MS : backoff * 2;
@@ -502,12 +621,13 @@ static int commit_claim(idem_claim *c, int status, const void *body, size_t len)
     free(enc);
     if (rc == IDEM_OK) {
         count(&l->executed);
-        free(c);
+        claim_free(c);
     } else if (rc == IDEM_ELOST) {
         count(&l->lost);
-        free(c);
-        idem_error_set(rc, LOST_WHY "; this response was not stored (raise lease_ms, or call "
-                           "idem_extend() from long handlers)");
+        claim_free(c);
+        idem_error_set(rc, LOST_WHY "; this response was not stored (raise lease_ms, set auto_extend, "
+                           "or renew the lease from long handlers: idem_response_extend(), "
+                           "idem_extend())");
     }
     return rc;
 }
@@ -531,28 +651,26 @@ int idem_abort(idem_claim *c)
         return idem_error_set(IDEM_EINVAL, "idem_abort: claim is NULL");
     idem_layer *l = c->layer;
     int rc = c->lost ? IDEM_ELOST : check_process(l->store);
+    bool later = false;
     if (rc == IDEM_OK)
-        rc = l->store->ops->release(l->store->state, c->key, c->key_len, c->rec.token);
+        rc = give_up(l, c->key, c->key_len, c->rec.token, c->lease_end, &later);
     if (rc == IDEM_ELOST) {
         if (!c->lost)
             count(&l->lost);
         idem_error_set(rc, LOST_WHY);
-    } else if (rc == IDEM_EBACKEND) {
-        count(&l->backend_errors);
-        error_append(rc, "the key frees itself when its lease ends");
+    } else if (rc == IDEM_EBACKEND || rc == IDEM_ENOMEM) {
+        error_append(rc, later ? "the key is not freed yet: this layer frees it as soon as the store "
+                                 "answers again, or it frees itself when its lease ends"
+                               : "the key is not freed: it frees itself when its lease ends");
     }
     count(&l->failed);
-    free(c);
+    claim_free(c);
     return rc;
 }
 
-int idem_extend(idem_claim *c, uint32_t lease_ms)
+/* Renew c's lease; c->mu held. */
+static int extend_locked(idem_claim *c, uint32_t lease_ms)
 {
-    idem__error_clear();
-    if (!c)
-        return idem_error_set(IDEM_EINVAL, "idem_extend: claim is NULL");
-    if (lease_ms == 0)
-        return idem_error_set(IDEM_EINVAL, "idem_extend: lease_ms is 0");
     if (c->lost)
         return idem_error_set(IDEM_ELOST, "the claim was already taken over");
     idem_layer *l = c->layer;
@@ -568,12 +686,74 @@ int idem_extend(idem_claim *c, uint32_t lease_ms)
     if (rc == IDEM_OK) {
         c->rec.deadline_ms = next.deadline_ms;
         c->lease_end = lease_end;
+        count(&l->extended);
     } else if (rc == IDEM_ELOST) {
         c->lost = true;
         count(&l->lost);
         idem_error_set(rc, LOST_WHY "; commit or abort it to free it");
     }
     return backend_failed(l, rc);
+}
+
+int idem_extend(idem_claim *c, uint32_t lease_ms)
+{
+    idem__error_clear();
+    if (!c)
+        return idem_error_set(IDEM_EINVAL, "idem_extend: claim is NULL");
+    if (lease_ms == 0)
+        return idem_error_set(IDEM_EINVAL, "idem_extend: lease_ms is 0");
+    pthread_mutex_lock(&c->mu);
+    int rc = extend_locked(c, lease_ms);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+int idem_response_extend(idem_response *resp, uint32_t lease_ms)
+{
+    idem__error_clear();
+    if (!resp || !resp->claim)
+        return idem_error_set(IDEM_EINVAL, "idem_response_extend: resp is NULL or not a running handler's");
+    idem_claim *c = resp->claim;
+    pthread_mutex_lock(&c->mu);
+    int rc = extend_locked(c, lease_ms ? lease_ms : c->layer->opts.lease_ms);
+    pthread_mutex_unlock(&c->mu);
+    return rc;
+}
+
+uint32_t idem_response_lease_left_ms(const idem_response *resp)
+{
+    if (!resp || !resp->claim)
+        return 0;
+    idem_claim *c = resp->claim;
+    pthread_mutex_lock(&c->mu);
+    uint64_t now = mono_ms();
+    uint64_t left = c->lost || c->lease_end <= now ? 0 : c->lease_end - now;
+    pthread_mutex_unlock(&c->mu);
+    return left > UINT32_MAX ? UINT32_MAX : (uint32_t)left;
+}
+
+/* auto_extend, on the keeper's thread: renew every third of the lease; stop
+ * when the key was taken over or the lease ended without a renewal. */
+static bool auto_renew(void *arg, uint64_t *next_due)
+{
+    idem_claim *c = arg;
+    uint32_t lease = c->layer->opts.lease_ms;
+    uint64_t third = lease / 3 ? lease / 3 : 1;
+    pthread_mutex_lock(&c->mu);
+    int rc = extend_locked(c, lease);
+    uint64_t now = mono_ms(), end = c->lease_end;
+    bool lost = c->lost;
+    pthread_mutex_unlock(&c->mu);
+    if (rc == IDEM_OK) {
+        *next_due = now + third;
+        return true;
+    }
+    if (lost || now >= end)
+        return false;
+    /* a store error: the old lease stands; try again soon, within it */
+    uint64_t retry = third / 4 ? third / 4 : 1;
+    *next_due = now + retry;
+    return true;
 }
 
 /* ---- the decorator ---- */
@@ -595,26 +775,41 @@ int idem_run_scoped(idem_layer *l, const void *scope, size_t scope_len, const id
     if (rc || !c)
         return rc;
 
-    idem_response resp = {.layer = l, .status = 200};
+    idem_response resp = {.layer = l, .status = 200, .claim = c};
+    bool renewing = false;
+    if (l->opts.auto_extend) {
+        uint32_t third = l->opts.lease_ms / 3 ? l->opts.lease_ms / 3 : 1;
+        c->renewal = (idem_renewal){.renew = auto_renew, .arg = c};
+        renewing = idem__keeper_watch(l->keeper, &c->renewal, c->started + third) == IDEM_OK;
+    }
     int herr = fn(arg, &resp);
+    if (renewing)
+        idem__keeper_unwatch(l->keeper, &c->renewal);
     if (herr != 0) {
         /* The handler's own message (from idem_response_set, say) outlives
-         * the abort; a key the store could not free frees itself when its
-         * lease ends. */
+         * the abort, which adds to it only when the key could not be freed. */
+        idem__durations_add(&l->durations, mono_ms() - c->started);
         char *why = strdup(idem_last_error());
-        (void)idem_abort(c);
-        idem_error_set(IDEM_OK, "%s", why ? why : "");
+        int arc = idem_abort(c);
+        if (arc == IDEM_EBACKEND || arc == IDEM_ENOMEM)
+            idem_error_set(IDEM_OK, "%s%shandler failed, but freeing its key failed too: %s",
+                           why ? why : "", why && why[0] ? "; " : "", idem_last_error());
+        else
+            idem_error_set(IDEM_OK, "%s", why ? why : "");
         free(why);
         reply->outcome = IDEM_FAILED;
         reply->status = resp.body ? resp.status : 500;
         reply->body = resp.body; /* what the handler set, if anything; not stored */
         reply->body_len = resp.len;
         reply->handler_error = herr;
+        reply->abort_error = arc;
         return IDEM_OK;
     }
     rc = commit_claim(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
+    if (rc != IDEM_OK)
+        count(&l->unstored);
     if (rc != IDEM_OK && rc != IDEM_ELOST) {
-        free(c); /* the key stays claimed in the store until its lease ends */
+        claim_free(c); /* the key stays claimed in the store until its lease ends */
         error_append(rc, "the handler ran and its response is in the reply, but it may not be stored; "
                          "the key stays claimed until its lease ends");
     }

@@ -1,9 +1,13 @@
 /* The versioned record encoding (layout in <idempotency/backend.h>). */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <openssl/provider.h>
 #include <openssl/evp.h>
 
 #include "internal.h"
@@ -92,6 +96,38 @@ int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len)
     return IDEM_OK;
 }
 
+int idem_record_build(void **out, size_t *out_len, int state, const uint8_t *token,
+                      uint64_t deadline_ms, int status, const void *body, size_t body_len)
+{
+    if (!out || !out_len || !token)
+        return idem_error_set(IDEM_EINVAL, "idem_record_build: out, out_len and token must not be NULL");
+    idem_record rec = {.state = state, .deadline_ms = deadline_ms};
+    memcpy(rec.token, token, IDEM_TOKEN_LEN);
+    if (state == IDEM_STATE_STARTED) {
+        if (deadline_ms == 0)
+            return idem_error_set(IDEM_EINVAL, "idem_record_build: a STARTED record needs a lease deadline");
+    } else if (state == IDEM_STATE_COMPLETED) {
+        if (status < MIN_STATUS || status > MAX_STATUS)
+            return idem_error_set(IDEM_EINVAL, "idem_record_build: status %d is out of range; use %d..%d",
+                                  status, MIN_STATUS, MAX_STATUS);
+        if ((!body && body_len) || body_len > UINT32_MAX)
+            return idem_error_set(IDEM_EINVAL, "idem_record_build: a body of %zu bytes at %p cannot be "
+                                  "stored", body_len, body);
+        rec.status = status;
+        rec.body = body;
+        rec.body_len = body_len;
+    } else {
+        return idem_error_set(IDEM_EINVAL, "idem_record_build: state must be IDEM_STATE_STARTED or "
+                              "IDEM_STATE_COMPLETED, not %d", state);
+    }
+    uint8_t *p;
+    if (idem__record_encode(&rec, &p, out_len) != IDEM_OK)
+        return idem_error_set(IDEM_ENOMEM, "idem_record_build: out of memory encoding a %zu-byte body",
+                              body_len);
+    *out = p;
+    return IDEM_OK;
+}
+
 int idem_record_peek(const void *buf, size_t len, idem_record_info *out)
 {
     const uint8_t *p = buf;
@@ -143,10 +179,19 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
 
 /* OpenSSL 3 looks the algorithm up on every EVP_sha256() use and allocates
  * a context in every EVP_Digest(): fetch it once, and keep one context per
- * thread (freed when the thread exits). */
-static EVP_MD        *sha256;
-static pthread_key_t  ctx_key;
-static pthread_once_t sha256_once = PTHREAD_ONCE_INIT;
+ * thread (freed when the thread exits).
+ *
+ * The digest comes from a library context of our own, not OpenSSL's
+ * default one: OpenSSL 3.0 sets its default context up on first use and
+ * crashes when an allocation fails in the middle of that, and it remembers
+ * some failures for the life of the process. A context of our own fails
+ * cleanly, and a failed fetch is not remembered: the context is dropped and
+ * the next use (the next idem_layer_new() or fingerprint) starts again. */
+static _Atomic(EVP_MD *) sha256;
+static OSSL_LIB_CTX      *crypto_ctx;
+static pthread_mutex_t    sha256_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_key_t      ctx_key;
+static pthread_once_t     ctx_key_once = PTHREAD_ONCE_INIT;
 static _Thread_local EVP_MD_CTX *thread_ctx;
 
 static void ctx_free(void *ctx)
@@ -154,21 +199,61 @@ static void ctx_free(void *ctx)
     EVP_MD_CTX_free(ctx);
 }
 
-static void sha256_fetch(void)
+static void ctx_key_make(void)
 {
-    sha256 = EVP_MD_fetch(NULL, "SHA256", NULL);
     (void)pthread_key_create(&ctx_key, ctx_free);
+}
+
+static EVP_MD *sha256_get(void)
+{
+    EVP_MD *md = atomic_load_explicit(&sha256, memory_order_acquire);
+    if (md)
+        return md;
+    pthread_mutex_lock(&sha256_mu);
+    md = atomic_load_explicit(&sha256, memory_order_relaxed);
+    if (!md) {
+        if (!crypto_ctx)
+            crypto_ctx = OSSL_LIB_CTX_new();
+        if (crypto_ctx && (md = EVP_MD_fetch(crypto_ctx, "SHA256", NULL)) != NULL) {
+            atomic_store_explicit(&sha256, md, memory_order_release);
+        } else {
+            ERR_clear_error();
+            OSSL_LIB_CTX_free(crypto_ctx);
+            crypto_ctx = NULL;
+        }
+    }
+    pthread_mutex_unlock(&sha256_mu);
+    return md;
+}
+
+int idem__crypto_init(void)
+{
+    if (!sha256_get())
+        return idem_error_set(IDEM_ENOMEM, "setting up libcrypto's SHA-256 failed (out of memory?); "
+                              "try again");
+    return IDEM_OK;
 }
 
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
 {
     unsigned int n = 0;
-    (void)pthread_once(&sha256_once, sha256_fetch);
+    (void)pthread_once(&ctx_key_once, ctx_key_make);
+    EVP_MD *md = sha256_get();
     if (!thread_ctx && (thread_ctx = EVP_MD_CTX_new()) != NULL)
         (void)pthread_setspecific(ctx_key, thread_ctx);
-    if (!sha256 || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, sha256, NULL) ||
+    if (!md || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, md, NULL) ||
         !EVP_DigestUpdate(thread_ctx, data, len) || !EVP_DigestFinal_ex(thread_ctx, out, &n) ||
-        n != IDEM_DIGEST_LEN)
-        return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto");
+        n != IDEM_DIGEST_LEN) {
+        /* a context that failed half-way is not reused: the next digest
+         * starts from a new one */
+        ERR_clear_error(); /* our failure is not left in the caller's OpenSSL error queue */
+        if (thread_ctx) {
+            EVP_MD_CTX_free(thread_ctx);
+            thread_ctx = NULL;
+            (void)pthread_setspecific(ctx_key, NULL);
+        }
+        return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto "
+                              "(out of memory?); try again");
+    }
     return IDEM_OK;
 }

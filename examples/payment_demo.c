@@ -1,7 +1,7 @@
 /*
  * payment_demo: a client's retries never charge a customer twice.
  *
- *   payment_demo [--backend sqlite|redis|memcached] [--url URL]
+ *   payment_demo [--backend sqlite|redis|memcached|postgresql] [--url URL]
  *
  * SQLite is the default and needs no server. Exit status: 0 when every
  * scenario behaved, 1 when one did not, 2 when the store cannot be used.
@@ -122,16 +122,25 @@ static void *race(void *arg)
     return NULL;
 }
 
+static void *slow_race(void *arg)
+{
+    racer *r = arg;
+    payment p = {.amount = 75, .takes_ms = 1500};
+    r->outcome = send(r->layer, "    Slow charge", "req-slow", &p);
+    return NULL;
+}
+
 static void usage(FILE *f)
 {
-    fputs("usage: payment_demo [--backend sqlite|redis|memcached] [--url URL]\n"
+    fputs("usage: payment_demo [--backend sqlite|redis|memcached|postgresql] [--url URL]\n"
           "\n"
           "Sends payment requests with idempotency keys and shows that retries are\n"
           "answered from the store instead of charging again.\n"
           "\n"
           "  --backend NAME  sqlite (default; a file in $TMPDIR, no server needed),\n"
-          "                  redis (redis://127.0.0.1:6379), or\n"
-          "                  memcached (memcached://127.0.0.1:11211)\n"
+          "                  redis (redis://127.0.0.1:6379),\n"
+          "                  memcached (memcached://127.0.0.1:11211), or\n"
+          "                  postgresql (postgresql://postgres@127.0.0.1:5432/postgres)\n"
           "  --url URL       a store URL of your own, e.g. redis://127.0.0.1:6380/2\n"
           "  --help          this text\n",
           f);
@@ -150,6 +159,8 @@ static const char *default_url(const char *backend, char *buf, size_t len)
         return "redis://127.0.0.1:6379";
     if (strcmp(backend, "memcached") == 0)
         return "memcached://127.0.0.1:11211";
+    if (strcmp(backend, "postgresql") == 0)
+        return "postgresql://postgres@127.0.0.1:5432/postgres";
     return NULL;
 }
 
@@ -159,6 +170,8 @@ static const char *install_hint(const char *backend)
         return "; Debian: apt-get install redis-server";
     if (strcmp(backend, "memcached") == 0)
         return "; Debian: apt-get install memcached";
+    if (strcmp(backend, "postgresql") == 0)
+        return "; Debian: apt-get install postgresql";
     return "";
 }
 
@@ -181,7 +194,7 @@ int main(int argc, char *argv[])
     }
     char buf[4200];
     if (!url && !(url = default_url(backend, buf, sizeof buf))) {
-        fprintf(stderr, "payment_demo: unknown backend '%s'; use sqlite, redis or memcached\n", backend);
+        fprintf(stderr, "payment_demo: unknown backend '%s'; use sqlite, redis, memcached or postgresql\n", backend);
         return 2;
     }
 
@@ -249,15 +262,47 @@ int main(int argc, char *argv[])
     expect("first click charges", send(layer, "Click 1", key, &upgrade) == IDEM_EXECUTED);
     expect("second click replays", send(layer, "Click 2", key, &upgrade) == IDEM_REPLAYED);
 
-    idem_stats st;
+    /* A charge slower than its lease: auto_extend renews the lease while it
+     * runs, so a retry that comes after the first lease would have ended
+     * still waits instead of charging again. */
+    printf("\nSlow charge: key req-slow, lease 600 ms with auto_extend, the charge takes 1500 ms;\n"
+           "the client retries after 900 ms\n");
+    idem_options slow_opts = opts;
+    slow_opts.lease_ms = 600;
+    slow_opts.auto_extend = true;
+    idem_layer *slow_layer;
+    if ((rc = idem_layer_new(&slow_layer, store, &slow_opts)) != IDEM_OK) {
+        fprintf(stderr, "payment_demo: %s\n", idem_last_error());
+        return 2;
+    }
+    racer slow = {.layer = slow_layer, .id = 0};
+    pthread_t slow_thread;
+    pthread_create(&slow_thread, NULL, slow_race, &slow);
+    struct timespec wait = {0, 900 * 1000000L};
+    nanosleep(&wait, NULL);
+    payment slow_retry = {.amount = 75};
+    expect("the retry waits for the renewed lease",
+           send(slow_layer, "Retry", "req-slow", &slow_retry) == IDEM_IN_PROGRESS);
+    pthread_join(slow_thread, NULL);
+    expect("the slow charge completes", slow.outcome == IDEM_EXECUTED);
+
+    idem_stats st, ss;
     idem_layer_stats(layer, &st);
+    idem_layer_stats(slow_layer, &ss);
     int made = atomic_load(&charges);
-    printf("\nCharges made: %d (expected 5). Layer counters: executed %llu, replayed %llu, "
-           "in progress %llu, mismatched %llu, failed %llu.\n",
-           made, (unsigned long long)st.executed, (unsigned long long)st.replayed,
-           (unsigned long long)st.in_progress, (unsigned long long)st.mismatched,
-           (unsigned long long)st.failed);
-    expect("exactly five charges", made == 5);
+    printf("\nCharges made: %d (expected 6). Layer counters: executed %llu, replayed %llu, "
+           "in progress %llu, mismatched %llu, failed %llu; ran but not stored %llu, lease renewals "
+           "%llu, keys freed later %llu.\n",
+           made, (unsigned long long)(st.executed + ss.executed),
+           (unsigned long long)(st.replayed + ss.replayed),
+           (unsigned long long)(st.in_progress + ss.in_progress),
+           (unsigned long long)(st.mismatched + ss.mismatched), (unsigned long long)(st.failed + ss.failed),
+           (unsigned long long)(st.unstored + ss.unstored), (unsigned long long)(st.extended + ss.extended),
+           (unsigned long long)(st.claims_freed + ss.claims_freed));
+    expect("exactly six charges", made == 6);
+    expect("the slow charge's lease was renewed", ss.extended >= 1);
+    expect("every charge that ran was stored", st.unstored + ss.unstored == 0);
+    idem_layer_free(slow_layer);
     idem_layer_free(layer);
     idem_store_close(store);
     if (failures)

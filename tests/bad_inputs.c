@@ -1,5 +1,5 @@
 /*
- * Bad inputs: SPEC section 5, case by case. Each case really runs against a
+ * Bad inputs: docs/contract.md section 8, case by case. Each case really runs against a
  * store of the kind given (--backend or IDEM_TEST_BACKEND; default sqlite)
  * and must return the code in the table; the message (idem_last_error())
  * must not be empty. With --table the cases are printed as the markdown

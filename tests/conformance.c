@@ -1,8 +1,16 @@
 /*
- * The conformance suite: SPEC sections 1 and 2, run unchanged against every
- * driver. IDEM_TEST_BACKEND names the kind of store (sqlite, redis,
- * memcached, memcached2); main() starts what it needs and passes its URL to
- * the tests in IDEM_TEST_URL. Each test uses a key prefix of its own, so
+ * The conformance suite: docs/contract.md, run unchanged against every
+ * driver, through idem_run() and the step API and on the driver's table
+ * directly. It uses only the public headers, so it runs as well on a driver
+ * the library does not build in.
+ *
+ * Which store: --url URL (or IDEM_TEST_URL) tests the store at URL as it is;
+ * else --backend KIND (or IDEM_TEST_BACKEND: sqlite, redis, memcached,
+ * memcached2, memory; default sqlite) starts a store of that kind through
+ * tests/support/harness. Which driver: the built-in one the URL's scheme
+ * names, or with --outside (IDEM_TEST_OUTSIDE=1) the driver that
+ * conformance_outside_driver() returns (tests/conformance.h), opened with
+ * idem_store_open_backend(). Each test uses a key prefix of its own, so
  * tests may run in parallel on one store.
  */
 #include <pthread.h>
@@ -19,10 +27,74 @@
 
 #include <criterion/criterion.h>
 
+#include <idempotency/backend.h>
 #include <idempotency/idempotency.h>
 
+#include "conformance.h"
 #include "harness.h"
-#include "internal.h"
+
+/* ---- the store and driver under test ----
+ * Criterion runs each test in a process of its own, started afresh: main()
+ * hands the choice over in IDEM_TEST_URL and IDEM_TEST_OUTSIDE, and each
+ * test's setup reads them back with choose(). */
+
+static const char         *test_url;
+static const idem_backend *driver;      /* the table the stores are opened on */
+static bool                outside;     /* driver is not built in: opened with idem_store_open_backend */
+static bool                one_process; /* the store lives in this process (memory://) */
+
+/* The built-in driver a URL's scheme names: "redis+unix" names "redis". */
+static const idem_backend *builtin_for(const char *url)
+{
+    char name[32];
+    size_t n = strcspn(url, "+:");
+    if (n >= sizeof name)
+        return NULL;
+    memcpy(name, url, n);
+    name[n] = '\0';
+    return idem_backend_find(name);
+}
+
+/* Read the choice of store and driver from the environment. false when
+ * there is no driver for it. */
+static bool choose(void)
+{
+    const char *env = getenv("IDEM_TEST_OUTSIDE");
+    test_url = getenv("IDEM_TEST_URL");
+    outside = env && *env && strcmp(env, "0") != 0;
+    if (!test_url)
+        return false;
+    const idem_backend *builtin = builtin_for(test_url);
+    driver = outside ? conformance_outside_driver(builtin) : builtin;
+    one_process = builtin && strcmp(builtin->name, "memory") == 0;
+    return driver != NULL;
+}
+
+/* Open a store on the driver under test. */
+static int store_open(idem_store **out)
+{
+    return outside ? idem_store_open_backend(out, driver, test_url) : idem_store_open(out, test_url);
+}
+
+/* Open the driver under test without the core, to call its table. */
+static int table_open(const idem_backend *t, void **state)
+{
+    idem_url *u;
+    int rc = idem_url_parse(&u, test_url);
+    if (rc)
+        return rc;
+    rc = t->version >= 2 && t->open_ex ? t->open_ex(state, u, t) : t->open(state, u);
+    idem_url_free(u);
+    return rc;
+}
+
+/* Cases that need two processes sharing one store say so on memory://. */
+#define SKIP_UNLESS_SHARED_ACROSS_PROCESSES()                                                      \
+    do {                                                                                           \
+        if (one_process)                                                                           \
+            cr_skip_test("not applicable: %s lives inside one process, so processes cannot race "  \
+                         "on it (docs/contract.md, section 7)", test_url);                          \
+    } while (0)
 
 /* ---- fixtures ---- */
 
@@ -46,12 +118,16 @@ static idem_options test_options(uint32_t lease_ms)
     return o;
 }
 
+static void *tstate;   /* the driver under test, opened on its own for the table tests */
+
 static void setup(void)
 {
-    const char *url = getenv("IDEM_TEST_URL");
-    cr_assert(url, "IDEM_TEST_URL is not set; run this through meson test");
-    int rc = idem_store_open(&store, url);
-    cr_assert_eq(rc, IDEM_OK, "idem_store_open(%s): %s", url, idem_last_error());
+    cr_assert(choose(), "no store to test (IDEM_TEST_URL %s); run this through meson test or give --url",
+              test_url ? test_url : "unset");
+    int rc = store_open(&store);
+    cr_assert_eq(rc, IDEM_OK, "opening %s: %s", test_url, idem_last_error());
+    rc = table_open(driver, &tstate);
+    cr_assert_eq(rc, IDEM_OK, "opening %s on the %s table: %s", test_url, driver->name, idem_last_error());
     uint32_t r;
     cr_assert_eq(getrandom(&r, sizeof r, 0), (ssize_t)sizeof r);
     snprintf(prefix, sizeof prefix, "t%ld-%08x:", (long)getpid(), r);
@@ -63,11 +139,15 @@ static void teardown(void)
 {
     idem_layer_free(layer);
     idem_store_close(store);
+    if (tstate)
+        driver->close(tstate);
     layer = NULL;
     store = NULL;
+    tstate = NULL;
 }
 
 TestSuite(conformance, .init = setup, .fini = teardown, .timeout = 60);
+TestSuite(table, .init = setup, .fini = teardown, .timeout = 60);
 
 static void sleep_ms(long ms)
 {
@@ -116,7 +196,7 @@ static idem_outcome run_ok(idem_layer *l, idem_request req, job *j, idem_reply *
     return reply->outcome;
 }
 
-/* ---- SPEC section 1, row by row ---- */
+/* ---- docs/contract.md section 1 (outcomes), row by row ---- */
 
 Test(conformance, first_request_executes_and_stores_the_response)
 {
@@ -351,7 +431,7 @@ Test(conformance, body_at_the_limit_is_stored_and_one_byte_over_is_refused_when_
     idem_layer_free(l);
 }
 
-/* ---- SPEC section 2, transition by transition ---- */
+/* ---- docs/contract.md sections 2 to 4 (states, fencing, leases), transition by transition ---- */
 
 Test(conformance, expired_lease_is_taken_over_and_the_old_holder_gets_lost)
 {
@@ -488,16 +568,24 @@ Test(conformance, lease_and_ttl_are_separate_settings)
     idem_layer_free(l);
 }
 
-/* Store raw bytes under a key through the driver, as another program might. */
+/* This test's store key for key: its prefix, then key. */
+static size_t store_key(const char *key, char *out, size_t size)
+{
+    int n = snprintf(out, size, "%s%s", prefix, key);
+    cr_assert(n > 0 && (size_t)n < size);
+    return (size_t)n;
+}
+
+/* Store raw bytes under a key through the driver's table, as another
+ * program might. */
 static void plant(const char *key, const void *value, size_t len)
 {
     char full[128];
-    int n = snprintf(full, sizeof full, "%s%s", prefix, key);
+    size_t n = store_key(key, full, sizeof full);
     void *existing = NULL;
     size_t existing_len = 0;
     uint32_t remaining;
-    int rc = store->ops->claim(store->state, full, (size_t)n, value, len, 60000, &existing,
-                               &existing_len, &remaining);
+    int rc = driver->claim(tstate, full, n, value, len, 60000, &existing, &existing_len, &remaining);
     cr_assert_eq(rc, IDEM_OK, "%s", idem_last_error());
     cr_assert_null(existing);
 }
@@ -515,11 +603,10 @@ Test(conformance, foreign_value_under_a_key_is_corrupt_and_nothing_runs)
 
 Test(conformance, damaged_record_of_ours_is_corrupt_and_nothing_runs)
 {
-    idem_record rec = {.state = IDEM_STATE_COMPLETED, .status = 200, .body = (const uint8_t *)"hello",
-                       .body_len = 5};
-    uint8_t *enc;
+    static const uint8_t token[IDEM_TOKEN_LEN] = {1};
+    void *enc;
     size_t len;
-    cr_assert_eq(idem__record_encode(&rec, &enc, &len), IDEM_OK);
+    cr_assert_eq(idem_record_build(&enc, &len, IDEM_STATE_COMPLETED, token, 0, 200, "hello", 5), IDEM_OK);
     plant("damaged", enc, len - 1); /* truncated: the length no longer matches */
     free(enc);
     job j = {.status = 200};
@@ -573,6 +660,497 @@ Test(conformance, counters_follow_the_outcomes)
     cr_assert_eq(st.lost, 0);
     cr_assert_eq(st.backend_errors, 0);
     idem_reply_clear(&r);
+}
+
+/* ---- docs/contract.md section 6: the driver table's rules, one by one ----
+ *
+ * These call the table of the driver under test directly, as the core
+ * does, with records made by idem_record_build(), and then look at the key
+ * through idem_run() where the rule is about what a request sees. */
+
+typedef struct rec {
+    void  *p;
+    size_t len;
+} rec;
+
+static void new_token(uint8_t token[IDEM_TOKEN_LEN])
+{
+    cr_assert_eq(getrandom(token, IDEM_TOKEN_LEN, 0), (ssize_t)IDEM_TOKEN_LEN);
+}
+
+/* The STARTED record of a claim of token with a lease of lease_ms. */
+static rec started(const uint8_t *token, uint32_t lease_ms)
+{
+    rec r;
+    int rc = idem_record_build(&r.p, &r.len, IDEM_STATE_STARTED, token, idem_now_ms() + lease_ms, 0, NULL, 0);
+    cr_assert_eq(rc, IDEM_OK, "%s", idem_last_error());
+    return r;
+}
+
+/* The COMPLETED record that token commits. */
+static rec completed(const uint8_t *token, int status, const char *body)
+{
+    rec r;
+    int rc = idem_record_build(&r.p, &r.len, IDEM_STATE_COMPLETED, token, 0, status, body, strlen(body));
+    cr_assert_eq(rc, IDEM_OK, "%s", idem_last_error());
+    return r;
+}
+
+/* A key of this test, through the table. */
+typedef struct tkey {
+    char   k[128];
+    size_t n;
+} tkey;
+
+static tkey tk(const char *key)
+{
+    tkey t;
+    t.n = store_key(key, t.k, sizeof t.k);
+    return t;
+}
+
+/* claim, expecting to win. */
+static void claim_wins(tkey k, rec r, uint32_t lease_ms)
+{
+    void *existing = NULL;
+    size_t existing_len = 0;
+    uint32_t remaining = 0;
+    int rc = driver->claim(tstate, k.k, k.n, r.p, r.len, lease_ms, &existing, &existing_len, &remaining);
+    cr_assert_eq(rc, IDEM_OK, "claim: %s (%s)", idem_error_name(rc), idem_last_error());
+    cr_assert_null(existing, "claim on a free key must store the record and return no existing one");
+    cr_assert_eq(existing_len, 0);
+}
+
+/* claim, expecting to lose to the record want; returns the time left. */
+static uint32_t claim_loses_to(tkey k, rec r, uint32_t lease_ms, rec want)
+{
+    void *existing = NULL;
+    size_t existing_len = 0;
+    uint32_t remaining = 0;
+    int rc = driver->claim(tstate, k.k, k.n, r.p, r.len, lease_ms, &existing, &existing_len, &remaining);
+    cr_assert_eq(rc, IDEM_OK, "claim: %s (%s)", idem_error_name(rc), idem_last_error());
+    cr_assert_not_null(existing, "claim on a live record must return it");
+    cr_assert_eq(existing_len, want.len);
+    cr_assert_arr_eq(existing, want.p, want.len, "claim returned other bytes than the live record");
+    free(existing);
+    return remaining;
+}
+
+/* What a request sees under key now, through a layer of this test. */
+static idem_outcome outcome_of(const char *key, idem_reply *r)
+{
+    job j = {.status = 299, .body = "ran", .len = 3};
+    return run_ok(layer, req_str(key), &j, r);
+}
+
+Test(table, claim_on_a_free_key_stores_the_record_and_on_a_live_one_returns_it_with_its_time_left)
+{
+    uint8_t a[IDEM_TOKEN_LEN], b[IDEM_TOKEN_LEN];
+    new_token(a);
+    new_token(b);
+    tkey k = tk("t-claim");
+    rec ra = started(a, 10000), rb = started(b, 10000);
+    claim_wins(k, ra, 10000);
+    uint32_t left = claim_loses_to(k, rb, 10000, ra);
+    cr_assert(left == UINT32_MAX || (left > 5000 && left <= 10000),
+              "remaining_ms %u: the time left on a fresh 10 s lease, or UINT32_MAX", left);
+    /* The loser changed nothing: the winner still holds the key. */
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, b, rb.p, rb.len, 10000), IDEM_ELOST);
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, ra.p, ra.len, 10000), IDEM_OK, "%s", idem_last_error());
+    idem_reply r = {0};
+    cr_assert_eq(outcome_of("t-claim", &r), IDEM_IN_PROGRESS);
+    free(ra.p);
+    free(rb.p);
+}
+
+Test(table, claim_sent_again_after_a_lost_reply_finds_its_own_started_record_and_has_claimed)
+{
+    uint8_t a[IDEM_TOKEN_LEN];
+    new_token(a);
+    tkey k = tk("t-claim-again");
+    rec ra = started(a, 10000);
+    claim_wins(k, ra, 10000);
+    claim_wins(k, ra, 10000); /* the same claim again: it is the caller's, not another's */
+    rec ca = completed(a, 200, "mine");
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 60000), IDEM_OK, "%s", idem_last_error());
+    /* Its own COMPLETED record is no claim of its own: a claim loses to it. */
+    claim_loses_to(k, ra, 10000, ca);
+    free(ra.p), free(ca.p);
+}
+
+Test(table, claim_on_an_expired_record_takes_it_over_and_fences_out_the_old_token)
+{
+    uint8_t a[IDEM_TOKEN_LEN], b[IDEM_TOKEN_LEN];
+    new_token(a);
+    new_token(b);
+    tkey k = tk("t-expired");
+    rec ra = started(a, 300);
+    claim_wins(k, ra, 300);
+    sleep_ms(700);
+    rec rb = started(b, 10000);
+    claim_wins(k, rb, 10000); /* an expired record counts as no record */
+    rec ca = completed(a, 200, "stale");
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 60000), IDEM_ELOST);
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, ra.p, ra.len, 10000), IDEM_ELOST);
+    cr_assert_eq(driver->release(tstate, k.k, k.n, a), IDEM_ELOST);
+    rec cb = completed(b, 201, "fresh");
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, b, cb.p, cb.len, 60000), IDEM_OK, "%s", idem_last_error());
+    idem_reply r = {0};
+    cr_assert_eq(outcome_of("t-expired", &r), IDEM_REPLAYED);
+    cr_assert_eq(r.status, 201);
+    cr_assert_str_eq((char *)r.body, "fresh");
+    idem_reply_clear(&r);
+    free(ra.p), free(rb.p), free(ca.p), free(cb.p);
+}
+
+Test(table, claim_on_an_expired_completed_record_takes_it_over)
+{
+    uint8_t a[IDEM_TOKEN_LEN], b[IDEM_TOKEN_LEN];
+    new_token(a);
+    new_token(b);
+    tkey k = tk("t-ttl");
+    rec ra = started(a, 10000), ca = completed(a, 200, "old"), rb = started(b, 10000);
+    claim_wins(k, ra, 10000);
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 1000), IDEM_OK, "%s", idem_last_error());
+    claim_loses_to(k, rb, 10000, ca);
+    sleep_ms(2600); /* one second, plus a store that counts expiry in whole seconds */
+    claim_wins(k, rb, 10000);
+    free(ra.p), free(ca.p), free(rb.p);
+}
+
+Test(table, commit_retried_after_a_lost_reply_finds_its_own_completed_record_and_is_ok)
+{
+    uint8_t a[IDEM_TOKEN_LEN];
+    new_token(a);
+    tkey k = tk("t-commit");
+    rec ra = started(a, 10000), ca = completed(a, 200, "first"), again = completed(a, 500, "second");
+    claim_wins(k, ra, 10000);
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 60000), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 60000), IDEM_OK,
+                 "the same commit again (its first reply was lost) must be IDEM_OK: %s", idem_last_error());
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, again.p, again.len, 60000), IDEM_OK,
+                 "a commit by the token that completed the record is IDEM_OK: %s", idem_last_error());
+    /* ... and changed nothing: a COMPLETED record never changes. */
+    idem_reply r = {0};
+    cr_assert_eq(outcome_of("t-commit", &r), IDEM_REPLAYED);
+    cr_assert_eq(r.status, 200);
+    cr_assert_str_eq((char *)r.body, "first");
+    idem_reply_clear(&r);
+    /* A COMPLETED record is not a claim: extend and release by its token are lost. */
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, ra.p, ra.len, 10000), IDEM_ELOST);
+    cr_assert_eq(driver->release(tstate, k.k, k.n, a), IDEM_ELOST);
+    cr_assert_eq(outcome_of("t-commit", &r), IDEM_REPLAYED, "release must never delete a response");
+    idem_reply_clear(&r);
+    free(ra.p), free(ca.p), free(again.p);
+}
+
+Test(table, commit_by_another_token_is_lost_and_changes_nothing)
+{
+    uint8_t a[IDEM_TOKEN_LEN], b[IDEM_TOKEN_LEN];
+    new_token(a);
+    new_token(b);
+    tkey k = tk("t-fence");
+    rec ra = started(a, 10000), cb = completed(b, 200, "thief");
+    claim_wins(k, ra, 10000);
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, b, cb.p, cb.len, 60000), IDEM_ELOST);
+    cr_assert_eq(driver->release(tstate, k.k, k.n, b), IDEM_ELOST);
+    claim_loses_to(k, cb, 10000, ra);
+    tkey free_key = tk("t-fence-none");
+    cr_assert_eq(driver->commit(tstate, free_key.k, free_key.n, b, cb.p, cb.len, 60000), IDEM_ELOST,
+                 "a commit on no record at all is lost");
+    free(ra.p), free(cb.p);
+}
+
+Test(table, release_retried_after_a_lost_reply_finds_no_record_and_is_lost)
+{
+    uint8_t a[IDEM_TOKEN_LEN];
+    new_token(a);
+    tkey k = tk("t-release");
+    rec ra = started(a, 10000);
+    claim_wins(k, ra, 10000);
+    cr_assert_eq(driver->release(tstate, k.k, k.n, a), IDEM_OK, "%s", idem_last_error());
+    /* The retry cannot tell its own earlier success from a lease that ran
+     * out: the record is not there, and the rule says so. */
+    cr_assert_eq(driver->release(tstate, k.k, k.n, a), IDEM_ELOST);
+    claim_wins(k, ra, 10000); /* the key is free */
+    free(ra.p);
+}
+
+Test(table, extend_on_a_taken_over_claim_is_lost_and_the_new_holder_keeps_its_lease)
+{
+    uint8_t a[IDEM_TOKEN_LEN], b[IDEM_TOKEN_LEN];
+    new_token(a);
+    new_token(b);
+    tkey k = tk("t-extend");
+    rec ra = started(a, 5000);
+    claim_wins(k, ra, 5000);
+    /* extend sets the expiry it is given, here a shorter one: only that
+     * lets the claim below take over. */
+    rec shorter = started(a, 400);
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, shorter.p, shorter.len, 400), IDEM_OK,
+                 "the holder extends its live claim: %s", idem_last_error());
+    sleep_ms(1200);
+    rec rb = started(b, 10000);
+    claim_wins(k, rb, 10000);
+    rec late = started(a, 10000);
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, late.p, late.len, 10000), IDEM_ELOST);
+    uint32_t left = claim_loses_to(k, late, 10000, rb); /* still b's record, unchanged */
+    cr_assert(left == UINT32_MAX || left > 5000, "remaining_ms %u", left);
+    free(ra.p), free(shorter.p), free(rb.p), free(late.p);
+}
+
+Test(table, foreign_bytes_are_returned_by_claim_and_fence_out_every_token)
+{
+    static const char foreign[] = "{\"not\":\"ours\"}";
+    plant("t-foreign", foreign, sizeof foreign - 1);
+    uint8_t a[IDEM_TOKEN_LEN];
+    new_token(a);
+    tkey k = tk("t-foreign");
+    rec ra = started(a, 10000), ca = completed(a, 200, "x");
+    claim_loses_to(k, ra, 10000, (rec){.p = (void *)foreign, .len = sizeof foreign - 1});
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 60000), IDEM_ELOST);
+    cr_assert_eq(driver->extend(tstate, k.k, k.n, a, ra.p, ra.len, 10000), IDEM_ELOST);
+    cr_assert_eq(driver->release(tstate, k.k, k.n, a), IDEM_ELOST);
+    job j = {.status = 200};
+    idem_reply r = {0};
+    idem_request req = req_str("t-foreign");
+    cr_assert_eq(idem_run(layer, &req, job_handler, &j, &r), IDEM_ECORRUPT);
+    cr_assert_eq(atomic_load(&j.calls), 0);
+    free(ra.p), free(ca.p);
+}
+
+/* read and remove are optional members of version 2 for a driver of one's
+ * own; every built-in driver has them. */
+static void need_read_and_remove(void)
+{
+    bool has = driver->version >= 2 && driver->read && driver->remove;
+    if (!has && outside)
+        cr_skip_test("the %s driver has no read or remove member (optional in version 2)", driver->name);
+    cr_assert(has, "the built-in %s driver lacks read or remove (docs/contract.md, section 6)", driver->name);
+}
+
+Test(table, read_returns_a_live_record_and_its_time_left_and_changes_nothing)
+{
+    need_read_and_remove();
+    uint8_t a[IDEM_TOKEN_LEN];
+    new_token(a);
+    tkey k = tk("t-read");
+    void *got = (void *)1;
+    size_t got_len = 1;
+    uint32_t left = 0;
+    cr_assert_eq(driver->read(tstate, k.k, k.n, &got, &got_len, &left), IDEM_OK, "%s", idem_last_error());
+    cr_assert_null(got, "no record: *record NULL");
+    rec ra = started(a, 400);
+    claim_wins(k, ra, 400);
+    cr_assert_eq(driver->read(tstate, k.k, k.n, &got, &got_len, &left), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(got);
+    cr_assert_eq(got_len, ra.len);
+    cr_assert_arr_eq(got, ra.p, ra.len);
+    cr_assert(left == UINT32_MAX || left <= 400, "remaining_ms %u of a 400 ms lease", left);
+    free(got);
+    uint8_t b[IDEM_TOKEN_LEN];
+    new_token(b);
+    rec rb = started(b, 400);
+    claim_loses_to(k, rb, 400, ra); /* read claimed nothing and extended nothing */
+    free(rb.p);
+    sleep_ms(800);
+    cr_assert_eq(driver->read(tstate, k.k, k.n, &got, &got_len, &left), IDEM_OK, "%s", idem_last_error());
+    cr_assert_null(got, "an expired record reads as none");
+    free(ra.p);
+}
+
+Test(table, remove_deletes_whatever_is_under_a_key_and_says_whether_there_was_anything)
+{
+    need_read_and_remove();
+    uint8_t a[IDEM_TOKEN_LEN];
+    new_token(a);
+    tkey k = tk("t-remove");
+    bool deleted = true;
+    cr_assert_eq(driver->remove(tstate, k.k, k.n, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert(!deleted, "nothing was there");
+    rec ra = started(a, 10000), ca = completed(a, 200, "gone");
+    claim_wins(k, ra, 10000);
+    cr_assert_eq(driver->commit(tstate, k.k, k.n, a, ca.p, ca.len, 60000), IDEM_OK);
+    cr_assert_eq(driver->remove(tstate, k.k, k.n, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert(deleted, "a COMPLETED record was there");
+    void *got = NULL;
+    size_t got_len;
+    uint32_t left;
+    cr_assert_eq(driver->read(tstate, k.k, k.n, &got, &got_len, &left), IDEM_OK);
+    cr_assert_null(got);
+    idem_reply r = {0};
+    cr_assert_eq(outcome_of("t-remove", &r), IDEM_EXECUTED, "after remove the key runs again");
+    idem_reply_clear(&r);
+    plant("t-remove-foreign", "junk", 4);
+    tkey f = tk("t-remove-foreign");
+    cr_assert_eq(driver->remove(tstate, f.k, f.n, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert(deleted, "foreign bytes are removed too");
+    free(ra.p), free(ca.p);
+}
+
+/* ---- the same rules through idem_run, with replies lost on purpose ----
+ *
+ * A wrapper of the driver under test that applies an operation and then
+ * answers IDEM_EBACKEND, as when the store's reply is lost on the way back,
+ * or hides the time left, as a store that cannot tell. */
+
+typedef struct lossy_ctx {
+    const idem_backend *inner;
+    atomic_int          lose_commits;    /* the next N commits are applied, then "fail" */
+    atomic_int          lose_releases;
+    atomic_bool         hide_remaining;  /* claim answers UINT32_MAX */
+    atomic_int          commits;
+} lossy_ctx;
+
+typedef struct lossy {
+    lossy_ctx *ctx;
+    void      *inner;
+} lossy;
+
+static int lossy_open(void **state, const idem_url *url, const idem_backend *self)
+{
+    lossy *l = calloc(1, sizeof *l);
+    if (!l)
+        return IDEM_ENOMEM;
+    l->ctx = self->app_data;
+    const idem_backend *in = l->ctx->inner;
+    int rc = in->version >= 2 && in->open_ex ? in->open_ex(&l->inner, url, in) : in->open(&l->inner, url);
+    if (rc)
+        free(l);
+    else
+        *state = l;
+    return rc;
+}
+
+static void lossy_close(void *state)
+{
+    lossy *l = state;
+    l->ctx->inner->close(l->inner);
+    free(l);
+}
+
+static int lost_reply(atomic_int *counter, int rc, const char *what)
+{
+    if (rc == IDEM_OK && atomic_fetch_sub(counter, 1) > 0)
+        return idem_error_set(IDEM_EBACKEND, "lossy: the reply to %s was lost", what);
+    return rc;
+}
+
+static int lossy_claim(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
+                       uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms)
+{
+    lossy *l = state;
+    int rc = l->ctx->inner->claim(l->inner, key, key_len, record, record_len, lease_ms, existing,
+                                  existing_len, remaining_ms);
+    if (rc == IDEM_OK && *existing && atomic_load(&l->ctx->hide_remaining))
+        *remaining_ms = UINT32_MAX;
+    return rc;
+}
+
+static int lossy_commit(void *state, const void *key, size_t key_len, const uint8_t *token,
+                        const void *record, size_t record_len, uint64_t ttl_ms)
+{
+    lossy *l = state;
+    atomic_fetch_add(&l->ctx->commits, 1);
+    int rc = l->ctx->inner->commit(l->inner, key, key_len, token, record, record_len, ttl_ms);
+    return lost_reply(&l->ctx->lose_commits, rc, "a commit");
+}
+
+static int lossy_release(void *state, const void *key, size_t key_len, const uint8_t *token)
+{
+    lossy *l = state;
+    int rc = l->ctx->inner->release(l->inner, key, key_len, token);
+    return lost_reply(&l->ctx->lose_releases, rc, "a release");
+}
+
+static int lossy_extend(void *state, const void *key, size_t key_len, const uint8_t *token,
+                        const void *record, size_t record_len, uint32_t lease_ms)
+{
+    lossy *l = state;
+    return l->ctx->inner->extend(l->inner, key, key_len, token, record, record_len, lease_ms);
+}
+
+static lossy_ctx lossy_state;
+static const idem_backend lossy_table = {
+    .version = IDEM_BACKEND_VERSION,
+    .name = "lossy",
+    .close = lossy_close,
+    .claim = lossy_claim,
+    .commit = lossy_commit,
+    .release = lossy_release,
+    .extend = lossy_extend,
+    .app_data = &lossy_state,
+    .open_ex = lossy_open,
+};
+
+/* A layer of this test's prefix on the lossy wrapper of the driver under test. */
+static void open_lossy(idem_store **s, idem_layer **l)
+{
+    lossy_state.inner = driver;
+    cr_assert_eq(idem_store_open_backend(s, &lossy_table, test_url), IDEM_OK, "%s", idem_last_error());
+    idem_options o = test_options(10000);
+    cr_assert_eq(idem_layer_new(l, *s, &o), IDEM_OK, "%s", idem_last_error());
+}
+
+Test(table, commit_whose_reply_was_lost_is_retried_and_the_handler_ran_once)
+{
+    idem_store *s;
+    idem_layer *l;
+    open_lossy(&s, &l);
+    atomic_store(&lossy_state.lose_commits, 1);
+    job j = {.status = 201, .body = "once", .len = 4};
+    idem_reply r = {0};
+    cr_assert_eq(run_ok(l, req_str("lost-commit"), &j, &r), IDEM_EXECUTED);
+    cr_assert_eq(atomic_load(&lossy_state.commits), 2, "the core retried the commit once");
+    cr_assert_eq(run_ok(l, req_str("lost-commit"), &j, &r), IDEM_REPLAYED);
+    cr_assert_str_eq((char *)r.body, "once");
+    cr_assert_eq(atomic_load(&j.calls), 1);
+    idem_stats st;
+    idem_layer_stats(l, &st);
+    cr_assert_eq(st.backend_errors, 1);
+    cr_assert_eq(st.executed, 1);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+Test(table, release_whose_reply_was_lost_still_frees_the_key_for_the_retry)
+{
+    idem_store *s;
+    idem_layer *l;
+    open_lossy(&s, &l);
+    atomic_store(&lossy_state.lose_releases, 1);
+    idem_request req = req_str("lost-release");
+    idem_claim *c;
+    idem_reply r = {0};
+    cr_assert_eq(idem_begin(l, &req, &c, &r), IDEM_OK);
+    cr_assert_not_null(c);
+    cr_assert_eq(idem_abort(c), IDEM_EBACKEND, "the abort's reply was lost");
+    job j = {.status = 200, .body = "retry", .len = 5};
+    cr_assert_eq(run_ok(l, req, &j, &r), IDEM_EXECUTED, "the release was applied: the retry runs");
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+Test(table, store_that_cannot_tell_the_time_left_gets_retry_after_from_the_records_deadline)
+{
+    idem_store *s;
+    idem_layer *l;
+    open_lossy(&s, &l);
+    atomic_store(&lossy_state.hide_remaining, true);
+    idem_request req = req_str("no-pttl");
+    idem_claim *c;
+    idem_reply r = {0};
+    cr_assert_eq(idem_begin(l, &req, &c, &r), IDEM_OK);
+    cr_assert_not_null(c);
+    job j = {.status = 200};
+    cr_assert_eq(run_ok(l, req, &j, &r), IDEM_IN_PROGRESS);
+    cr_assert(r.retry_after_ms > 5000 && r.retry_after_ms <= 10000,
+              "retry_after_ms %u from the deadline of a fresh 10 s lease", r.retry_after_ms);
+    cr_assert_eq(idem_commit(c, 200, "", 0), IDEM_OK);
+    idem_layer_free(l);
+    idem_store_close(s);
 }
 
 /* ---- races ---- */
@@ -631,6 +1209,7 @@ Test(conformance, sixteen_threads_racing_on_one_key_execute_it_once)
 
 Test(conformance, four_processes_racing_on_one_key_execute_it_once)
 {
+    SKIP_UNLESS_SHARED_ACROSS_PROCESSES();
     /* Each child opens its own store; the handler counts in shared memory. */
     atomic_int *calls = mmap(NULL, sizeof *calls, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     cr_assert_neq(calls, MAP_FAILED);
@@ -648,7 +1227,7 @@ Test(conformance, four_processes_racing_on_one_key_execute_it_once)
             idem_layer *l;
             idem_options o = test_options(10000);
             int outcome = -1;
-            if (idem_store_open(&s, getenv("IDEM_TEST_URL")) == IDEM_OK &&
+            if (store_open(&s) == IDEM_OK &&
                 idem_layer_new(&l, s, &o) == IDEM_OK) {
                 char c;
                 (void)!read(go[0], &c, 1); /* start together */
@@ -686,23 +1265,68 @@ Test(conformance, four_processes_racing_on_one_key_execute_it_once)
 
 /* ---- the runner ---- */
 
+static void usage(void)
+{
+    fprintf(stderr, "usage: conformance [--url URL | --backend KIND] [--outside] [criterion options]\n"
+                    "  --url URL      test the store at URL (also IDEM_TEST_URL); nothing is started\n"
+                    "  --backend KIND start a test store of KIND: sqlite, redis, memcached, memcached2,\n"
+                    "                 memory (also IDEM_TEST_BACKEND; default sqlite)\n"
+                    "  --outside      open the stores on conformance_outside_driver() (tests/conformance.h)\n"
+                    "                 instead of the built-in driver (also IDEM_TEST_OUTSIDE=1)\n");
+}
+
 int main(int argc, char *argv[])
 {
-    const char *kind = getenv("IDEM_TEST_BACKEND");
-    idem_test_server srv;
-    if (!kind)
-        kind = "sqlite";
-    if (idem_test_server_start(&srv, kind) != 0) {
-        fprintf(stderr, "conformance: cannot start a %s store for the tests\n", kind);
+    const char *kind = getenv("IDEM_TEST_BACKEND"), *env = getenv("IDEM_TEST_OUTSIDE");
+    test_url = getenv("IDEM_TEST_URL");
+    outside = env && *env && strcmp(env, "0") != 0;
+    bool url_given = test_url != NULL;
+    /* Our options out of argv; the rest is Criterion's. */
+    int n = 1;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--url") == 0 && i + 1 < argc)
+            test_url = argv[++i], url_given = true;
+        else if (strcmp(argv[i], "--backend") == 0 && i + 1 < argc)
+            kind = argv[++i], test_url = NULL, url_given = false;
+        else if (strcmp(argv[i], "--outside") == 0)
+            outside = true;
+        else if (strcmp(argv[i], "--usage") == 0)
+            return usage(), 0;
+        else
+            argv[n++] = argv[i];
+    }
+    argc = n;
+    argv[argc] = NULL;
+
+    idem_test_server srv = {0};
+    bool started = false;
+    if (!url_given) {
+        if (idem_test_server_start(&srv, kind ? kind : "sqlite") != 0) {
+            fprintf(stderr, "conformance: cannot start a %s store for the tests\n", kind ? kind : "sqlite");
+            idem_test_server_stop(&srv);
+            return 1;
+        }
+        started = true;
+        test_url = srv.url;
+    }
+    setenv("IDEM_TEST_URL", test_url, 1);
+    setenv("IDEM_TEST_OUTSIDE", outside ? "1" : "0", 1);
+    if (!choose()) {
+        fprintf(stderr, "conformance: no driver for %s in this build%s\n", test_url,
+                outside ? "" : " (a driver of your own: --outside, see tests/conformance.h)");
+        usage();
+        if (started)
+            idem_test_server_stop(&srv);
         return 1;
     }
-    setenv("IDEM_TEST_URL", srv.url, 1);
-    fprintf(stderr, "conformance: testing %s at %s\n", kind, srv.url);
+    fprintf(stderr, "conformance: testing %s on the %s driver%s\n", test_url, driver->name,
+            outside ? " (not built in)" : "");
     struct criterion_test_set *tests = criterion_initialize();
     int result = 1;
     if (criterion_handle_args(argc, argv, true))
         result = !criterion_run_all_tests(tests);
     criterion_finalize(tests);
-    idem_test_server_stop(&srv);
+    if (started)
+        idem_test_server_stop(&srv);
     return result;
 }

@@ -1,5 +1,5 @@
 /*
- * Faults: SPEC sections 2 and 5 when processes die or stall.
+ * Faults: docs/contract.md sections 2 to 4 and 8 when processes die or stall.
  *
  *   - a worker SIGKILLed inside its handler blocks its key (IN_PROGRESS)
  *     until the lease ends, then exactly one retry executes;

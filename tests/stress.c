@@ -1,5 +1,5 @@
 /*
- * Stress: SPEC sections 2 and 5 under pressure, against one kind of store.
+ * Stress: docs/contract.md sections 2 to 4 and 8 under pressure, against one kind of store.
  *
  * Several worker processes, each with several threads, hammer a small set
  * of hot keys through two layers (different prefixes, one with a ttl of a
@@ -23,6 +23,8 @@
  *     record expired (ttl) or died with the store in between;
  *   - fencing: a committed attempt's key was not claimed by anyone else
  *     between its claim and its commit;
+ *   - no handler started after its claim's lease had ended (the lease is
+ *     counted from before the claim was sent);
  *   - every call returned IDEM_OK, IDEM_EBACKEND (store down) or IDEM_ELOST,
  *     and none took longer than the store's timeouts allow;
  *   - after the run (and after the last store restart) each key answers.
@@ -204,6 +206,9 @@ static size_t key_bytes(int k, unsigned char *out)
  * are not prefixes of each other. */
 static const char *const layer_prefix[NLAYERS] = {"stressA:", "stressB:"};
 static const uint32_t layer_ttl_s[NLAYERS] = {3600, 1};
+/* Layer 1 renews the leases of its running handlers (auto_extend): its
+ * handlers that outlive the lease keep their keys instead of losing them. */
+static const bool layer_auto_extend[NLAYERS] = {false, true};
 
 /* ---- the workers ---- */
 
@@ -457,6 +462,7 @@ static int worker_main(uint64_t deadline_us)
         o.key_prefix = layer_prefix[l];
         o.lease_ms = cfg.lease_ms;
         o.ttl_s = layer_ttl_s[l];
+        o.auto_extend = layer_auto_extend[l];
         if (idem_layer_new(&layers[l], store, &o) != IDEM_OK) {
             fprintf(stderr, "worker: idem_layer_new: %s\n", idem_last_error());
             return 1;
@@ -733,6 +739,15 @@ static int check_ledger(ledger_data *d, tally *t)
     free(all);
     free(list);
 
+    /* A handler starts within its claim's lease, counted from the call. */
+    for (size_t i = 0; i < d->natt; i++) {
+        attempt *a = &d->att[i];
+        if (a->claim_end > a->claim_start + (uint64_t)cfg.lease_ms * 1000u)
+            FAIL("layer %d key %d: attempt %016" PRIx64 " started its handler %" PRIu64 " ms after its "
+                 "claim was sent, past its %u ms lease", a->layer, a->key, a->id,
+                 (a->claim_end - a->claim_start) / 1000u, cfg.lease_ms);
+    }
+
     for (size_t i = 0; i < d->natt; i++) {
         attempt *a = &d->att[i];
         t->attempts++;
@@ -854,6 +869,11 @@ static int self_check(const ledger_data *good)
     ledger("E %d %d %016" PRIx64 " %" PRIu64 " %" PRIu64 " %d %s\n", a->layer, a->key, forged, t, t + 1,
            a->status, bh);
     ledger("R %016" PRIx64 " C %" PRIu64 " %" PRIu64 "\n", forged, t + 2, t + 3);
+    /* a handler that started after its claim's lease ended (on a key of its own) */
+    uint64_t late = 0xfffffffe00000002ULL, lt = t + 10000000u;
+    ledger("E %d %d %016" PRIx64 " %" PRIu64 " %" PRIu64 " %d %s\n", a->layer, 63, late, lt,
+           lt + (uint64_t)cfg.lease_ms * 1000u + 1000u, a->status, bh);
+    ledger("R %016" PRIx64 " F %" PRIu64 " %" PRIu64 "\n", late, lt + 1, lt + 2);
     /* a replay one byte off */
     unsigned char body[128 + MAX_BODY_RND];
     memcpy(body, a->body, a->body_len);
@@ -863,7 +883,7 @@ static int self_check(const ledger_data *good)
     /* the other layer replaying a's response */
     hex(bh, a->body, a->body_len);
     ledger("P %d %d %" PRIu64 " %" PRIu64 " %d %s\n", 1, a->key, t, t + 1, a->status, bh);
-    int expected = 3;
+    int expected = 4;
     if (lost) {
         hex(bh, lost->body, lost->body_len);
         ledger("P %d %d %" PRIu64 " %" PRIu64 " %d %s\n", lost->layer, lost->key, lost->commit_end,

@@ -48,6 +48,7 @@ typedef struct fake {
     unsigned        calls[FAKE_NOPS];
     unsigned        fail[FAKE_NOPS];       /* fail the next N calls without applying them */
     unsigned        lose_reply[FAKE_NOPS]; /* apply the next N calls, then report a failure */
+    unsigned        late_ms[FAKE_NOPS];    /* apply each call, then answer this much later */
     bool            remaining_unknown; /* claim answers UINT32_MAX: "cannot tell" */
     size_t          max_record_len;    /* 0: no limit */
     unsigned        oversized;         /* records over max_record_len the core sent */
@@ -130,6 +131,17 @@ static int fake_enter(fake *f, enum fake_op op)
                               fake_op_name[op]);
     }
     return IDEM_OK;
+}
+
+/* After the lock is dropped: answer late when told to (a slow store). */
+static void fake_answer_late(fake *f, enum fake_op op)
+{
+    pthread_mutex_lock(&f->mu);
+    unsigned ms = f->late_ms[op];
+    pthread_mutex_unlock(&f->mu);
+    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
+    while (ms && nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
 }
 
 /* After the operation was applied: lose its reply when told to. */
@@ -233,6 +245,7 @@ static int fake_claim(void *state, const void *key, size_t key_len, const void *
         }
     }
     pthread_mutex_unlock(&f->mu);
+    fake_answer_late(f, FAKE_CLAIM);
     return rc;
 }
 
@@ -257,6 +270,7 @@ static int fake_commit(void *state, const void *key, size_t key_len, const uint8
         rc = fake_leave(f, FAKE_COMMIT, rc);
     }
     pthread_mutex_unlock(&f->mu);
+    fake_answer_late(f, FAKE_COMMIT);
     return rc;
 }
 
@@ -274,6 +288,7 @@ static int fake_release(void *state, const void *key, size_t key_len, const uint
         rc = fake_leave(f, FAKE_RELEASE, rc);
     }
     pthread_mutex_unlock(&f->mu);
+    fake_answer_late(f, FAKE_RELEASE);
     return rc;
 }
 
@@ -294,6 +309,7 @@ static int fake_extend(void *state, const void *key, size_t key_len, const uint8
         rc = fake_leave(f, FAKE_EXTEND, rc);
     }
     pthread_mutex_unlock(&f->mu);
+    fake_answer_late(f, FAKE_EXTEND);
     return rc;
 }
 
@@ -783,24 +799,102 @@ Test(core, claim_failure_returns_ebackend_with_a_message_and_runs_nothing)
     assert_stats(1, 0, 0, 0, 0, 0, 1);
 }
 
-Test(core, claim_whose_reply_was_lost_leaves_the_key_claimed_until_its_lease_ends)
+/* Wait until the layer has freed n keys in the background; false after ms. */
+static bool wait_claims_freed(uint64_t n, unsigned ms)
 {
-    start(1000);
+    for (unsigned waited = 0;; waited += 10) {
+        idem_stats st;
+        idem_layer_stats(layer, &st);
+        if (st.claims_freed >= n)
+            return true;
+        if (waited >= ms)
+            return false;
+        sleep_ms(10);
+    }
+}
+
+Test(core, claim_whose_reply_was_lost_is_freed_by_the_layer_once_the_store_answers)
+{
+    start(60000);
     fk->lose_reply[FAKE_CLAIM] = 1;
+    fk->fail[FAKE_RELEASE] = 3; /* the store keeps failing a while after the lost reply */
     idem_request req = req_of("k");
     job j = job_ok(200, "body", 4);
     idem_reply r = {0};
     cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "frees the key"), "message: %s", idem_last_error());
     cr_assert_eq(j.calls, 0);
-    /* the claim was applied: the key is held by nobody until the lease ends */
-    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK);
-    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
-    cr_assert_eq(j.calls, 0);
-    fake_advance(1000);
+    /* the claim was applied: the layer frees it, fenced by its token, as
+     * soon as the store takes the release; not after the 60 s lease */
+    cr_assert(wait_claims_freed(1, 10000), "the lost claim was not freed");
+    cr_assert_geq(fake_calls(FAKE_RELEASE), 4, "the release was retried after store errors");
+    cr_assert_eq(fake_key_state("k"), 0);
     cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK);
     cr_assert_eq(r.outcome, IDEM_EXECUTED);
     cr_assert_eq(j.calls, 1);
     idem_reply_clear(&r);
+}
+
+Test(core, freeing_a_lost_claim_later_never_touches_a_new_holders_record)
+{
+    start(60000);
+    fk->lose_reply[FAKE_CLAIM] = 1;
+    fk->fail[FAKE_RELEASE] = FAKE_ALWAYS;
+    idem_request req = req_of("k");
+    job j = job_ok(200, "mine", 4);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_EBACKEND);
+    /* the lease ends by the store's clock and another request takes the key */
+    fake_advance(60000);
+    idem_claim *c;
+    cr_assert_eq(idem_begin(layer, &req, &c, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(c);
+    fake_set(&fk->fail[FAKE_RELEASE], 0);
+    sleep_ms(1500); /* the layer's retries run against the new record */
+    cr_assert_eq(fake_key_state("k"), IDEM_STATE_STARTED, "the deferred free removed a new holder's claim");
+    cr_assert_eq(idem_commit(c, 200, "new", 3), IDEM_OK, "%s", idem_last_error());
+    assert_replays("k", 200, "new", 3);
+}
+
+Test(core, claim_answered_after_half_its_lease_never_runs_the_handler_and_gives_the_key_up)
+{
+    start(1000);
+    fk->late_ms[FAKE_CLAIM] = 700;
+    idem_request req = req_of("k");
+    job j = job_ok(200, "late", 4);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "more than half"), "message: %s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "given up"), "message: %s", idem_last_error());
+    cr_assert_eq(j.calls, 0, "a handler ran on a claim answered with too little lease left");
+    cr_assert_eq(fake_key_state("k"), 0, "the late claim was not given up");
+    cr_assert_eq(fake_calls(FAKE_RELEASE), 1);
+
+    idem_claim *c;
+    cr_assert_eq(idem_begin(layer, &req, &c, &r), IDEM_EBACKEND, "the step API gives it up too");
+    cr_assert_null(c);
+    cr_assert_eq(fake_key_state("k"), 0);
+
+    fk->late_ms[FAKE_CLAIM] = 20; /* well within half the lease, even under valgrind */
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(j.calls, 1);
+    idem_reply_clear(&r);
+}
+
+Test(core, late_claim_whose_release_fails_is_freed_later_and_says_so)
+{
+    start(1000);
+    fk->late_ms[FAKE_CLAIM] = 700;
+    fk->fail[FAKE_RELEASE] = 1;
+    idem_request req = req_of("k");
+    job j = job_ok(200, "late", 4);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "as soon as the store answers"), "message: %s", idem_last_error());
+    cr_assert_eq(j.calls, 0);
+    cr_assert(wait_claims_freed(1, 5000));
+    cr_assert_eq(fake_key_state("k"), 0);
 }
 
 Test(core, commit_failing_twice_then_succeeding_executes_once_and_replays)
@@ -912,10 +1006,10 @@ Test(core, step_commit_on_store_error_keeps_the_claim_for_an_abort)
     idem_reply_clear(&r);
 }
 
-Test(core, release_failure_after_handler_failure_keeps_the_key_until_its_lease_ends)
+Test(core, release_failure_after_handler_failure_says_the_key_was_not_freed_and_frees_it_later)
 {
-    start(1000);
-    fk->fail[FAKE_RELEASE] = 1;
+    start(60000);
+    fk->fail[FAKE_RELEASE] = FAKE_ALWAYS;
     idem_request req = req_of("k");
     job j = job_ok(200, "", 0);
     j.ret = 7;
@@ -923,6 +1017,8 @@ Test(core, release_failure_after_handler_failure_keeps_the_key_until_its_lease_e
     cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
     cr_assert_eq(r.outcome, IDEM_FAILED);
     cr_assert_eq(r.handler_error, 7);
+    cr_assert_eq(r.abort_error, IDEM_EBACKEND, "the reply must not claim the key was freed");
+    cr_assert(strstr(idem_last_error(), "freeing its key failed"), "message: %s", idem_last_error());
     cr_assert_eq(fake_key_state("k"), IDEM_STATE_STARTED);
     assert_stats(0, 0, 0, 0, 1, 0, 1);
 
@@ -930,10 +1026,28 @@ Test(core, release_failure_after_handler_failure_keeps_the_key_until_its_lease_e
     cr_assert_eq(idem_run(layer, &req, handler, &retry, &r), IDEM_OK);
     cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
     cr_assert_eq(retry.calls, 0);
-    fake_advance(1000);
+    /* the store takes releases again: the layer frees the key, long before
+     * the 60 s lease would have */
+    fake_set(&fk->fail[FAKE_RELEASE], 0);
+    cr_assert(wait_claims_freed(1, 10000), "the key was not freed later");
     cr_assert_eq(idem_run(layer, &req, handler, &retry, &r), IDEM_OK);
     cr_assert_eq(r.outcome, IDEM_EXECUTED);
     cr_assert_eq(retry.calls, 1);
+    idem_reply_clear(&r);
+}
+
+Test(core, handler_failure_with_a_working_store_says_the_key_was_freed)
+{
+    start(0);
+    idem_request req = req_of("k");
+    job j = job_ok(200, "", 0);
+    j.ret = 3;
+    idem_reply r = {0};
+    r.abort_error = 12345; /* overwritten */
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_FAILED);
+    cr_assert_eq(r.abort_error, IDEM_OK);
+    cr_assert_eq(fake_key_state("k"), 0);
     idem_reply_clear(&r);
 }
 
@@ -944,7 +1058,7 @@ Test(core, abort_on_store_error_reports_it_and_still_frees_the_claim)
     idem_claim *c;
     idem_reply r = {0};
     cr_assert_eq(idem_begin(layer, &req, &c, &r), IDEM_OK);
-    fk->fail[FAKE_RELEASE] = 1;
+    fk->fail[FAKE_RELEASE] = FAKE_ALWAYS;
     cr_assert_eq(idem_abort(c), IDEM_EBACKEND); /* LeakSanitizer checks the claim was freed */
     cr_assert(strstr(idem_last_error(), "lease") != NULL, "message: '%s'", idem_last_error());
     cr_assert_eq(fake_key_state("k"), IDEM_STATE_STARTED);
@@ -2002,5 +2116,280 @@ Test(core, scopes_keep_the_same_key_apart_and_do_not_count_against_max_key_len)
     cr_assert_eq(idem_run_scoped(layer, big, 256, &req, handler, &c, &r), IDEM_EINVAL);
     cr_assert_eq(idem_run_scoped(layer, "", 0, &req, handler, &c, &r), IDEM_EINVAL);
     cr_assert_eq(idem_run_scoped(layer, NULL, 3, &req, handler, &c, &r), IDEM_EINVAL);
+    idem_reply_clear(&r);
+}
+
+/* ======================================================================== */
+/* Leases that fit the handler: renewal, commit deadline, retry hints       */
+/* ======================================================================== */
+
+static void start_with(const idem_options *o)
+{
+    cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK, "%s", idem_last_error());
+    fk = store->state;
+    cr_assert_eq(idem_layer_new(&layer, store, o), IDEM_OK, "%s", idem_last_error());
+}
+
+Test(core, commit_timeout_ms_bounds_the_commit_retries_and_keeps_the_key_claimed)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 20000;
+    o.commit_timeout_ms = 300;
+    start_with(&o);
+    fk->fail[FAKE_COMMIT] = FAKE_ALWAYS;
+    idem_request req = req_of("k");
+    job j = job_ok(201, "made", 4);
+    idem_reply r = {0};
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_EBACKEND);
+    uint64_t took = mono_ms() - t0;
+    cr_assert(took < 5000, "commit retries took %llu ms with commit_timeout_ms 300 (lease 20 s)",
+              (unsigned long long)took);
+    cr_assert(fake_calls(FAKE_COMMIT) >= 2, "the commit was retried");
+    cr_assert_eq(r.outcome, IDEM_EXECUTED, "the reply holds the handler's response");
+    cr_assert_str_eq((const char *)r.body, "made");
+    cr_assert_eq(fake_key_state("k"), IDEM_STATE_STARTED, "the key stays claimed");
+    cr_assert_eq(fake_calls(FAKE_RELEASE), 0);
+    idem_stats st;
+    idem_layer_stats(layer, &st);
+    cr_assert_eq(st.unstored, 1, "a handler that ran but was not stored is counted");
+    cr_assert_eq(st.executed, 0);
+    idem_reply_clear(&r);
+}
+
+Test(core, step_commit_honours_commit_timeout_ms_and_keeps_the_claim)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 20000;
+    o.commit_timeout_ms = 200;
+    start_with(&o);
+    idem_request req = req_of("k");
+    idem_claim *c;
+    idem_reply r = {0};
+    cr_assert_eq(idem_begin(layer, &req, &c, &r), IDEM_OK);
+    fk->fail[FAKE_COMMIT] = FAKE_ALWAYS;
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_commit(c, 200, "x", 1), IDEM_EBACKEND);
+    cr_assert(mono_ms() - t0 < 5000);
+    fake_set(&fk->fail[FAKE_COMMIT], 0);
+    cr_assert_eq(idem_commit(c, 200, "x", 1), IDEM_OK, "%s", idem_last_error());
+    assert_replays("k", 200, "x", 1);
+}
+
+typedef struct slow {
+    atomic_int calls;
+    unsigned   sleep_ms;
+    uint32_t   left_at_end;
+    int        extend_rc;
+    bool       extend;        /* call idem_response_extend(resp, 0) first */
+    bool       wait_for_loss; /* run until the lease is seen lost (at most 10 s) */
+} slow;
+
+static int slow_handler(void *arg, idem_response *resp)
+{
+    slow *s = arg;
+    atomic_fetch_add(&s->calls, 1);
+    if (s->extend)
+        s->extend_rc = idem_response_extend(resp, 0);
+    if (s->wait_for_loss) {
+        for (int i = 0; i < 1000 && idem_response_lease_left_ms(resp) > 0; i++)
+            sleep_ms(10);
+    } else {
+        sleep_ms(s->sleep_ms);
+    }
+    s->left_at_end = idem_response_lease_left_ms(resp);
+    return idem_response_set(resp, 200, "slow", 4) == IDEM_OK ? 0 : 1;
+}
+
+Test(core, auto_extend_renews_a_slow_handlers_lease_so_a_duplicate_never_takes_it)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 600;
+    o.auto_extend = true;
+    start_with(&o);
+    idem_request req = req_of("k");
+    slow s = {.sleep_ms = 2400}; /* four leases */
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, slow_handler, &s, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert(s.left_at_end > 0, "the renewed lease was still running when the handler ended");
+    idem_stats st;
+    idem_layer_stats(layer, &st);
+    cr_assert_geq(st.extended, 3, "renewed %llu times in four leases", (unsigned long long)st.extended);
+    cr_assert_eq(st.lost, 0);
+    cr_assert_geq(fake_calls(FAKE_EXTEND), 3);
+    assert_replays("k", 200, "slow", 4);
+    idem_reply_clear(&r);
+}
+
+Test(core, without_auto_extend_a_slow_handler_loses_its_lease)
+{
+    start(300);
+    idem_request req = req_of("k");
+    slow s = {.sleep_ms = 700};
+    idem_reply r = {0};
+    fake_advance(0);
+    /* the fake's clock runs with the wall clock: the 300 ms lease ends in the handler */
+    int rc = idem_run(layer, &req, slow_handler, &s, &r);
+    cr_assert_eq(s.left_at_end, 0, "the handler's own view of its lease says it ended");
+    cr_assert(rc == IDEM_OK || rc == IDEM_ELOST, "%s", idem_error_name(rc));
+    cr_assert_eq(fake_calls(FAKE_EXTEND), 0);
+    idem_reply_clear(&r);
+}
+
+static uint8_t takeover_rec[IDEM_RECORD_HEADER_LEN];
+
+/* Another holder's record replaces ours 50 ms from now. */
+static void *take_over_soon(void *arg)
+{
+    (void)arg;
+    sleep_ms(50);
+    fake_put("k", takeover_rec, sizeof takeover_rec, 60000);
+    return NULL;
+}
+
+Test(core, a_renewal_that_finds_the_key_taken_over_stops_and_the_handler_sees_it)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 300;
+    o.auto_extend = true;
+    start_with(&o);
+    idem_record other = {.state = IDEM_STATE_STARTED, .deadline_ms = idem_now_ms() + 60000};
+    memset(other.token, 0xab, IDEM_TOKEN_LEN);
+    idem__record_write(&other, takeover_rec);
+    idem_request req = req_of("k");
+    slow s = {.wait_for_loss = true};
+    idem_reply r = {0};
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, take_over_soon, NULL), 0);
+    int rc = idem_run(layer, &req, slow_handler, &s, &r);
+    pthread_join(th, NULL);
+    cr_assert_eq(s.left_at_end, 0, "the handler did not see its key taken over");
+    cr_assert_eq(rc, IDEM_ELOST, "got %s", idem_error_name(rc));
+    cr_assert_eq(r.outcome, IDEM_EXECUTED, "the reply still holds the response");
+    size_t len;
+    uint8_t *now = fake_get("k", &len);
+    cr_assert_not_null(now);
+    cr_assert_arr_eq(now, takeover_rec, sizeof takeover_rec, "the new holder's record is unchanged");
+    free(now);
+    unsigned extends = fake_calls(FAKE_EXTEND);
+    sleep_ms(400);
+    cr_assert_eq(fake_calls(FAKE_EXTEND), extends, "renewals went on after the takeover");
+    idem_stats st;
+    idem_layer_stats(layer, &st);
+    cr_assert_eq(st.unstored, 1);
+    idem_reply_clear(&r);
+}
+
+Test(core, a_handler_renews_its_own_lease_through_its_response)
+{
+    start(2000);
+    idem_request req = req_of("k");
+    slow s = {.extend = true, .sleep_ms = 0};
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, slow_handler, &s, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(s.extend_rc, IDEM_OK);
+    cr_assert(s.left_at_end > 1000 && s.left_at_end <= 2000, "lease left %u", s.left_at_end);
+    idem_stats st;
+    idem_layer_stats(layer, &st);
+    cr_assert_eq(st.extended, 1);
+    cr_assert_eq(fake_calls(FAKE_EXTEND), 1);
+    cr_assert_eq(idem_response_extend(NULL, 10), IDEM_EINVAL);
+    cr_assert_eq(idem_response_lease_left_ms(NULL), 0);
+    idem_reply_clear(&r);
+}
+
+static int quick_handler(void *arg, idem_response *resp)
+{
+    sleep_ms(*(unsigned *)arg);
+    return idem_response_set(resp, 200, "q", 1) == IDEM_OK ? 0 : 1;
+}
+
+Test(core, retry_after_is_estimated_from_recent_handler_durations_within_the_lease)
+{
+    start(60000);
+    idem_reply r = {0};
+    idem_claim *c;
+    idem_request held = req_of("held");
+    cr_assert_eq(idem_begin(layer, &held, &c, &r), IDEM_OK);
+    job dup = job_ok(200, "", 0);
+    /* no history yet: the time left on the lease */
+    cr_assert_eq(idem_run(layer, &held, handler, &dup, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert(r.retry_after_ms > 50000, "retry_after_ms %u without history", r.retry_after_ms);
+    unsigned ms = 30;
+    for (int i = 0; i < 8; i++) {
+        char key[16];
+        snprintf(key, sizeof key, "q%d", i);
+        idem_request q = req_of(key);
+        cr_assert_eq(idem_run(layer, &q, quick_handler, &ms, &r), IDEM_OK);
+        cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    }
+    cr_assert_eq(idem_run(layer, &held, handler, &dup, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert(r.retry_after_ms >= 1 && r.retry_after_ms < 5000,
+              "30 ms handlers, yet retry_after_ms is %u", r.retry_after_ms);
+    cr_assert_eq(dup.calls, 0);
+    cr_assert_eq(idem_abort(c), IDEM_OK);
+
+    /* never more than the holder's lease left, never 0 */
+    idem_record old = {.state = IDEM_STATE_STARTED, .deadline_ms = idem_now_ms() + 5};
+    memset(old.token, 7, IDEM_TOKEN_LEN);
+    uint8_t enc[IDEM_RECORD_HEADER_LEN];
+    idem__record_write(&old, enc);
+    fake_put("ending", enc, sizeof enc, 3);
+    idem_request ending = req_of("ending");
+    cr_assert_eq(idem_run(layer, &ending, handler, &dup, &r), IDEM_OK);
+    if (r.outcome == IDEM_IN_PROGRESS)
+        cr_assert(r.retry_after_ms >= 1 && r.retry_after_ms <= 3, "retry_after_ms %u", r.retry_after_ms);
+    idem_reply_clear(&r);
+}
+
+Test(core, layer_free_with_keys_still_to_free_neither_hangs_nor_leaks)
+{
+    start(60000);
+    fk->lose_reply[FAKE_CLAIM] = FAKE_ALWAYS;
+    fk->fail[FAKE_RELEASE] = FAKE_ALWAYS;
+    idem_reply r = {0};
+    job j = job_ok(200, "", 0);
+    for (int i = 0; i < 20; i++) {
+        char key[16];
+        snprintf(key, sizeof key, "k%d", i);
+        idem_request req = req_of(key);
+        cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_EBACKEND);
+    }
+    cr_assert_eq(j.calls, 0);
+    uint64_t t0 = mono_ms();
+    idem_layer_free(layer);
+    layer = NULL;
+    cr_assert(mono_ms() - t0 < 2000, "idem_layer_free waited for the store");
+}
+
+Test(core, a_layer_with_a_running_renewal_thread_is_freed_in_a_forked_child_without_hanging)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.auto_extend = true; /* the layer's thread runs from idem_layer_new() */
+    start_with(&o);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        alarm(10); /* a hang ends as a failure, not a stuck test */
+        idem_layer_free(layer);
+        _exit(0);
+    }
+    int st;
+    cr_assert_eq(waitpid(pid, &st, 0), pid);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the child did not free the layer cleanly (%#x)", st);
+    /* the parent's layer still works, thread and all */
+    idem_request req = req_of("k");
+    job j = job_ok(200, "ok", 2);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
     idem_reply_clear(&r);
 }

@@ -10,6 +10,7 @@
  * test would crash instead of passing by luck.
  */
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -432,4 +433,24 @@ Test(table, a_version_2_table_without_read_or_remove_gives_eunsupported)
     bool deleted;
     cr_assert_eq(idem__store_remove(s, "x", 1, &deleted), IDEM_EUNSUPPORTED);
     idem_store_close(s);
+}
+
+/* ---- the one list of drivers (meson.build `drivers`) ---- */
+
+Test(table, every_built_in_driver_is_found_by_name_and_named_for_an_unknown_scheme)
+{
+    idem_store *s = (idem_store *)1;
+    cr_assert_eq(idem_store_open(&s, "nosuch://h:1"), IDEM_EINVAL);
+    char msg[1024];
+    snprintf(msg, sizeof msg, "%s", idem_last_error());
+    cr_assert(idem__builtin_backends[0], "no driver is built in");
+    for (size_t i = 0; idem__builtin_backends[i]; i++) {
+        const idem_backend *b = idem__builtin_backends[i];
+        cr_assert_eq(idem_backend_find(b->name), b);
+        char scheme[64];
+        snprintf(scheme, sizeof scheme, "%s://", b->name);
+        cr_assert(strstr(msg, scheme), "the unknown-scheme message does not name %s: %s", scheme, msg);
+        cr_assert(idem__missing_backend_hint(b->name), "no package named for %s", b->name);
+    }
+    cr_assert_null(idem_backend_find("nosuch"));
 }

@@ -1041,6 +1041,7 @@ typedef struct op_result {
 static int run_script(store *s, enum script_id id, const void *key, size_t key_len, size_t nargs,
                       const char *const *args, const size_t *lens, redisReply **out, op_result *res)
 {
+    *out = NULL; /* defined on every return */
     const char *argv[8];
     size_t argvlen[8];
     argv[0] = "EVALSHA";

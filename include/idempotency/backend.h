@@ -71,6 +71,18 @@ IDEM_API int idem_record_peek(const void *rec, size_t len, idem_record_info *out
  * clock of the deadline above. */
 IDEM_API uint64_t idem_now_ms(void);
 
+/* Encode a record as the core writes it, without a request: for a driver's
+ * own tests and for tools. state IDEM_STATE_STARTED: the claim of token with
+ * lease deadline deadline_ms (Unix epoch ms, not 0); status and body are
+ * ignored. IDEM_STATE_COMPLETED: the response (status 100..999, body_len
+ * bytes of body) committed by the claim of token; deadline_ms is ignored.
+ * The record carries no fingerprint. *out is the caller's, freed with
+ * free(). IDEM_OK, IDEM_EINVAL (a NULL out, out_len or token, another
+ * state, a status out of range, a STARTED record without a deadline, body
+ * NULL with a length) or IDEM_ENOMEM, with a message. Thread-safe. */
+IDEM_API int idem_record_build(void **out, size_t *out_len, int state, const uint8_t *token,
+                               uint64_t deadline_ms, int status, const void *body, size_t body_len);
+
 /* ------------------------------------------------------------------------ */
 /* URLs                                                                     */
 /* ------------------------------------------------------------------------ */
@@ -125,7 +137,8 @@ IDEM_API int idem_url_param_uint(const idem_url *url, const char *name, uint64_t
  * server, end them with what to do next when there is something to do, and
  * never include a password. An argument may be idem_last_error() itself. */
 IDEM_API int idem_error_set(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-IDEM_API int idem_error_setv(int err, const char *fmt, va_list ap);
+IDEM_API int idem_error_setv(int err, const char *fmt, va_list ap)
+    __attribute__((format(printf, 2, 0)));
 
 /* ------------------------------------------------------------------------ */
 /* Pieces every driver shares (version 2 of this header)                    */
@@ -258,6 +271,14 @@ IDEM_API int  idem_pool_run(idem_pool *pool, idem_pool_fn fn, void *arg);
  *   - A call must not block longer than the driver's configured timeouts.
  *   - "Expired" means: a STARTED record past its lease, or a COMPLETED record
  *     past its ttl. An expired record must be treated exactly as no record.
+ *   - A driver may send an operation again when the reply to an earlier send
+ *     was lost (idem_pool_run()'s retry-once does); the operation must then
+ *     come out as if sent once. The rules below that say "sent again" or
+ *     "already happened" are what make that so: a claim that finds its own
+ *     STARTED record has claimed, a commit that finds its own COMPLETED
+ *     record has committed, a release that finds nothing after its own
+ *     earlier send has released, an extend that finds its own STARTED
+ *     record extends it again.
  */
 typedef struct idem_backend idem_backend;
 
@@ -283,12 +304,24 @@ struct idem_backend {
     /*
      * Store record under key with an expiry of lease_ms if there is no
      * unexpired record there. Then *existing is left {NULL, 0}.
+     * If the unexpired record there is STARTED and carries the token of
+     * record, it is this very claim, stored by an earlier send whose reply
+     * was lost: the claim is the caller's, exactly as if it had just been
+     * stored (IDEM_OK, *existing {NULL, 0}; its expiry may stay as it was).
      * Otherwise leave the store unchanged and return the existing record in
      * *existing (bytes from idem_record_dup() or malloc(), which the core
      * frees with free()), and in *remaining_ms the time left before it
      * expires by the store's clock, or UINT32_MAX when the store cannot tell
      * (the core then uses the deadline in the record). Both in one round
      * trip where the store allows it.
+     * The core counts a won claim's lease from before this call: when the
+     * call returns after more than half of lease_ms, the handler does not
+     * run and the core releases the claim at once. The store must not
+     * expire a claim sooner than lease_ms after this call began (counting
+     * from the write, as SQLite does after waiting for its lock, is later
+     * and so allowed).
+     * After IDEM_EBACKEND the core assumes the claim may have landed, and
+     * later releases it, fenced by its token, once the store answers.
      */
     int (*claim)(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
                  uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms);
@@ -306,7 +339,12 @@ struct idem_backend {
                   const void *record, size_t record_len, uint64_t ttl_ms);
 
     /* If the unexpired record under key is STARTED and carries token, delete
-     * it; IDEM_OK. Otherwise change nothing; IDEM_ELOST. */
+     * it; IDEM_OK. If there is no unexpired record under key and this call
+     * already sent the delete once (a retry after the reply was lost, so the
+     * first send may have deleted it), IDEM_OK. Otherwise change nothing;
+     * IDEM_ELOST: another token's record, a COMPLETED record, or no record
+     * on a first send (a second, separate release call after a successful
+     * one is IDEM_ELOST). */
     int (*release)(void *state, const void *key, size_t key_len, const uint8_t *token);
 
     /* If the unexpired record under key is STARTED and carries token, replace

@@ -124,9 +124,12 @@ typedef struct idem_options {
     size_t      cache_bytes;       /* memory for a local cache of COMPLETED responses, replayed
                                       with no round trip; default 0: no cache */
     bool        auto_extend;       /* renew the lease of a handler run by idem_run() while it
-                                      runs; default false */
+                                      runs, every third of lease_ms, from a thread of the layer;
+                                      default false. A process that dies or stops stops renewing,
+                                      so its key still frees itself one lease later */
     uint32_t    commit_timeout_ms; /* how long idem_run() and idem_commit() retry a failed
-                                      commit; default 0: until the lease nearly ends */
+                                      commit; default 0: until the lease nearly ends. Set it
+                                      below the HTTP timeout in front of the service */
     /* Later versions take new fields from this space, so the struct keeps
      * its size; idem_options_init() fills them all, so always call it before
      * setting fields of your own. */
@@ -148,11 +151,14 @@ typedef struct idem_layer idem_layer;
  * outlive the layer.
  * Errors: IDEM_EINVAL (NULL out or store; lease_ms or ttl_s 0; max_key_len
  * 0 or over 1024; a key_prefix that is not a name and one ':' at its end, or
- * longer than 255 bytes), IDEM_ENOMEM. */
+ * longer than 255 bytes), IDEM_ENOMEM (also when libcrypto cannot be set up,
+ * or, with auto_extend, the layer's thread cannot be started). */
 IDEM_API int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts);
 
 /* Free a layer. Every claim made through it must have been committed or
- * aborted first. NULL is a no-op. */
+ * aborted first. Stops the layer's thread, if it has one; keys it was still
+ * waiting to free are left to free themselves when their leases end. NULL is
+ * a no-op. */
 IDEM_API void idem_layer_free(idem_layer *layer);
 
 /* ------------------------------------------------------------------------ */
@@ -171,7 +177,8 @@ typedef enum idem_outcome {
     IDEM_REPLAYED,      /* an earlier request completed; its response, byte for byte */
     IDEM_IN_PROGRESS,   /* another request holds the key; retry after retry_after_ms (HTTP 409) */
     IDEM_MISMATCH,      /* the key was used with a different fingerprint; nothing ran (HTTP 422) */
-    IDEM_FAILED         /* the handler failed; nothing stored, key freed for a retry */
+    IDEM_FAILED         /* the handler failed; nothing stored, key freed for a retry (unless
+                           reply.abort_error says it could not be) */
 } idem_outcome;
 
 typedef struct idem_reply {
@@ -181,9 +188,21 @@ typedef struct idem_reply {
     unsigned char *body;            /* owned by the reply; NUL-terminated; NULL when there is none.
                                        FAILED: what the handler set (never stored) */
     size_t         body_len;
-    uint32_t       retry_after_ms;  /* IN_PROGRESS only: time left on the holder's lease */
+    uint32_t       retry_after_ms;  /* IN_PROGRESS only: when to retry. An estimate: the 95th
+                                       percentile of the durations of this layer's recent
+                                       handlers, less the time the holder has already run;
+                                       before a layer has seen 4 handlers finish, the time left
+                                       on the holder's lease. Never 0, never more than the time
+                                       left on the holder's lease */
     int            handler_error;   /* FAILED only: the handler's return value */
-    uint64_t       reserved_[4];    /* room for fields of later versions; zero */
+    /* ---- since 0.2 ---- */
+    int            abort_error;     /* FAILED only: IDEM_OK when the key was freed for a retry.
+                                       Otherwise what freeing it returned: IDEM_EBACKEND or
+                                       IDEM_ENOMEM (the key stays claimed until the layer frees
+                                       it, once the store answers again, or its lease ends),
+                                       IDEM_ELOST (the lease had ended already) */
+    uint32_t       reserved32_;     /* zero */
+    uint64_t       reserved_[3];    /* room for fields of later versions; zero */
 } idem_reply;
 
 /* Release a reply's body and zero it, ready for reuse. NULL is a no-op.
@@ -207,6 +226,22 @@ typedef struct idem_response idem_response;
  * an empty body. */
 IDEM_API int idem_response_set(idem_response *resp, int status, const void *body, size_t len);
 
+/* Renew the lease of the running handler's claim to lease_ms from now, as
+ * idem_extend() does for a claim of idem_begin(); lease_ms 0 means the
+ * layer's lease_ms. Call it from the handler (its thread) only.
+ * IDEM_ELOST: the key was found taken over (by this call or by an earlier
+ * renewal, auto_extend's included): stop before any side effect, the
+ * response will not be stored. IDEM_EBACKEND, IDEM_ENOMEM: the old lease
+ * stands. IDEM_EINVAL: NULL resp. */
+IDEM_API int idem_response_extend(idem_response *resp, uint32_t lease_ms);
+
+/* Milliseconds left on the running handler's lease, counted from when its
+ * claim (or its last renewal) was sent: what a handler checks before a side
+ * effect that must not outlive its claim. 0 when the lease has ended or a
+ * renewal found the key taken over (or resp is NULL). Reads no store.
+ * Call it from the handler only. */
+IDEM_API uint32_t idem_response_lease_left_ms(const idem_response *resp);
+
 /* A handler: 0 means success and its response is stored; any other value is
  * a failure, and the key is freed so that a retry runs the handler again. */
 typedef int (*idem_handler)(void *arg, idem_response *resp);
@@ -217,13 +252,19 @@ typedef int (*idem_handler)(void *arg, idem_response *resp);
  * Returns IDEM_OK with reply->outcome set to one of idem_outcome, or:
  *   IDEM_EINVAL    NULL layer, req, fn or reply; key empty or longer than
  *                  max_key_len; NULL key or fingerprint pointer with a length
- *   IDEM_EBACKEND  the store failed before the handler ran (nothing ran; a
- *                  claim that timed out may still reach the store, and then
- *                  retries get IDEM_IN_PROGRESS until its lease ends), or the
- *                  handler succeeded and its response could not be stored
- *                  within the lease: then reply holds IDEM_EXECUTED and the
- *                  response (answer with it: the work is done), and the key
- *                  stays claimed until the lease ends
+ *   IDEM_EBACKEND  the store failed before the handler ran: nothing ran. A
+ *                  claim that timed out may still reach the store; the layer
+ *                  remembers its token and frees it (fenced) once the store
+ *                  answers again, so retries get IDEM_IN_PROGRESS only until
+ *                  then (at most until its lease ends). Also when the claim
+ *                  was won but its reply came back with less than half of
+ *                  the lease left (counted from when it was sent): the
+ *                  handler does not run, and the key is given up at once.
+ *                  Or the handler succeeded and its response could not be
+ *                  stored within the lease or commit_timeout_ms: then reply
+ *                  holds IDEM_EXECUTED and the response (answer with it: the
+ *                  work is done), and the key stays claimed until the lease
+ *                  ends
  *   IDEM_ECORRUPT  the store holds, under this key, a record this library did
  *                  not write; nothing ran
  *   IDEM_ELOST     the handler ran longer than the lease, another request took
@@ -248,7 +289,11 @@ typedef struct idem_claim idem_claim;
  *       dangling afterwards); reply is left zeroed.
  *   IDEM_OK, *claim == NULL: reply holds IDEM_REPLAYED, IDEM_IN_PROGRESS or
  *       IDEM_MISMATCH.
- * Errors are those of idem_run() before the handler runs; *claim is NULL.
+ * Errors are those of idem_run() before the handler runs; *claim is NULL. A
+ * claim won too late (less than half its lease left) is given up and is
+ * IDEM_EBACKEND. IDEM_ENOMEM after the claim was won: the key was given up,
+ * or, when the message says so, it stays claimed until the layer can free
+ * it or its lease ends.
  */
 IDEM_API int idem_begin(idem_layer *layer, const idem_request *req, idem_claim **claim,
                         idem_reply *reply);
@@ -268,13 +313,14 @@ IDEM_API int idem_begin_scoped(idem_layer *layer, const void *scope, size_t scop
 
 /*
  * Store the response and free the claim. A store error is retried within
- * the lease before it is returned.
+ * the lease (and within commit_timeout_ms when set) before it is returned.
  *   IDEM_OK      stored; the claim is freed
  *   IDEM_ELOST   the lease had ended and another request took the key;
  *                nothing changed; the claim is freed
  *   IDEM_ETOOBIG the response is over the limit; the claim stays (commit a
  *                smaller one or abort)
- *   IDEM_EBACKEND the store kept failing until the lease was nearly over;
+ *   IDEM_EBACKEND the store kept failing until the lease was nearly over
+ *                or commit_timeout_ms passed;
  *                the claim stays and the key stays claimed (commit again,
  *                or abort)
  *   IDEM_EINVAL  NULL claim, status out of range, NULL body with len > 0
@@ -286,7 +332,8 @@ IDEM_API int idem_commit(idem_claim *claim, int status, const void *body, size_t
 /* Give the key up so a retry runs, and free the claim (always, even on
  * error). IDEM_ELOST: the lease had already ended, and the key may have been
  * taken over. IDEM_EBACKEND or IDEM_ENOMEM: the store could not be told; the
- * key frees itself when the lease ends. NULL is IDEM_EINVAL. */
+ * layer frees the key (fenced by its token) once the store answers again,
+ * else it frees itself when the lease ends. NULL is IDEM_EINVAL. */
 IDEM_API int idem_abort(idem_claim *claim);
 
 /* Renew the lease to lease_ms from now, for a handler that runs long.
@@ -307,9 +354,14 @@ typedef struct idem_stats {
     uint64_t lost;           /* claims found taken over (IDEM_ELOST) */
     uint64_t backend_errors; /* store calls that failed, retries included */
     /* ---- since 0.2 ---- */
-    uint64_t unstored;       /* handlers that succeeded but whose response could not be stored */
-    uint64_t extended;       /* lease renewals that succeeded (idem_extend() and auto_extend) */
-    uint64_t claims_freed;   /* claims whose reply was lost, freed later by the layer */
+    uint64_t unstored;       /* handlers run by idem_run() that succeeded but whose response
+                                could not be stored (a store error, commit_timeout_ms, or
+                                IDEM_ELOST): the work is done and a retry after the lease may
+                                do it again. The number an operator must watch */
+    uint64_t extended;       /* lease renewals that succeeded (idem_extend(),
+                                idem_response_extend() and auto_extend) */
+    uint64_t claims_freed;   /* keys freed later by the layer: claims whose reply was lost,
+                                and keys the store could not be told to free at the time */
     uint64_t cache_hits;     /* replays answered from the local cache, no round trip */
     uint64_t reserved_[5];   /* room for counters of later versions; zero */
 } idem_stats;

@@ -108,6 +108,13 @@ int idem_test_server_start(idem_test_server *srv, const char *kind)
             return -1;
         return 0;
     }
+    if (strcmp(kind, "memory") == 0) {
+        /* No server: a name of its own, shared by every open in this process. */
+        static unsigned seq;
+        if (asprintf(&srv->url, "memory://test-%ld-%u", (long)getpid(), seq++) < 0)
+            return -1;
+        return 0;
+    }
 #ifdef IDEM_TEST_HAVE_REDIS
     if (strcmp(kind, "redis") == 0)
         return idem_test_start_redis(srv);
@@ -122,15 +129,47 @@ int idem_test_server_start(idem_test_server *srv, const char *kind)
     if (strcmp(kind, "memcached2") == 0)
         return idem_test_start_memcached(srv, 2);
 #endif
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (strcmp(kind, "postgresql") == 0)
+        return idem_test_start_postgres(srv);
+#endif
     fprintf(stderr, "no test store of kind '%s' in this build\n", kind);
     return -1;
 }
 
+/* Gone: no such process, or a zombie (its descriptors, and so its
+ * listening socket, are closed). */
+static bool pid_gone(pid_t pid)
+{
+    char path[64], buf[256];
+    snprintf(path, sizeof path, "/proc/%ld/stat", (long)pid);
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return kill(pid, 0) != 0 && errno == ESRCH;
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    const char *end = strrchr(buf, ')');   /* "pid (comm) S ..." */
+    return end && end[1] == ' ' && (end[2] == 'Z' || end[2] == 'X');
+}
+
 void idem_test_server_kill(idem_test_server *srv, int i)
 {
-    if (srv->pids[i] > 0) {
-        kill(srv->pids[i], SIGKILL);
-        waitpid(srv->pids[i], NULL, 0);
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (srv->kind && strcmp(srv->kind, "postgresql") == 0) {
+        idem_test_kill_postgres(srv, i);
+        return;
+    }
+#endif
+    pid_t pid = srv->pids[i];
+    if (pid > 0) {
+        kill(pid, SIGKILL);
+        /* A test process that is not the server's parent (a Criterion test
+         * reads the PID from a file) cannot wait for it: poll until it is
+         * gone, so a restart on its port does not race its listening socket. */
+        if (waitpid(pid, NULL, 0) != pid)
+            for (int waited = 0; waited < 5000 && !pid_gone(pid); waited += 5)
+                usleep(5000);
         srv->pids[i] = 0;
     }
 }
@@ -145,12 +184,20 @@ int idem_test_server_restart(idem_test_server *srv, int i)
     if (strncmp(srv->kind, "memcached", 9) == 0)
         return idem_test_restart_memcached(srv, i);
 #endif
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (strcmp(srv->kind, "postgresql") == 0)
+        return idem_test_restart_postgres(srv, i);
+#endif
     (void)srv, (void)i;
     return -1;
 }
 
 void idem_test_server_stop(idem_test_server *srv)
 {
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (srv->kind && strcmp(srv->kind, "postgresql") == 0)
+        idem_test_stop_postgres(srv);
+#endif
     for (int i = 0; i < 2; i++)
         idem_test_stop_pid(srv->pids[i], 3000);
     for (int i = 0; i < srv->nmore; i++)

@@ -11,7 +11,7 @@
 #include <sys/types.h>
 
 typedef struct idem_test_server {
-    char    *kind;      /* "sqlite", "redis", "memcached", "memcached2" */
+    char    *kind;      /* "sqlite", "redis", "memcached", "memcached2", "postgresql", "memory" */
     char    *url;       /* the store URL to open */
     char    *dir;       /* a private temporary directory, removed on stop */
     pid_t    pids[2];   /* server processes, 0 when none */
@@ -72,5 +72,11 @@ int idem_test_redis_query(uint16_t port, const char *command, char *buf, size_t 
 /* Ask 127.0.0.1:port command every 50 ms until its reply contains want,
  * up to timeout_ms. true when it did. */
 bool idem_test_redis_wait_for(uint16_t port, const char *command, const char *want, int timeout_ms);
+int idem_test_start_postgres(idem_test_server *srv);
+int idem_test_restart_postgres(idem_test_server *srv, int i);
+/* SIGKILL the postmaster and its backends (its process group). */
+void idem_test_kill_postgres(idem_test_server *srv, int i);
+/* A fast shutdown (SIGINT), then SIGKILL. */
+void idem_test_stop_postgres(idem_test_server *srv);
 
 #endif
