@@ -435,6 +435,11 @@ static bool url_host(const char *url, char *host, size_t host_len, uint16_t *por
     return ok;
 }
 
+/* Redis Cluster: every key of the benchmark in the slot of this tag (see
+ * cluster_owner()). */
+#define CLUSTER_TAG    "{b}"
+#define CLUSTER_PREFIX "idem" CLUSTER_TAG ":"
+
 #ifdef IDEM_BENCH_HAVE_HIREDIS
 /* KEYS[1] key; ARGV[1] token; ARGV[2] record; ARGV[3] ttl ms. Offsets: the
  * state byte is 6th, the token bytes 9..24 (Lua counts from 1). */
@@ -515,6 +520,91 @@ static int raw_redis_commit(void *p, const char *key, size_t key_len, const uint
         freeReplyObject(r);
     return ret;
 }
+
+/*
+ * Redis Cluster: the library's layer uses the key prefix CLUSTER_PREFIX, whose
+ * hash tag puts every key in one slot; the raw client sends the same tag
+ * before its keys, straight to the master that owns that slot (found with
+ * CLUSTER SLOTS), the least a cluster-aware client can do. Round trips are
+ * counted on that master.
+ */
+
+static redisContext *cluster_owner(const char *url)
+{
+    char host[256];
+    uint16_t port;
+    if (!url_host(url, host, sizeof host, &port))
+        return NULL;
+    redisContext *c = redisConnect(host, port);
+    if (!c || c->err) {
+        if (c)
+            redisFree(c);
+        return NULL;
+    }
+    redisReply *ks = redisCommand(c, "CLUSTER KEYSLOT %s", CLUSTER_TAG);
+    redisReply *sl = redisCommand(c, "CLUSTER SLOTS");
+    redisContext *owner = NULL;
+    for (size_t i = 0; ks && sl && sl->type == REDIS_REPLY_ARRAY && i < sl->elements && !owner; i++) {
+        redisReply *e = sl->element[i];
+        if (e->element[0]->integer <= ks->integer && ks->integer <= e->element[1]->integer)
+            owner = redisConnect(e->element[2]->element[0]->str, (int)e->element[2]->element[1]->integer);
+    }
+    if (ks)
+        freeReplyObject(ks);
+    if (sl)
+        freeReplyObject(sl);
+    redisFree(c);
+    if (owner && owner->err) {
+        redisFree(owner);
+        owner = NULL;
+    }
+    return owner;
+}
+
+static void *raw_cluster_connect(const char *url)
+{
+    redisContext *c = cluster_owner(url);
+    if (!c) {
+        fprintf(stderr, "raw redis cluster: cannot find the master of slot %s from %s\n", CLUSTER_TAG, url);
+        return NULL;
+    }
+    redisReply *r = redisCommand(c, "SCRIPT LOAD %s", redis_commit_lua);
+    if (!r || r->type != REDIS_REPLY_STRING || r->len != 40) {
+        if (r)
+            freeReplyObject(r);
+        redisFree(c);
+        return NULL;
+    }
+    memcpy(redis_commit_sha, r->str, 40);
+    freeReplyObject(r);
+    return c;
+}
+
+static int raw_cluster_claim(void *p, const char *key, size_t key_len, const uint8_t *rec, size_t rec_len,
+                             uint8_t **existing, size_t *existing_len)
+{
+    char k[128];
+    memcpy(k, CLUSTER_TAG, 3);
+    memcpy(k + 3, key, key_len);
+    return raw_redis_claim(p, k, key_len + 3, rec, rec_len, existing, existing_len);
+}
+
+static int raw_cluster_commit(void *p, const char *key, size_t key_len, const uint8_t *token,
+                              const uint8_t *rec, size_t rec_len)
+{
+    char k[128];
+    memcpy(k, CLUSTER_TAG, 3);
+    memcpy(k + 3, key, key_len);
+    return raw_redis_commit(p, k, key_len + 3, token, rec, rec_len);
+}
+
+static const raw_client raw_cluster_client = {
+    .name = "redis-cluster",
+    .connect = raw_cluster_connect,
+    .disconnect = raw_redis_disconnect,
+    .claim = raw_cluster_claim,
+    .commit = raw_cluster_commit,
+};
 
 static const raw_client raw_redis_client = {
     .name = "redis",
@@ -758,6 +848,14 @@ static backend backends[] = {
      .raw = &raw_redis_client,
 #endif
     },
+    {.name = "redis-cluster",
+#ifdef IDEM_HAVE_REDIS
+     .lib_built = true,
+#endif
+#ifdef IDEM_BENCH_HAVE_HIREDIS
+     .raw = &raw_cluster_client,
+#endif
+    },
     {.name = "memcached",
 #ifdef IDEM_HAVE_MEMCACHED
      .lib_built = true,
@@ -822,7 +920,7 @@ static uint64_t rt_read(backend *b, uint64_t *write_tx)
         return atomic_load(&g_count->stmts);
     }
 #ifdef IDEM_BENCH_HAVE_HIREDIS
-    if (strcmp(b->name, "redis") == 0)
+    if (strncmp(b->name, "redis", 5) == 0)
         return redis_info_u64(b->admin, "stats", "total_writes_processed");
 #endif
 #ifdef IDEM_BENCH_HAVE_LIBMEMCACHED
@@ -844,7 +942,7 @@ static uint64_t rt_read(backend *b, uint64_t *write_tx)
 /* What reading the counter itself adds to the next reading. */
 static uint64_t rt_self(const backend *b)
 {
-    return strcmp(b->name, "redis") == 0 ? 1 : 0;
+    return strncmp(b->name, "redis", 5) == 0 ? 1 : 0;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1023,7 +1121,7 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-static idem_layer *open_layer(const char *url, idem_store **store)
+static idem_layer *open_layer(const char *url, idem_store **store, const char *prefix)
 {
     if (idem_store_open(store, url) != IDEM_OK)
         die("cannot open %s: %s", url, idem_last_error());
@@ -1031,6 +1129,8 @@ static idem_layer *open_layer(const char *url, idem_store **store)
     idem_options_init(&o);
     o.lease_ms = LEASE_MS;
     o.ttl_s = TTL_S;
+    if (prefix)
+        o.key_prefix = prefix;
     idem_layer *l;
     if (idem_layer_new(&l, *store, &o) != IDEM_OK)
         die("cannot make a layer: %s", idem_last_error());
@@ -1084,7 +1184,7 @@ static void run_round(const config *cfg, side *sd, unsigned round, double second
                     if (!(w.conn = b->raw->connect(b->url)))
                         _exit(2);
                 } else {
-                    w.layer = open_layer(b->url, &st);
+                    w.layer = open_layer(b->url, &st, strcmp(b->name, "redis-cluster") == 0 ? CLUSTER_PREFIX : NULL);
                 }
                 atomic_fetch_add(g_ready, 1);
                 while (atomic_load(g_ready) < cfg->procs)
@@ -1289,7 +1389,7 @@ static void run_config(backend *b, idem_layer *layer, enum path p, int threads, 
 /* Bytes the store keeps per completed record with a 100-byte response. */
 static void measure_memory(backend *b, idem_layer *layer, int n)
 {
-    if (!layer)
+    if (!layer || strcmp(b->name, "redis-cluster") == 0) /* per record as on one Redis */
         return;
     config cfg = {.b = b, .id = ++g_config_id};
     char key[32];
@@ -1416,6 +1516,8 @@ static bool start_backend(backend *b)
             ((redisContext *)b->admin)->err)
             die("cannot connect to redis at %s", b->url);
     }
+    if (strcmp(b->name, "redis-cluster") == 0 && !(b->admin = cluster_owner(b->url)))
+        die("cannot find the master of slot %s in %s", CLUSTER_TAG, b->url);
 #endif
 #ifdef IDEM_BENCH_HAVE_LIBMEMCACHED
     if (strcmp(b->name, "memcached") == 0) {
@@ -1441,7 +1543,7 @@ static bool start_backend(backend *b)
 static void stop_backend(backend *b)
 {
 #ifdef IDEM_BENCH_HAVE_HIREDIS
-    if (strcmp(b->name, "redis") == 0 && b->admin)
+    if (strncmp(b->name, "redis", 5) == 0 && b->admin)
         redisFree(b->admin);
 #endif
 #ifdef IDEM_BENCH_HAVE_LIBMEMCACHED
@@ -1700,7 +1802,7 @@ int main(int argc, char **argv)
         if (strcmp(b->name, "sqlite") == 0)
             sqlite_schema(b->url);
         idem_store *store = NULL;
-        idem_layer *layer = b->lib_built ? open_layer(b->url, &store) : NULL;
+        idem_layer *layer = b->lib_built ? open_layer(b->url, &store, strcmp(b->name, "redis-cluster") == 0 ? CLUSTER_PREFIX : NULL) : NULL;
         for (int t = 1; t <= MAX_THREADS; t *= 4)
             for (int p = 0; p < P_COUNT; p++)
                 run_config(b, layer, (enum path)p, t, 1, seconds, rounds);

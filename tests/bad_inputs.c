@@ -359,6 +359,16 @@ static int c_http_key(void)
 /* The store dies in the middle of a request and comes back. */
 static int c_store_dies(void)
 {
+    if (srv.nmore > 0) {
+        /* a topology of many servers (redis-cluster, redis-sentinel):
+         * every data server dies */
+        idem_test_topology_kill(&srv);
+        int rc = run_key("store-dies", 10);
+        snprintf(last, sizeof last, "%s", idem_last_error());
+        if (idem_test_topology_restart(&srv) != 0)
+            return -100;
+        return rc;
+    }
     if (srv.pids[0] > 0) {
         /* every server of the store: with two, the key may live on either */
         for (int i = 0; i < 2; i++)

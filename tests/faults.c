@@ -78,6 +78,23 @@ static void pids_path(char *out, size_t n)
     snprintf(out, n, "%s/faults.pids", srv.dir);
 }
 
+/* Topologies of many servers (redis-cluster, redis-sentinel): their
+ * PIDs follow on the same line. */
+static void write_more_pids(FILE *f)
+{
+    for (int i = 0; i < srv.nmore; i++)
+        fprintf(f, "%ld\n", (long)srv.more_pids[i]);
+}
+
+static void read_more_pids(FILE *f)
+{
+    for (int i = 0; i < srv.nmore; i++) {
+        long p;
+        if (fscanf(f, "%ld", &p) == 1)
+            srv.more_pids[i] = (pid_t)p;
+    }
+}
+
 static void save_pids(void)
 {
     char path[512];
@@ -85,6 +102,7 @@ static void save_pids(void)
     FILE *f = fopen(path, "w");
     cr_assert_not_null(f);
     fprintf(f, "%ld %ld\n", (long)srv.pids[0], (long)srv.pids[1]);
+    write_more_pids(f);
     fclose(f);
 }
 
@@ -97,6 +115,7 @@ static void load_pids(void)
     if (f && fscanf(f, "%ld %ld", &a, &b) == 2) {
         srv.pids[0] = (pid_t)a;
         srv.pids[1] = (pid_t)b;
+        read_more_pids(f);
     }
     if (f)
         fclose(f);
@@ -114,6 +133,13 @@ static void describe_server(void)
     if (asprintf(&d, "%s\x1f%s\x1f%s\x1f%s\x1f%u\x1f%u", srv.kind, srv.url, srv.dir,
                  srv.bin ? srv.bin : "", srv.ports[0], srv.ports[1]) < 0)
         exit(1);
+    for (int i = 0; i < srv.nmore; i++) {
+        char *more;
+        if (asprintf(&more, "%s\x1f%u\x1f%u", d, srv.more_ports[i], srv.more_bus_ports[i]) < 0)
+            exit(1);
+        free(d);
+        d = more;
+    }
     setenv("IDEM_FAULTS_SERVER", d, 1);
     free(d);
 }
@@ -133,6 +159,13 @@ static void read_server(void)
     srv.ports[1] = (uint16_t)atoi(port1 ? port1 : "0");
     free(port0);
     free(port1);
+    for (char *mp; (mp = dup_field(&p)) != NULL && srv.nmore < 8;) {
+        char *bus = dup_field(&p);
+        srv.more_ports[srv.nmore] = (uint16_t)atoi(mp);
+        srv.more_bus_ports[srv.nmore++] = (uint16_t)atoi(bus ? bus : "0");
+        free(mp);
+        free(bus);
+    }
     free(copy);
     kind = srv.kind;
     load_pids();
@@ -535,7 +568,7 @@ Test(faults, sqlite_processes_killed_at_random_inside_the_driver_leave_a_consist
 
 static void need_server(void)
 {
-    if (srv.pids[0] <= 0)
+    if (srv.pids[0] <= 0 && srv.nmore == 0)
         cr_skip_test("needs a store with a server process (this run is %s)", kind);
 }
 
@@ -544,6 +577,8 @@ static void kill_store(void)
 {
     for (int i = 0; i < 2; i++)
         idem_test_server_kill(&srv, i);
+    if (srv.nmore)
+        idem_test_topology_kill(&srv);
     save_pids();
 }
 
@@ -570,6 +605,8 @@ static void restart_store(void)
     for (int i = 0; i < 2; i++)
         if (srv.ports[i])
             cr_assert_eq(idem_test_server_restart(&srv, i), 0, "cannot restart %s server %d", kind, i);
+    if (srv.nmore)
+        cr_assert_eq(idem_test_topology_restart(&srv), 0, "cannot restart the %s servers", kind);
     save_pids();
 }
 
@@ -827,10 +864,15 @@ Test(faults, wrong_redis_password_is_refused_without_printing_it)
  * are adopted by init. */
 static int detach_servers(void)
 {
-    if (srv.pids[0] <= 0)
+    if (srv.pids[0] <= 0 && srv.nmore == 0)
         return 0;
     for (int i = 0; i < 2; i++)
         idem_test_server_kill(&srv, i);
+    if (srv.nmore) {
+        /* the sentinels too: all of them become the helper's */
+        for (int i = 0; i < srv.nmore; i++)
+            idem_test_server_kill_more(&srv, i);
+    }
     pid_t helper = fork();
     if (helper < 0)
         return -1;
@@ -838,12 +880,15 @@ static int detach_servers(void)
         for (int i = 0; i < 2; i++)
             if (srv.ports[i] && idem_test_server_restart(&srv, i) != 0)
                 _exit(1);
+        if (srv.nmore && idem_test_topology_start_again(&srv) != 0)
+            _exit(1);
         char path[512];
         pids_path(path, sizeof path);
         FILE *f = fopen(path, "w");
         if (!f)
             _exit(1);
         fprintf(f, "%ld %ld\n", (long)srv.pids[0], (long)srv.pids[1]);
+        write_more_pids(f);
         fclose(f);
         _exit(0);
     }
@@ -858,13 +903,14 @@ static int detach_servers(void)
 static void stop_detached(void)
 {
     load_pids();
-    for (int i = 0; i < 2; i++) {
-        if (srv.pids[i] <= 0)
+    for (int i = 0; i < 2 + srv.nmore; i++) {
+        pid_t *pid = i < 2 ? &srv.pids[i] : &srv.more_pids[i - 2];
+        if (*pid <= 0)
             continue;
-        kill(srv.pids[i], SIGKILL);
-        for (int waited = 0; waited < 3000 && kill(srv.pids[i], 0) == 0; waited += 10)
+        kill(*pid, SIGKILL);
+        for (int waited = 0; waited < 3000 && kill(*pid, 0) == 0; waited += 10)
             sleep_ms(10);
-        srv.pids[i] = 0;
+        *pid = 0;
     }
 }
 
@@ -882,6 +928,7 @@ int main(int argc, char *argv[])
     FILE *pf = fopen(path, "w");
     if (pf) {
         fprintf(pf, "%ld %ld\n", (long)srv.pids[0], (long)srv.pids[1]);
+        write_more_pids(pf);
         fclose(pf);
     }
     if (detach_servers() != 0) {

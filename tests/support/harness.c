@@ -118,6 +118,10 @@ int idem_test_server_start(idem_test_server *srv, const char *kind)
 #ifdef IDEM_TEST_HAVE_REDIS
     if (strcmp(kind, "redis") == 0)
         return idem_test_start_redis(srv);
+    if (strcmp(kind, "redis-cluster") == 0)
+        return idem_test_start_redis_cluster(srv);
+    if (strcmp(kind, "redis-sentinel") == 0)
+        return idem_test_start_redis_sentinel(srv);
 #endif
 #ifdef IDEM_TEST_HAVE_MEMCACHED
     if (strcmp(kind, "memcached") == 0)
@@ -196,6 +200,8 @@ void idem_test_server_stop(idem_test_server *srv)
 #endif
     for (int i = 0; i < 2; i++)
         idem_test_stop_pid(srv->pids[i], 3000);
+    for (int i = 0; i < srv->nmore; i++)
+        idem_test_stop_pid(srv->more_pids[i], 3000);
     if (srv->dir)
         nftw(srv->dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     free(srv->kind);

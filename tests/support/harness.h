@@ -17,6 +17,13 @@ typedef struct idem_test_server {
     pid_t    pids[2];   /* server processes, 0 when none */
     uint16_t ports[2];
     char    *bin;       /* the server binary, to restart it */
+    /* Topologies of many processes ("redis-cluster": 3 masters then 3
+     * replicas; "redis-sentinel": master, replica, 3 sentinels), stopped
+     * by PID with the rest. pids[] and ports[] stay 0 for them. */
+    int      nmore;
+    pid_t    more_pids[8];
+    uint16_t more_ports[8];
+    uint16_t more_bus_ports[8]; /* redis-cluster: each node's cluster bus */
 } idem_test_server;
 
 /* Start what the kind of store needs. 0, or -1 with a message on stderr. */
@@ -47,6 +54,24 @@ int idem_test_start_redis(idem_test_server *srv);
 int idem_test_start_memcached(idem_test_server *srv, int nservers);
 int idem_test_restart_redis(idem_test_server *srv, int i);
 int idem_test_restart_memcached(idem_test_server *srv, int i);
+int idem_test_start_redis_cluster(idem_test_server *srv);
+int idem_test_start_redis_sentinel(idem_test_server *srv);
+/* Topologies: SIGKILL every data server (the sentinels live on), and start
+ * them again on the same ports and wait until the topology serves again
+ * (empty: there is no persistence). 0 or -1. */
+void idem_test_topology_kill(idem_test_server *srv);
+int  idem_test_topology_restart(idem_test_server *srv);
+/* SIGKILL process i of a topology (sentinels included) and reap it. */
+void idem_test_server_kill_more(idem_test_server *srv, int i);
+/* Start every process of the topology that is not running (sentinels
+ * included) on its port, and wait until it serves. 0 or -1. */
+int  idem_test_topology_start_again(idem_test_server *srv);
+/* Send an inline command to the Redis (or sentinel) at 127.0.0.1:port and
+ * put its reply, raw, in buf (NUL-terminated). Bytes read, or -1. */
+int idem_test_redis_query(uint16_t port, const char *command, char *buf, size_t len);
+/* Ask 127.0.0.1:port command every 50 ms until its reply contains want,
+ * up to timeout_ms. true when it did. */
+bool idem_test_redis_wait_for(uint16_t port, const char *command, const char *want, int timeout_ms);
 int idem_test_start_postgres(idem_test_server *srv);
 int idem_test_restart_postgres(idem_test_server *srv, int i);
 /* SIGKILL the postmaster and its backends (its process group). */
