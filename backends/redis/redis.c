@@ -708,6 +708,8 @@ static size_t rd_max_record_len(void *state)
     return MAX_RECORD_LEN;
 }
 
+static int rd_check(void *state, idem_findings *out); /* at the end of the file */
+
 const idem_backend idem__redis_backend = {
     .version = IDEM_BACKEND_VERSION,
     .name = "redis",
@@ -718,4 +720,123 @@ const idem_backend idem__redis_backend = {
     .release = rd_release,
     .extend = rd_extend,
     .max_record_len = rd_max_record_len,
+    .check = rd_check,
 };
+
+/* ---- check (an operator's look at the server's settings) ---- */
+
+/* A field "name:value" of an INFO reply, into buf ("" when absent). */
+static void rd_info_field(const redisReply *r, const char *name, char *buf, size_t len)
+{
+    buf[0] = '\0';
+    if (!r || r->type != REDIS_REPLY_STRING || !r->str)
+        return;
+    size_t n = strlen(name);
+    for (const char *p = r->str; p && *p; p = strchr(p, '\n'), p = p ? p + 1 : NULL) {
+        if (strncmp(p, name, n) == 0 && p[n] == ':') {
+            size_t i = 0;
+            for (p += n + 1; *p && *p != '\r' && *p != '\n' && i + 1 < len; p++)
+                buf[i++] = *p;
+            buf[i] = '\0';
+            return;
+        }
+    }
+}
+
+/* CONFIG GET name into buf. false, with the server's error in buf, when the
+ * server does not say (CONFIG renamed or forbidden on a managed Redis). */
+static bool rd_config_get(redisContext *ctx, const char *name, char *buf, size_t len, bool *io_error)
+{
+    redisReply *r = redisCommand(ctx, "CONFIG GET %s", name);
+    bool ok = false;
+    buf[0] = '\0';
+    if (!r) {
+        *io_error = true;
+    } else if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 && r->element[1]->str) {
+        snprintf(buf, len, "%s", r->element[1]->str);
+        ok = true;
+    } else if (r->type == REDIS_REPLY_ERROR && r->str) {
+        snprintf(buf, len, "%s", r->str);
+    } else {
+        snprintf(buf, len, "no such setting");
+    }
+    freeReplyObject(r);
+    return ok;
+}
+
+static int rd_check(void *state, idem_findings *out)
+{
+    store *s = state;
+    conn *c;
+    bool fresh, io = false;
+    int rc = acquire(s, &c, &fresh);
+    if (rc)
+        return rc;
+    char policy[64], maxmem[32], aof[16], fsync[16], save[128], role[32], master[96], port[16], nrep[16];
+    bool have_policy = rd_config_get(c->ctx, "maxmemory-policy", policy, sizeof policy, &io);
+    bool have_maxmem = !io && rd_config_get(c->ctx, "maxmemory", maxmem, sizeof maxmem, &io);
+    bool have_aof = !io && rd_config_get(c->ctx, "appendonly", aof, sizeof aof, &io);
+    bool have_fsync = !io && rd_config_get(c->ctx, "appendfsync", fsync, sizeof fsync, &io);
+    bool have_save = !io && rd_config_get(c->ctx, "save", save, sizeof save, &io);
+    redisReply *info = io ? NULL : redisCommand(c->ctx, "INFO replication");
+    if (io || !info) {
+        rc = context_error(s, c->ctx, "reading the server's settings");
+        drop(s, c);
+        return rc;
+    }
+    rd_info_field(info, "role", role, sizeof role);
+    rd_info_field(info, "master_host", master, sizeof master);
+    rd_info_field(info, "master_port", port, sizeof port);
+    rd_info_field(info, "connected_slaves", nrep, sizeof nrep);
+    freeReplyObject(info);
+    put_back(s, c);
+
+    rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "redis %s: each claim, commit, abort and extend "
+                           "is one atomic script on the server, fenced by the claim's token; leases "
+                           "and TTLs run on the server's clock", s->where);
+    if (rc == IDEM_OK && !have_policy)
+        rc = idem_findings_add(out, IDEM_FINDING_NOTE, "cannot read maxmemory-policy (CONFIG GET: %s): "
+                               "make sure it is noeviction in the provider's settings", policy);
+    else if (rc == IDEM_OK && strcmp(policy, "noeviction") == 0)
+        rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "maxmemory-policy noeviction: records are "
+                               "never evicted (a full server refuses new claims: IDEM_EBACKEND, "
+                               "nothing runs)");
+    else if (rc == IDEM_OK)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "maxmemory-policy %s (maxmemory %s): when "
+                               "memory runs short Redis evicts records (every record has a TTL, so "
+                               "volatile-* policies evict them too), and a retry of an evicted key runs "
+                               "its handler again; set maxmemory-policy noeviction (CONFIG SET "
+                               "maxmemory-policy noeviction, and in redis.conf)",
+                               policy, have_maxmem ? (strcmp(maxmem, "0") == 0 ? "0: no limit yet" : maxmem)
+                                                   : "unknown");
+    bool aof_on = have_aof && strcmp(aof, "yes") == 0;
+    bool rdb_on = have_save && save[0] != '\0';
+    if (rc == IDEM_OK && (!have_aof || !have_save))
+        rc = idem_findings_add(out, IDEM_FINDING_NOTE, "cannot read the persistence settings (CONFIG GET "
+                               "appendonly/save: %s): make sure appendonly is yes",
+                               !have_aof ? aof : save);
+    else if (rc == IDEM_OK && aof_on)
+        rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "appendonly yes (appendfsync %s): claims and "
+                               "responses survive a restart of the server%s", have_fsync ? fsync : "?",
+                               have_fsync && strcmp(fsync, "always") == 0
+                                   ? ""
+                                   : ", except the last second or so of writes when the machine "
+                                     "itself crashes");
+    else if (rc == IDEM_OK && rdb_on)
+        rc = idem_findings_add(out, IDEM_FINDING_NOTE, "appendonly no, RDB snapshots only (save \"%s\"): "
+                               "a restart loses what was written since the last snapshot, and retries "
+                               "of those keys run again; appendonly yes keeps every write", save);
+    else if (rc == IDEM_OK)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "no persistence (appendonly no, save \"\"): a "
+                               "restart of the server forgets every claim and response, and every retry "
+                               "then runs its handler again; set appendonly yes");
+    if (rc == IDEM_OK && strcmp(role, "slave") == 0)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "this server is a replica (of %s:%s): claims "
+                               "fail with READONLY, or, on a writable replica, never reach the master "
+                               "and its other clients; point the URL at the master", master, port);
+    else if (rc == IDEM_OK && role[0])
+        rc = idem_findings_add(out, IDEM_FINDING_NOTE, "role %s with %s replica%s: replication is "
+                               "asynchronous, so a failover can lose the last claims and responses",
+                               role, nrep[0] ? nrep : "0", strcmp(nrep, "1") == 0 ? "" : "s");
+    return rc;
+}
