@@ -13,6 +13,9 @@ extern const idem_backend idem__redis_backend;
 #ifdef IDEM_HAVE_MEMCACHED
 extern const idem_backend idem__memcached_backend;
 #endif
+#ifdef IDEM_HAVE_MEMORY
+extern const idem_backend idem__memory_backend;
+#endif
 
 const idem_backend *const idem__builtin_backends[] = {
 #ifdef IDEM_HAVE_SQLITE
@@ -23,6 +26,9 @@ const idem_backend *const idem__builtin_backends[] = {
 #endif
 #ifdef IDEM_HAVE_MEMCACHED
     &idem__memcached_backend,
+#endif
+#ifdef IDEM_HAVE_MEMORY
+    &idem__memory_backend,
 #endif
     NULL,
 };
@@ -139,7 +145,7 @@ int idem_store_open(idem_store **out, const char *url)
         else
             rc = idem_error_set(IDEM_EINVAL,
                                 "unknown store URL scheme '%s'; use sqlite://, redis://, "
-                                "redis+unix:// or memcached://",
+                                "redis+unix://, memcached:// or memory://",
                                 u->scheme);
     } else {
         rc = check_table(b);

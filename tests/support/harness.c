@@ -108,6 +108,13 @@ int idem_test_server_start(idem_test_server *srv, const char *kind)
             return -1;
         return 0;
     }
+    if (strcmp(kind, "memory") == 0) {
+        /* No server: a name of its own, shared by every open in this process. */
+        static unsigned seq;
+        if (asprintf(&srv->url, "memory://test-%ld-%u", (long)getpid(), seq++) < 0)
+            return -1;
+        return 0;
+    }
 #ifdef IDEM_TEST_HAVE_REDIS
     if (strcmp(kind, "redis") == 0)
         return idem_test_start_redis(srv);

@@ -11,7 +11,7 @@
 #include <sys/types.h>
 
 typedef struct idem_test_server {
-    char    *kind;      /* "sqlite", "redis", "memcached", "memcached2" */
+    char    *kind;      /* "sqlite", "redis", "memcached", "memcached2", "memory" */
     char    *url;       /* the store URL to open */
     char    *dir;       /* a private temporary directory, removed on stop */
     pid_t    pids[2];   /* server processes, 0 when none */
