@@ -61,10 +61,19 @@ typedef struct idem_record {
     int            status;                   /* COMPLETED */
     const uint8_t *body;                     /* COMPLETED, points into the encoded bytes */
     size_t         body_len;
+    /* COMPLETED with header fields (format 2 when nheaders > 0). Encoding
+     * takes the fields from `fields` (an encoded block, as decoding leaves
+     * it) when set, else from `headers` (checked with idem__headers_check). */
+    size_t             nheaders;
+    const idem_header *headers;
+    const uint8_t     *fields;               /* points into the encoded bytes */
+    size_t             fields_len;
 } idem_record;
 
-/* Bytes a COMPLETED record adds to its body. */
+/* Bytes a COMPLETED record adds to its body: format 1 (no header fields),
+ * and format 2 before its encoded fields. */
 #define IDEM_RECORD_COMPLETED_OVERHEAD (IDEM_RECORD_HEADER_LEN + 8)
+#define IDEM_RECORD_FIELDS_OVERHEAD    (IDEM_RECORD_HEADER_LEN + 16)
 
 /* The encoded length of rec, and its encoding into p (that many bytes). */
 size_t idem__record_len(const idem_record *rec);
@@ -73,6 +82,18 @@ void   idem__record_write(const idem_record *rec, uint8_t *p);
 int idem__record_encode(const idem_record *rec, uint8_t **out, size_t *out_len);
 /* Decode; rec->body points into buf. IDEM_OK or IDEM_ECORRUPT (no message set). */
 int idem__record_decode(const void *buf, size_t len, idem_record *rec);
+
+/* Check n header fields: IDEM_OK and *fields_len, the bytes they take in a
+ * record; else IDEM_EINVAL or IDEM_ETOOBIG with a message. */
+int idem__headers_check(const idem_header *h, size_t n, size_t *fields_len);
+/* Copy n checked fields into one malloc'd block (array, then strings) that
+ * free() releases. IDEM_OK (*out NULL when n is 0) or IDEM_ENOMEM. */
+int idem__headers_copy(const idem_header *h, size_t n, idem_header **out);
+/* The same from the encoded fields of a decoded record. */
+int idem__headers_from_record(const idem_record *rec, idem_header **out);
+/* Is name an RFC 9110 token of 1..255 bytes? Is value free of NUL, CR, LF? */
+bool idem__header_name_ok(const char *name, size_t len);
+bool idem__header_value_ok(const char *value, size_t len);
 
 /* SHA-256 of a fingerprint. IDEM_OK or IDEM_ENOMEM/IDEM_EBACKEND (libcrypto failed). */
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN]);

@@ -31,6 +31,9 @@ struct idem_response {
     int               status;
     unsigned char    *body;     /* NUL-terminated; len + 1 bytes */
     size_t            len;
+    idem_header      *headers;  /* one block, as idem_reply.headers */
+    size_t            nheaders;
+    size_t            fields_len; /* what the headers take in a record */
 };
 
 struct idem_claim {
@@ -163,6 +166,7 @@ void idem_reply_clear(idem_reply *reply)
     if (!reply)
         return;
     free(reply->body);
+    free(reply->headers);
     memset(reply, 0, sizeof *reply);
 }
 
@@ -194,11 +198,53 @@ static int check_response(const idem_layer *l, int status, const void *body, siz
     return IDEM_OK;
 }
 
+/* IDEM_OK if a body of len bytes and header fields of fields_len bytes fit
+ * in one record of the store. */
+static int check_fields_fit(const idem_layer *l, size_t fields_len, size_t len)
+{
+    size_t cap = l->store->max_record_len;
+    if (fields_len == 0 || cap == SIZE_MAX || IDEM_RECORD_FIELDS_OVERHEAD + fields_len + len <= cap)
+        return IDEM_OK;
+    return idem_error_set(IDEM_ETOOBIG, "a %zu-byte body with %zu bytes of header fields is over the "
+                          "largest item the store accepts (%zu bytes)", len, fields_len, cap);
+}
+
+/* The fields are kept in one block, copied anew for each field added (at
+ * most IDEM_MAX_HEADERS), so the reply can take the block as it is. */
+int idem_response_add_header(idem_response *resp, const char *name, const char *value)
+{
+    if (!resp)
+        return idem_error_set(IDEM_EINVAL, "idem_response_add_header: resp is NULL");
+    size_t n = resp->nheaders, fields_len;
+    idem_header list[IDEM_MAX_HEADERS + 1];
+    if (n >= IDEM_MAX_HEADERS)
+        return idem_error_set(IDEM_ETOOBIG, "the response has %d header fields already; the limit "
+                              "is %d (IDEM_MAX_HEADERS)", IDEM_MAX_HEADERS, IDEM_MAX_HEADERS);
+    if (n)
+        memcpy(list, resp->headers, n * sizeof *list);
+    list[n] = (idem_header){.name = name, .value = value};
+    idem_header *block;
+    int rc = idem__headers_check(list, n + 1, &fields_len);
+    if (rc == IDEM_OK)
+        rc = check_fields_fit(resp->layer, fields_len, resp->len);
+    if (rc == IDEM_OK)
+        rc = idem__headers_copy(list, n + 1, &block);
+    if (rc)
+        return rc;
+    free(resp->headers);
+    resp->headers = block;
+    resp->nheaders = n + 1;
+    resp->fields_len = fields_len;
+    return IDEM_OK;
+}
+
 int idem_response_set(idem_response *resp, int status, const void *body, size_t len)
 {
     if (!resp)
         return idem_error_set(IDEM_EINVAL, "idem_response_set: resp is NULL");
     int rc = check_response(resp->layer, status, body, len);
+    if (rc == IDEM_OK)
+        rc = check_fields_fit(resp->layer, resp->fields_len, len);
     if (rc)
         return rc;
     unsigned char *copy = malloc(len + 1);
@@ -341,8 +387,11 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
         return IDEM_OK;
     }
     int rc = reply_body(reply, old.body, old.body_len);
+    if (rc == IDEM_OK)
+        rc = idem__headers_from_record(&old, &reply->headers);
     if (rc)
         return rc;
+    reply->nheaders = old.nheaders;
     count(&l->replayed);
     reply->outcome = IDEM_REPLAYED;
     reply->status = old.status;
@@ -460,20 +509,28 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
 
 /* idem_commit() without its advice to the caller, which idem_run() words
  * differently. */
-static int commit_claim(idem_claim *c, int status, const void *body, size_t len)
+static int commit_claim(idem_claim *c, int status, const idem_header *headers, size_t nheaders,
+                        const void *body, size_t len)
 {
     idem_layer *l = c->layer;
     if (c->lost) {
         free(c);
         return idem_error_set(IDEM_ELOST, LOST_WHY "; this response was not stored");
     }
-    int rc = check_response(l, status, body, len);
+    size_t fields_len;
+    int rc = idem__headers_check(headers, nheaders, &fields_len);
+    if (rc == IDEM_OK)
+        rc = check_response(l, status, body, len);
+    if (rc == IDEM_OK)
+        rc = check_fields_fit(l, fields_len, len);
     if (rc == IDEM_OK)
         rc = check_process(l->store);
     if (rc)
         return rc;
 
     idem_record done = c->rec;
+    done.headers = headers;
+    done.nheaders = nheaders;
     done.state = IDEM_STATE_COMPLETED;
     done.deadline_ms = 0;
     done.status = status;
@@ -514,10 +571,16 @@ static int commit_claim(idem_claim *c, int status, const void *body, size_t len)
 
 int idem_commit(idem_claim *c, int status, const void *body, size_t len)
 {
+    return idem_commit_headers(c, status, NULL, 0, body, len);
+}
+
+int idem_commit_headers(idem_claim *c, int status, const idem_header *headers, size_t nheaders,
+                        const void *body, size_t len)
+{
     idem__error_clear();
     if (!c)
         return idem_error_set(IDEM_EINVAL, "idem_commit: claim is NULL");
-    int rc = commit_claim(c, status, body, len);
+    int rc = commit_claim(c, status, headers, nheaders, body, len);
     if (rc == IDEM_EBACKEND)
         error_append(rc, "the response may not be stored, and the key stays claimed until its lease "
                          "ends (commit again, or abort)");
@@ -606,13 +669,16 @@ int idem_run_scoped(idem_layer *l, const void *scope, size_t scope_len, const id
         idem_error_set(IDEM_OK, "%s", why ? why : "");
         free(why);
         reply->outcome = IDEM_FAILED;
+        reply->headers = resp.headers; /* the handler's fields, if any; not stored */
+        reply->nheaders = resp.nheaders;
         reply->status = resp.body ? resp.status : 500;
         reply->body = resp.body; /* what the handler set, if anything; not stored */
         reply->body_len = resp.len;
         reply->handler_error = herr;
         return IDEM_OK;
     }
-    rc = commit_claim(c, resp.status, resp.body ? resp.body : (const void *)"", resp.len);
+    rc = commit_claim(c, resp.status, resp.headers, resp.nheaders,
+                      resp.body ? resp.body : (const void *)"", resp.len);
     if (rc != IDEM_OK && rc != IDEM_ELOST) {
         free(c); /* the key stays claimed in the store until its lease ends */
         error_append(rc, "the handler ran and its response is in the reply, but it may not be stored; "
@@ -620,6 +686,8 @@ int idem_run_scoped(idem_layer *l, const void *scope, size_t scope_len, const id
     }
     reply->outcome = IDEM_EXECUTED;
     reply->status = resp.status;
+    reply->headers = resp.headers;
+    reply->nheaders = resp.nheaders;
     if (resp.body) {
         reply->body = resp.body;
         reply->body_len = resp.len;

@@ -8,13 +8,18 @@
 
 #include "internal.h"
 
-#define RECORD_VERSION       1
+#define RECORD_VERSION       1   /* STARTED records, and COMPLETED ones without header fields */
+#define RECORD_VERSION_FIELDS 2  /* COMPLETED records with header fields (since 0.2) */
 #define FLAG_FINGERPRINT     0x01u
 #define OFF_FLAGS            6
 #define OFF_ZERO             7
 #define OFF_DIGEST           32
 #define OFF_STATUS           IDEM_RECORD_HEADER_LEN
 #define OFF_BODY_LEN         (IDEM_RECORD_HEADER_LEN + 4)
+#define OFF_NFIELDS          (IDEM_RECORD_HEADER_LEN + 8)   /* format 2 */
+#define OFF_FIELDS_ZERO      (IDEM_RECORD_HEADER_LEN + 10)
+#define OFF_FIELDS_LEN       (IDEM_RECORD_HEADER_LEN + 12)
+#define MAX_NAME_LEN         255
 #define MIN_STATUS           100
 #define MAX_STATUS           999
 
@@ -30,6 +35,17 @@ static void put_be64(uint8_t *p, uint64_t v)
 {
     for (int i = 7; i >= 0; i--, v >>= 8)
         p[i] = (uint8_t)v;
+}
+
+static void put_be16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)(v >> 8);
+    p[1] = (uint8_t)v;
+}
+
+static uint16_t get_be16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] << 8 | p[1]);
 }
 
 static uint32_t get_be32(const uint8_t *p)
@@ -52,10 +68,158 @@ uint64_t idem_now_ms(void)
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
+/* ---- header fields ---- */
+
+/* tchar of RFC 9110, section 5.6.2. */
+static bool is_tchar(unsigned char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+}
+
+bool idem__header_name_ok(const char *name, size_t len)
+{
+    if (len == 0 || len > MAX_NAME_LEN)
+        return false;
+    for (size_t i = 0; i < len; i++)
+        if (!is_tchar((unsigned char)name[i]))
+            return false;
+    return true;
+}
+
+bool idem__header_value_ok(const char *value, size_t len)
+{
+    for (size_t i = 0; i < len; i++)
+        if (value[i] == '\0' || value[i] == '\r' || value[i] == '\n')
+            return false;
+    return true;
+}
+
+/*
+ * Format 2 encodes each field as name length (2 bytes, big-endian), value
+ * length (2 bytes), the name, the value.
+ */
+int idem__headers_check(const idem_header *h, size_t n, size_t *fields_len)
+{
+    *fields_len = 0;
+    if (!h && n)
+        return idem_error_set(IDEM_EINVAL, "header fields are NULL but their count is %zu", n);
+    if (n > IDEM_MAX_HEADERS)
+        return idem_error_set(IDEM_ETOOBIG, "the response has %zu header fields; the limit is %d "
+                              "(IDEM_MAX_HEADERS)", n, IDEM_MAX_HEADERS);
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!h[i].name || !h[i].value)
+            return idem_error_set(IDEM_EINVAL, "header field %zu has a NULL name or value", i);
+        size_t nl = strlen(h[i].name), vl = strlen(h[i].value);
+        if (!idem__header_name_ok(h[i].name, nl))
+            return idem_error_set(IDEM_EINVAL, "header field %zu: a name must be 1 to %d letters, "
+                                  "digits or !#$%%&'*+-.^_`|~ (an RFC 9110 token)", i, MAX_NAME_LEN);
+        if (!idem__header_value_ok(h[i].value, vl))
+            return idem_error_set(IDEM_EINVAL, "header field %zu (%s): a value must not hold CR or LF",
+                                  i, h[i].name);
+        bytes += nl + vl;
+        if (bytes > IDEM_MAX_HEADERS_LEN)
+            return idem_error_set(IDEM_ETOOBIG, "the response's header fields take more than %d bytes "
+                                  "of names and values (IDEM_MAX_HEADERS_LEN)", IDEM_MAX_HEADERS_LEN);
+    }
+    *fields_len = bytes + 4 * n;
+    return IDEM_OK;
+}
+
+/* One block: n idem_header, then each name and value NUL-terminated. */
+static int headers_block(size_t n, size_t strings, idem_header **out, char **text)
+{
+    *out = NULL;
+    if (n == 0)
+        return IDEM_OK;
+    idem_header *h = malloc(n * sizeof *h + strings);
+    if (!h)
+        return idem_error_set(IDEM_ENOMEM, "out of memory copying %zu header fields", n);
+    *out = h;
+    *text = (char *)(h + n);
+    return IDEM_OK;
+}
+
+static const char *put_string(char **text, const void *s, size_t len)
+{
+    char *at = *text;
+    memcpy(at, s, len);
+    at[len] = '\0';
+    *text = at + len + 1;
+    return at;
+}
+
+int idem__headers_copy(const idem_header *src, size_t n, idem_header **out)
+{
+    size_t strings = 0;
+    for (size_t i = 0; i < n; i++)
+        strings += strlen(src[i].name) + strlen(src[i].value) + 2;
+    char *text = NULL;
+    int rc = headers_block(n, strings, out, &text);
+    for (size_t i = 0; rc == IDEM_OK && i < n; i++) {
+        (*out)[i].name = put_string(&text, src[i].name, strlen(src[i].name));
+        (*out)[i].value = put_string(&text, src[i].value, strlen(src[i].value));
+    }
+    return rc;
+}
+
+int idem__headers_from_record(const idem_record *rec, idem_header **out)
+{
+    size_t n = rec->nheaders;
+    char *text = NULL;
+    /* 4 bytes of lengths per field become 2 NULs */
+    int rc = headers_block(n, rec->fields_len - 2 * n, out, &text);
+    const uint8_t *p = rec->fields;
+    for (size_t i = 0; rc == IDEM_OK && i < n; i++) {
+        size_t nl = get_be16(p), vl = get_be16(p + 2);
+        (*out)[i].name = put_string(&text, p + 4, nl);
+        (*out)[i].value = put_string(&text, p + 4 + nl, vl);
+        p += 4 + nl + vl;
+    }
+    return rc;
+}
+
+/* The encoded length of the fields of rec (0 for none). */
+static size_t fields_len(const idem_record *rec)
+{
+    if (rec->nheaders == 0)
+        return 0;
+    if (rec->fields)
+        return rec->fields_len;
+    size_t len = 0;
+    for (size_t i = 0; i < rec->nheaders; i++)
+        len += 4 + strlen(rec->headers[i].name) + strlen(rec->headers[i].value);
+    return len;
+}
+
+/* Are the len bytes at p n well-formed fields? */
+static bool fields_ok(const uint8_t *p, size_t len, size_t n)
+{
+    size_t bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (len < 4)
+            return false;
+        size_t nl = get_be16(p), vl = get_be16(p + 2);
+        if (len - 4 < nl + vl || !idem__header_name_ok((const char *)p + 4, nl) ||
+            !idem__header_value_ok((const char *)p + 4 + nl, vl))
+            return false;
+        bytes += nl + vl;
+        p += 4 + nl + vl;
+        len -= 4 + nl + vl;
+    }
+    return len == 0 && bytes <= IDEM_MAX_HEADERS_LEN;
+}
+
+/* ---- records ---- */
+
 size_t idem__record_len(const idem_record *rec)
 {
-    return rec->state == IDEM_STATE_COMPLETED ? IDEM_RECORD_COMPLETED_OVERHEAD + rec->body_len
-                                              : IDEM_RECORD_HEADER_LEN;
+    if (rec->state != IDEM_STATE_COMPLETED)
+        return IDEM_RECORD_HEADER_LEN;
+    if (rec->nheaders == 0)
+        return IDEM_RECORD_COMPLETED_OVERHEAD + rec->body_len;
+    return IDEM_RECORD_FIELDS_OVERHEAD + fields_len(rec) + rec->body_len;
 }
 
 void idem__record_write(const idem_record *rec, uint8_t *p)
@@ -75,8 +239,32 @@ void idem__record_write(const idem_record *rec, uint8_t *p)
     if (completed) {
         put_be32(p + OFF_STATUS, (uint32_t)rec->status);
         put_be32(p + OFF_BODY_LEN, (uint32_t)rec->body_len);
+        size_t body_at = IDEM_RECORD_COMPLETED_OVERHEAD;
+        if (rec->nheaders) {
+            /* Format 2: 0.1.0 readers check the version byte and refuse the
+             * record with IDEM_ECORRUPT, never misread it. */
+            p[4] = RECORD_VERSION_FIELDS;
+            size_t flen = fields_len(rec);
+            put_be16(p + OFF_NFIELDS, (uint16_t)rec->nheaders);
+            put_be16(p + OFF_FIELDS_ZERO, 0);
+            put_be32(p + OFF_FIELDS_LEN, (uint32_t)flen);
+            uint8_t *f = p + IDEM_RECORD_FIELDS_OVERHEAD;
+            if (rec->fields) {
+                memcpy(f, rec->fields, flen);
+            } else {
+                for (size_t i = 0; i < rec->nheaders; i++) {
+                    size_t nl = strlen(rec->headers[i].name), vl = strlen(rec->headers[i].value);
+                    put_be16(f, (uint16_t)nl);
+                    put_be16(f + 2, (uint16_t)vl);
+                    memcpy(f + 4, rec->headers[i].name, nl);
+                    memcpy(f + 4 + nl, rec->headers[i].value, vl);
+                    f += 4 + nl + vl;
+                }
+            }
+            body_at = IDEM_RECORD_FIELDS_OVERHEAD + flen;
+        }
         if (rec->body_len)
-            memcpy(p + IDEM_RECORD_COMPLETED_OVERHEAD, rec->body, rec->body_len);
+            memcpy(p + body_at, rec->body, rec->body_len);
     }
 }
 
@@ -96,11 +284,13 @@ int idem_record_peek(const void *buf, size_t len, idem_record_info *out)
 {
     const uint8_t *p = buf;
     if (!p || !out || len < IDEM_RECORD_HEADER_LEN || memcmp(p, magic, sizeof magic) != 0 ||
-        p[4] != RECORD_VERSION)
+        (p[4] != RECORD_VERSION && p[4] != RECORD_VERSION_FIELDS))
         return IDEM_ECORRUPT;
     int state = p[IDEM_RECORD_STATE_OFFSET];
-    if (state == IDEM_STATE_STARTED ? len != IDEM_RECORD_HEADER_LEN
-        : state == IDEM_STATE_COMPLETED ? len < IDEM_RECORD_COMPLETED_OVERHEAD
+    bool v2 = p[4] == RECORD_VERSION_FIELDS;
+    if (state == IDEM_STATE_STARTED ? v2 || len != IDEM_RECORD_HEADER_LEN
+        : state == IDEM_STATE_COMPLETED ? len < (v2 ? IDEM_RECORD_FIELDS_OVERHEAD
+                                                    : IDEM_RECORD_COMPLETED_OVERHEAD)
         : true)
         return IDEM_ECORRUPT;
     out->state = state;
@@ -133,10 +323,23 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
         return IDEM_ECORRUPT;
     uint32_t status = get_be32(p + OFF_STATUS);
     uint32_t body_len = get_be32(p + OFF_BODY_LEN);
-    if (status < MIN_STATUS || status > MAX_STATUS || body_len != len - IDEM_RECORD_COMPLETED_OVERHEAD)
+    size_t body_at = IDEM_RECORD_COMPLETED_OVERHEAD;
+    if (p[4] == RECORD_VERSION_FIELDS) {
+        size_t n = get_be16(p + OFF_NFIELDS);
+        size_t flen = get_be32(p + OFF_FIELDS_LEN);
+        if (n == 0 || n > IDEM_MAX_HEADERS || get_be16(p + OFF_FIELDS_ZERO) != 0 ||
+            flen > len - IDEM_RECORD_FIELDS_OVERHEAD ||
+            !fields_ok(p + IDEM_RECORD_FIELDS_OVERHEAD, flen, n))
+            return IDEM_ECORRUPT;
+        rec->nheaders = n;
+        rec->fields = p + IDEM_RECORD_FIELDS_OVERHEAD;
+        rec->fields_len = flen;
+        body_at = IDEM_RECORD_FIELDS_OVERHEAD + flen;
+    }
+    if (status < MIN_STATUS || status > MAX_STATUS || body_len != len - body_at)
         return IDEM_ECORRUPT;
     rec->status = (int)status;
-    rec->body = p + IDEM_RECORD_COMPLETED_OVERHEAD;
+    rec->body = p + body_at;
     rec->body_len = body_len;
     return IDEM_OK;
 }

@@ -240,10 +240,10 @@ static int c_future_version(void)
     size_t len;
     if (idem__record_encode(&rec, &enc, &len) != IDEM_OK)
         return IDEM_ENOMEM;
-    enc[4] = 2;
-    plant("version2", enc, len);
+    enc[4] = 3;
+    plant("version3", enc, len);
     free(enc);
-    return run_key("version2", 8);
+    return run_key("version3", 8);
 }
 
 static int big_handler(void *arg, idem_response *resp)

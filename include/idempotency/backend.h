@@ -35,7 +35,8 @@ extern "C" {
  *
  *   offset size
  *        0    4  magic "IDEM"
- *        4    1  format version (1)
+ *        4    1  format version: 1, or 2 for a COMPLETED record with header
+ *                fields (since 0.2; 0.1.0 refuses it as IDEM_ECORRUPT)
  *        5    1  state: 'S' (STARTED) or 'C' (COMPLETED)
  *        6    1  flags (core-private)
  *        7    1  zero
@@ -47,6 +48,21 @@ extern "C" {
  * A STARTED record is exactly the header; a COMPLETED record continues with
  * the response. A COMPLETED record keeps the token of the claim that
  * committed it, so a commit retried after a lost reply is recognised.
+ *
+ * The response (integers big-endian):
+ *
+ *   format 1                         format 2
+ *   64  4  status (100..999)         64  4  status
+ *   68  4  body length B             68  4  body length B
+ *   72  B  body                      72  2  number of fields N (1..IDEM_MAX_HEADERS)
+ *                                    74  2  zero
+ *                                    76  4  length F of the fields
+ *                                    80  F  N fields, each: name length (2),
+ *                                           value length (2), name, value
+ *                                  80+F  B  body
+ *
+ * Drivers need none of this: the first 64 bytes, and idem_record_peek(),
+ * are the same in both formats.
  */
 #define IDEM_RECORD_HEADER_LEN   64
 #define IDEM_RECORD_STATE_OFFSET 5

@@ -50,7 +50,8 @@ extern "C" {
     X(ELOST,       -4, "claim lost: its lease ended and another request took the key") \
     X(ECORRUPT,    -5, "record in the store was not written by this library")   \
     X(ETOOBIG,     -6, "response larger than the configured or store limit")    \
-    X(EUNSUPPORTED,-7, "not supported by this build or this store")
+    X(EUNSUPPORTED,-7, "not supported by this build or this store")            \
+    X(EKEY,        -8, "the client's idempotency key is missing or invalid")
 
 typedef enum idem_error {
 #define IDEM_ERROR_ENUM_(name, value, msg) IDEM_##name = (value),
@@ -174,6 +175,23 @@ typedef enum idem_outcome {
     IDEM_FAILED         /* the handler failed; nothing stored, key freed for a retry */
 } idem_outcome;
 
+/*
+ * One header field of a stored response (since 0.2), e.g. {"Location",
+ * "/payments/pay_1"}. A name is an RFC 9110 token: 1..255 letters, digits
+ * and !#$%&'*+-.^_`|~. A value is any bytes but NUL, CR and LF (so a stored
+ * field can never split a response), and may be empty. Fields are stored in
+ * the order given and replayed byte for byte: names keep their case.
+ */
+typedef struct idem_header {
+    const char *name;
+    const char *value;
+} idem_header;
+
+/* The most header fields one response may carry, and the most bytes their
+ * names and values may take together. More is IDEM_ETOOBIG. */
+#define IDEM_MAX_HEADERS     64
+#define IDEM_MAX_HEADERS_LEN 16384
+
 typedef struct idem_reply {
     idem_outcome   outcome;
     int            status;          /* handler's or stored status; 409 for IN_PROGRESS; 422 for
@@ -183,10 +201,15 @@ typedef struct idem_reply {
     size_t         body_len;
     uint32_t       retry_after_ms;  /* IN_PROGRESS only: time left on the holder's lease */
     int            handler_error;   /* FAILED only: the handler's return value */
-    uint64_t       reserved_[4];    /* room for fields of later versions; zero */
+    /* ---- since 0.2 ---- */
+    idem_header   *headers;         /* EXECUTED, REPLAYED, FAILED: the response's header fields,
+                                       in order; owned by the reply (one block, strings
+                                       included); NULL when there are none */
+    size_t         nheaders;
+    uint64_t       reserved_[2];    /* room for fields of later versions; zero */
 } idem_reply;
 
-/* Release a reply's body and zero it, ready for reuse. NULL is a no-op.
+/* Release a reply's body and headers and zero it, ready for reuse. NULL is a no-op.
  * A reply passed to idem_run() or idem_begin() may hold an earlier body: it
  * is released first. A zero-initialised reply is always valid. */
 IDEM_API void idem_reply_clear(idem_reply *reply);
@@ -206,6 +229,16 @@ typedef struct idem_response idem_response;
  * A handler that returns 0 without setting a response stores status 200 and
  * an empty body. */
 IDEM_API int idem_response_set(idem_response *resp, int status, const void *body, size_t len);
+
+/* Add a header field to the response (since 0.2): name and value are copied
+ * and stored with status and body, and every replay returns the fields in
+ * the order they were added, byte for byte (idem_reply.headers).
+ * idem_response_set() leaves the fields alone.
+ * Errors: IDEM_EINVAL (NULL argument, a name that is not a token, a value
+ * with NUL, CR or LF), IDEM_ETOOBIG (more than IDEM_MAX_HEADERS fields, more
+ * than IDEM_MAX_HEADERS_LEN bytes of names and values, or a response the
+ * store cannot hold); the fields added before stay. IDEM_ENOMEM. */
+IDEM_API int idem_response_add_header(idem_response *resp, const char *name, const char *value);
 
 /* A handler: 0 means success and its response is stored; any other value is
  * a failure, and the key is freed so that a retry runs the handler again. */
@@ -282,6 +315,14 @@ IDEM_API int idem_begin_scoped(idem_layer *layer, const void *scope, size_t scop
  *   IDEM_ENOMEM  the claim stays
  */
 IDEM_API int idem_commit(idem_claim *claim, int status, const void *body, size_t len);
+
+/* idem_commit() with header fields (since 0.2): nheaders fields at headers
+ * (NULL with 0 for none) are stored with status and body, as
+ * idem_response_add_header() describes, and the claim is freed as
+ * idem_commit() says. A bad field is IDEM_EINVAL and too many or too long
+ * fields IDEM_ETOOBIG, both with the claim kept. */
+IDEM_API int idem_commit_headers(idem_claim *claim, int status, const idem_header *headers,
+                                 size_t nheaders, const void *body, size_t len);
 
 /* Give the key up so a retry runs, and free the claim (always, even on
  * error). IDEM_ELOST: the lease had already ended, and the key may have been
