@@ -16,6 +16,7 @@ void idem_key_info_clear(idem_key_info *info)
     if (!info)
         return;
     free(info->value);
+    free(info->headers);
     memset(info, 0, sizeof *info);
 }
 
@@ -87,8 +88,10 @@ static void describe(idem_key_info *info, void *value, size_t len, uint32_t rema
     info->status = rec.status;
     info->body = rec.body;
     info->body_len = rec.body_len;
-    /* Response headers join the record with its format version 2: they are
-     * taken from the decoded record here once it carries them. */
+    if (rec.nheaders && idem__headers_from_record(&rec, &info->headers) == IDEM_OK)
+        info->nheaders = rec.nheaders;
+    else
+        info->headers = NULL;
 }
 
 /* Read the key of (scope, key) into info, which the caller zeroed. */

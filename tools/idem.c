@@ -256,10 +256,14 @@ static void describe(FILE *f, const idem_key_info *k)
         break;
     case IDEM_KEY_COMPLETED:
         fprintf(f, " (a stored response, replayed to every retry)\nstatus:       %d\n", k->status);
-        if (k->headers) {
-            fprintf(f, "headers:      %zu bytes: ", k->headers_len);
-            print_escaped(f, k->headers, k->headers_len, SHOW_BODY_MAX);
-            fputc('\n', f);
+        if (k->nheaders) {
+            fprintf(f, "headers:      %zu field%s\n", k->nheaders, k->nheaders == 1 ? "" : "s");
+            for (size_t i = 0; i < k->nheaders; i++) {
+                fprintf(f, "  %s: ", k->headers[i].name);
+                print_escaped(f, (const unsigned char *)k->headers[i].value,
+                              strlen(k->headers[i].value), SHOW_BODY_MAX);
+                fputc('\n', f);
+            }
         } else {
             fprintf(f, "headers:      none stored\n");
         }

@@ -389,9 +389,9 @@ typedef struct idem_key_info {
     bool           has_fingerprint;  /* the claim carried a fingerprint */
     uint8_t        fingerprint_digest[32];  /* its SHA-256, when has_fingerprint */
     int            status;           /* COMPLETED: the stored status */
-    const unsigned char *headers;    /* COMPLETED: stored response headers as the record holds
-                                        them, or NULL (records without headers) */
-    size_t         headers_len;
+    idem_header   *headers;          /* COMPLETED: the stored header fields, in order; owned (one
+                                        block, strings included); NULL when there are none */
+    size_t         nheaders;
     const unsigned char *body;       /* COMPLETED: the stored body; points into value */
     size_t         body_len;
     unsigned char *value;            /* the bytes under the key as the store holds them (all of
