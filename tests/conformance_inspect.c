@@ -187,3 +187,32 @@ Test(inspect, bad_arguments_are_refused_with_a_message)
     cr_assert(strstr(idem_last_error(), "1024"), "%s", idem_last_error());
     cr_assert_eq(idem_layer_delete(layer, NULL, 0, NULL, 1, false, NULL), IDEM_EINVAL);
 }
+
+Test(inspect, a_driver_without_read_remove_or_check_answers_unsupported)
+{
+    idem_backend bare = *store->ops;
+    bare.read = NULL;
+    bare.remove = NULL;
+    bare.check = NULL;
+    idem_store *s;
+    cr_assert_eq(idem_store_open_backend(&s, &bare, getenv("IDEM_TEST_URL")), IDEM_OK, "%s",
+                 idem_last_error());
+    idem_layer *l;
+    cr_assert_eq(idem_layer_new(&l, s, NULL), IDEM_OK);
+    idem_key_info k = {0};
+    cr_assert_eq(idem_layer_show(l, NULL, 0, "k", 1, &k), IDEM_EUNSUPPORTED);
+    cr_assert(strstr(idem_last_error(), "read"), "%s", idem_last_error());
+    cr_assert_eq(idem_layer_delete(l, NULL, 0, "k", 1, true, NULL), IDEM_EUNSUPPORTED);
+    idem_findings *f = (idem_findings *)&k;
+    cr_assert_eq(idem_store_check(s, &f), IDEM_EUNSUPPORTED);
+    cr_assert_null(f);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+Test(inspect, the_public_struct_keeps_its_size)
+{
+    /* Fields of later versions come out of reserved_ (x86-64 and other LP64). */
+    cr_assert_eq(sizeof(idem_key_info), 1472);
+    cr_assert_eq(sizeof(((idem_key_info *)0)->reserved_), 32);
+}
