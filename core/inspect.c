@@ -167,6 +167,8 @@ int idem_layer_delete(idem_layer *l, const void *scope, size_t scope_len, const 
                                   "or a damaged record); nothing was deleted (force to delete it anyway)");
     }
 out:
+    if (rc == IDEM_OK && info->store_key_len) /* this layer's own copy goes too */
+        idem__cache_drop(idem__layer_cache(l), info->store_key, info->store_key_len);
     if (!deleted)
         idem_key_info_clear(&mine);
     return rc;

@@ -24,6 +24,8 @@ struct idem_layer {
     size_t       max_body;      /* min(max_response_len, what the store holds) */
     bool         store_limits;  /* the store's limit is the smaller one */
     counter executed, replayed, in_progress, mismatched, failed, lost, backend_errors;
+    idem_cache *cache;          /* COMPLETED records kept here (cache.c); NULL: none */
+    counter     cache_hits;
 };
 
 struct idem_response {
@@ -131,6 +133,11 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     }
     if (l->max_body > UINT32_MAX)
         l->max_body = UINT32_MAX;
+    if (o.cache_bytes && idem__cache_new(&l->cache, o.cache_bytes) != IDEM_OK) {
+        free(l->prefix);
+        free(l);
+        return idem_error_set(IDEM_ENOMEM, "out of memory making a layer's cache");
+    }
     *out = l;
     return IDEM_OK;
 }
@@ -139,6 +146,7 @@ void idem_layer_free(idem_layer *layer)
 {
     if (!layer)
         return;
+    idem__cache_free(layer->cache);
     free(layer->prefix);
     free(layer);
 }
@@ -157,6 +165,7 @@ void idem_layer_stats(const idem_layer *l, idem_stats *out)
     out->failed = atomic_load(&l->failed);
     out->lost = atomic_load(&l->lost);
     out->backend_errors = atomic_load(&l->backend_errors);
+    out->cache_hits = atomic_load(&l->cache_hits);
 }
 
 /* ---- replies and responses ---- */
@@ -446,6 +455,24 @@ idem_store *idem__layer_store(const idem_layer *l)
     return l->store;
 }
 
+idem_cache *idem__layer_cache(const idem_layer *l)
+{
+    return l->cache;
+}
+
+/* A cached COMPLETED record answers as the store's would: no round trip. */
+static int reply_cached(idem_layer *l, const idem_record *mine, const idem_cache_entry *hit,
+                        idem_reply *reply)
+{
+    size_t len;
+    const uint8_t *rec = idem__cache_entry_record(hit, &len);
+    int rc = reply_existing(l, mine, rec, len, UINT32_MAX, reply);
+    idem__cache_release(hit);
+    if (rc == IDEM_OK && reply->outcome == IDEM_REPLAYED)
+        count(&l->cache_hits);
+    return rc;
+}
+
 int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_reply *reply)
 {
     return idem_begin_scoped(l, NULL, 0, req, out, reply);
@@ -482,6 +509,10 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     if (rc)
         return rc;
 
+    const idem_cache_entry *hit = idem__cache_get(l->cache, key, key_len);
+    if (hit)
+        return reply_cached(l, &rec, hit, reply);
+
     uint64_t lease_end = mono_ms() + l->opts.lease_ms;
     rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
     uint8_t enc[IDEM_RECORD_HEADER_LEN];
@@ -493,6 +524,9 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
                               &existing, &existing_len, &remaining);
     if (rc == IDEM_OK && existing) {
         rc = reply_existing(l, &rec, existing, existing_len, remaining, reply);
+        if (rc == IDEM_OK && reply->outcome == IDEM_REPLAYED && remaining != UINT32_MAX)
+            idem__cache_put(l->cache, key, key_len, existing, existing_len,
+                            lease_end - l->opts.lease_ms + remaining); /* the TTL the store reported */
         free(existing);
     } else if (rc == IDEM_OK) {
         idem_claim *c = malloc(sizeof *c + key_len);
@@ -544,6 +578,7 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
     /* A store error is retried until the lease is nearly over: giving the
      * key up would let a retry repeat a handler that succeeded. */
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
+    uint64_t sent = mono_ms(); /* the record expires ttl_s after the store took it: later than this */
     for (;;) {
         rc = l->store->ops->commit(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len,
                                    (uint64_t)l->opts.ttl_s * 1000u);
@@ -556,6 +591,8 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
         sleep_ms(backoff);
         backoff = backoff * 2 > COMMIT_BACKOFF_MAX_MS ? COMMIT_BACKOFF_MAX_MS : backoff * 2;
     }
+    if (rc == IDEM_OK)
+        idem__cache_put(l->cache, c->key, c->key_len, enc, enc_len, sent + (uint64_t)l->opts.ttl_s * 1000u);
     free(enc);
     if (rc == IDEM_OK) {
         count(&l->executed);
