@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdbool.h>
 #include <sys/random.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -369,10 +370,13 @@ static redis_proc start_redis(const char *const *extra)
     return p;
 }
 
-Test(tool, check_warns_on_a_redis_that_evicts_and_passes_on_one_with_noeviction_and_aof)
+/* Suites tool_<kind> run only against that kind of store (tests/meson.build
+ * filters them): these start Redis servers of their own. */
+TestSuite(tool_redis, .init = setup, .fini = teardown, .timeout = 60);
+TestSuite(tool_memcached2, .init = setup, .fini = teardown, .timeout = 60);
+
+Test(tool_redis, check_warns_on_a_redis_that_evicts_and_passes_on_one_with_noeviction_and_aof)
 {
-    if (strcmp(kind, "redis") != 0)
-        return; /* the servers are Redis: run once, in the redis suite */
     const char *lru[] = {"--maxmemory-policy", "allkeys-lru", "--appendonly", "yes", NULL};
     redis_proc p = start_redis(lru);
     run r = tool("check", p.url, NULL);
@@ -393,10 +397,8 @@ Test(tool, check_warns_on_a_redis_that_evicts_and_passes_on_one_with_noeviction_
     idem_test_stop_pid(p.pid, 5000);
 }
 
-Test(tool, no_password_appears_in_any_output)
+Test(tool_redis, no_password_appears_in_any_output)
 {
-    if (strcmp(kind, "redis") != 0)
-        return; /* the only driver here with passwords */
     const char *auth[] = {"--requirepass", "Sw0rdf1sh-xyzzy", "--save", "", "--appendonly", "no", NULL};
     redis_proc p = start_redis(auth);
     char good[160], wrong[160];
@@ -415,6 +417,100 @@ Test(tool, no_password_appears_in_any_output)
         run_free(&r);
     }
     idem_test_stop_pid(p.pid, 5000);
+}
+
+Test(tool_redis, check_warns_on_a_redis_replica)
+{
+    const char *master_args[] = {"--appendonly", "yes", NULL};
+    redis_proc m = start_redis(master_args);
+    char mport[8];
+    snprintf(mport, sizeof mport, "%u", m.port);
+    const char *replica_args[] = {"--appendonly", "yes", "--replicaof", "127.0.0.1", mport, NULL};
+    redis_proc r = start_redis(replica_args);
+    run out = tool("check", r.url, NULL);
+    cr_assert_eq(out.status, 1, "%s%s", out.out, out.err);
+    assert_has(out, "is a replica");
+    run_free(&out);
+    idem_test_stop_pid(r.pid, 5000);
+    idem_test_stop_pid(m.pid, 5000);
+}
+
+Test(tool_memcached2, a_memcached_server_that_does_not_answer_is_named_and_exits_2)
+{
+    const char *comma = strchr(url, ',');
+    cr_assert(comma);
+    char second[64];
+    snprintf(second, sizeof second, "%s", comma + 1);
+    /* A URL with one live server and one nobody listens on. */
+    char bad[160];
+    uint16_t port = idem_test_free_port();
+    snprintf(bad, sizeof bad, "memcached://%s,127.0.0.1:%u", second, port);
+    run r = tool("check", bad, NULL);
+    cr_assert_eq(r.status, 2, "%s%s", r.out, r.err);
+    char where[32];
+    snprintf(where, sizeof where, "127.0.0.1:%u", port);
+    assert_has(r, where);
+    run_free(&r);
+}
+
+#include <pty.h>
+
+/* Run idem on a terminal, answering its question with answer. */
+static int tool_on_tty(const char *answer, char *out, size_t out_len, const char *arg, ...)
+{
+    const char *argv[16] = {getenv("IDEM_TOOL")};
+    int n = 1;
+    va_list ap;
+    va_start(ap, arg);
+    for (const char *a = arg; a; a = va_arg(ap, const char *))
+        argv[n++] = a;
+    va_end(ap);
+    int fd;
+    pid_t pid = forkpty(&fd, NULL, NULL, NULL);
+    cr_assert(pid >= 0, "forkpty failed");
+    if (pid == 0) {
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    size_t got = 0;
+    bool answered = false;
+    for (;;) {
+        ssize_t k = read(fd, out + got, out_len - 1 - got);
+        if (k <= 0)
+            break;
+        got += (size_t)k;
+        out[got] = '\0';
+        if (!answered && strstr(out, "[y/N]")) {
+            (void)!write(fd, answer, strlen(answer));
+            answered = true;
+        }
+    }
+    out[got] = '\0';
+    close(fd);
+    int st;
+    waitpid(pid, &st, 0);
+    cr_assert(answered, "idem did not ask on a terminal:\n%s", out);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+Test(tool, delete_asks_on_a_terminal_and_keeps_the_key_unless_told_yes)
+{
+    idem_request req = {.key = "ask", .key_len = 3};
+    idem_claim *c;
+    idem_reply reply = {0};
+    cr_assert_eq(idem_begin(layer, &req, &c, &reply), IDEM_OK);
+    cr_assert_not_null(c);
+    static char out[8192];
+    int st = tool_on_tty("n\n", out, sizeof out, "delete", url, "ask", "--prefix", prefix, NULL);
+    cr_assert_eq(st, 1, "%s", out);
+    cr_assert(strstr(out, "STARTED") && strstr(out, "nothing was deleted"), "%s", out);
+    job j = {.status = 200, .body = "x"};
+    cr_assert_eq(run_key("ask", 3, &j), IDEM_IN_PROGRESS, "a no keeps the claim");
+    st = tool_on_tty("y\n", out, sizeof out, "delete", url, "ask", "--prefix", prefix, NULL);
+    cr_assert_eq(st, 0, "%s", out);
+    cr_assert(strstr(out, "deleted:"), "%s", out);
+    cr_assert_eq(idem_commit(c, 200, "late", 4), IDEM_ELOST, "the deleted claim is fenced out");
+    cr_assert_eq(run_key("ask", 3, &j), IDEM_EXECUTED);
 }
 
 /* ---- the runner ---- */
