@@ -123,7 +123,12 @@ typedef struct idem_options {
                                       empty bodies) */
     /* ---- since 0.2 ---- */
     size_t      cache_bytes;       /* memory for a local cache of COMPLETED responses, replayed
-                                      with no round trip; default 0: no cache */
+                                      with no round trip; default 0: no cache. Entries leave no
+                                      later than the store's record (the commit's ttl_s, or the
+                                      TTL the store reported), least recently used first; a
+                                      different fingerprint is still IDEM_MISMATCH; STARTED
+                                      records are never cached. A record deleted by another
+                                      process (idem delete) is replayed from here until then */
     bool        auto_extend;       /* renew the lease of a handler run by idem_run() while it
                                       runs; default false */
     uint32_t    commit_timeout_ms; /* how long idem_run() and idem_commit() retry a failed
