@@ -32,6 +32,12 @@ extern const idem_backend *const idem__builtin_backends[];
 /* Why the driver named by scheme is missing from this build, or NULL when
  * the scheme is not one the project knows. */
 const char *idem__missing_backend_hint(const char *scheme);
+/* The driver's read and remove (version 2), or IDEM_EUNSUPPORTED with a
+ * message when its table has none. Arguments as in backend.h; out-parameters
+ * are set on every return. */
+int idem__store_read(idem_store *s, const void *key, size_t key_len, void **record, size_t *record_len,
+                     uint32_t *remaining_ms);
+int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted);
 
 /* ---- layer.c ---- */
 #define IDEM_MAX_SCOPE_LEN 255

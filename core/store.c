@@ -4,42 +4,23 @@
 
 #include "internal.h"
 
-#ifdef IDEM_HAVE_SQLITE
-extern const idem_backend idem__sqlite_backend;
-#endif
-#ifdef IDEM_HAVE_REDIS
-extern const idem_backend idem__redis_backend;
-#endif
-#ifdef IDEM_HAVE_MEMCACHED
-extern const idem_backend idem__memcached_backend;
-#endif
-#ifdef IDEM_HAVE_MEMORY
-extern const idem_backend idem__memory_backend;
-#endif
+#include "idem_drivers.h"
+
+#define IDEM_DECLARE_DRIVER(name) extern const idem_backend idem__##name##_backend;
+IDEM_BUILTIN_DRIVERS(IDEM_DECLARE_DRIVER)
 
 const idem_backend *const idem__builtin_backends[] = {
-#ifdef IDEM_HAVE_SQLITE
-    &idem__sqlite_backend,
-#endif
-#ifdef IDEM_HAVE_REDIS
-    &idem__redis_backend,
-#endif
-#ifdef IDEM_HAVE_MEMCACHED
-    &idem__memcached_backend,
-#endif
-#ifdef IDEM_HAVE_MEMORY
-    &idem__memory_backend,
-#endif
+#define IDEM_DRIVER_ENTRY(name) &idem__##name##_backend,
+    IDEM_BUILTIN_DRIVERS(IDEM_DRIVER_ENTRY)
     NULL,
 };
 
-/* The drivers this project ships, with the Debian package each needs. */
+/* Every scheme of every driver the project ships, built in or not. */
 static const struct {
-    const char *name, *package;
-} known_backends[] = {
-    {"sqlite", "libsqlite3-dev"},
-    {"redis", "libhiredis-dev"},
-    {"memcached", "libmemcached-dev"},
+    const char *scheme, *driver, *package;
+} known_schemes[] = {
+#define IDEM_SCHEME_ENTRY(scheme, driver, package) {scheme, driver, package},
+    IDEM_KNOWN_SCHEMES(IDEM_SCHEME_ENTRY)
 };
 
 /* Does the URL scheme select the driver called name? ("redis", "redis+unix") */
@@ -113,12 +94,24 @@ const idem_backend *idem_backend_find(const char *name)
     return NULL;
 }
 
+/* The entry of known_schemes that scheme selects: its own name, or the
+ * name of a driver followed by '+' ("redis+unix"); NULL for none. */
+static int known_scheme(const char *scheme)
+{
+    size_t n = sizeof known_schemes / sizeof known_schemes[0];
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(scheme, known_schemes[i].scheme) == 0)
+            return (int)i;
+    for (size_t i = 0; i < n; i++)
+        if (scheme_selects(scheme, known_schemes[i].driver))
+            return (int)i;
+    return -1;
+}
+
 const char *idem__missing_backend_hint(const char *scheme)
 {
-    for (size_t i = 0; i < sizeof known_backends / sizeof known_backends[0]; i++)
-        if (scheme_selects(scheme, known_backends[i].name))
-            return known_backends[i].package;
-    return NULL;
+    int k = known_scheme(scheme);
+    return k >= 0 ? known_schemes[k].package : NULL;
 }
 
 int idem_store_open(idem_store **out, const char *url)
@@ -131,21 +124,21 @@ int idem_store_open(idem_store **out, const char *url)
     int rc = idem_url_parse(&u, url);
     if (rc)
         return rc;
-    const idem_backend *b = NULL;
-    for (size_t i = 0; idem__builtin_backends[i]; i++)
+    /* A scheme the list names picks its driver; another that starts with a
+     * built-in driver's name and '+' picks that driver, which may refuse it. */
+    int k = known_scheme(u->scheme);
+    const idem_backend *b = k >= 0 ? idem_backend_find(known_schemes[k].driver) : NULL;
+    for (size_t i = 0; !b && k < 0 && idem__builtin_backends[i]; i++)
         if (scheme_selects(u->scheme, idem__builtin_backends[i]->name))
             b = idem__builtin_backends[i];
     if (!b) {
-        const char *pkg = idem__missing_backend_hint(u->scheme);
-        if (pkg)
+        if (k >= 0)
             rc = idem_error_set(IDEM_EUNSUPPORTED,
                                 "the %s driver is not built into this libidempotency; install %s "
                                 "and rebuild (meson setup --reconfigure build)",
-                                u->scheme, pkg);
+                                known_schemes[k].driver, known_schemes[k].package);
         else
-            rc = idem_error_set(IDEM_EINVAL,
-                                "unknown store URL scheme '%s'; use sqlite://, redis://, "
-                                "redis+unix://, memcached:// or memory://",
+            rc = idem_error_set(IDEM_EINVAL, "unknown store URL scheme '%s'; use " IDEM_SCHEME_LIST,
                                 u->scheme);
     } else {
         rc = check_table(b);
@@ -154,6 +147,29 @@ int idem_store_open(idem_store **out, const char *url)
     }
     idem_url_free(u);
     return rc;
+}
+
+int idem__store_read(idem_store *s, const void *key, size_t key_len, void **record, size_t *record_len,
+                     uint32_t *remaining_ms)
+{
+    *record = NULL;
+    *record_len = 0;
+    *remaining_ms = UINT32_MAX;
+    if (!IDEM_HAS(s->ops, 2, read))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot read a record without "
+                              "claiming it (its table, version %u, has no read function); use the "
+                              "store's own tools", s->ops->name, s->ops->version);
+    return s->ops->read(s->state, key, key_len, record, record_len, remaining_ms);
+}
+
+int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted)
+{
+    *deleted = false;
+    if (!IDEM_HAS(s->ops, 2, remove))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot delete a key (its table, "
+                              "version %u, has no remove function); use the store's own tools",
+                              s->ops->name, s->ops->version);
+    return s->ops->remove(s->state, key, key_len, deleted);
 }
 
 void idem_store_close(idem_store *store)

@@ -26,17 +26,24 @@
  *          the past (1970): the server stores it as already expired, and it
  *          is gone for every later get and add.
  *
- * Connections: a mutex-protected list of clones of one configured
- * memcached_st, one per thread in flight. A clone that saw a connection
- * error is thrown away, never pooled (libmemcached would otherwise refuse
- * the server for a while after a failure), and an operation that failed on
- * a pooled connection (a server that restarted since) is tried once more on
- * a fresh one. Every operation is safe to repeat: a repeated claim, commit
- * or extend recognises its own token in the store.
+ * Connections: clones of one configured memcached_st in the shared pool
+ * (idem_pool), one per thread in flight. A clone that saw a connection
+ * error is thrown away with the idle ones, never pooled (libmemcached would
+ * otherwise refuse the server for a while after a failure), and an
+ * operation that failed on a pooled connection (a server that restarted
+ * since) is tried once more on a fresh one; a timeout is not retried. Every
+ * operation is safe to repeat: a repeated claim, commit or extend
+ * recognises its own token in the store, and a repeated release that finds
+ * the key gone knows its first try freed it.
+ *
+ * Time: one call is bounded by timeout_ms as a whole between its steps
+ * (add, gets, cas, and the retry): each step may wait only for what is left.
+ * libmemcached bounds each wait for the socket, not a whole reply, so a
+ * reply that trickles in within one step can take longer: up to
+ * timeout_ms per wait.
  */
 #include <inttypes.h>
 #include <netdb.h>
-#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,12 +70,6 @@
 #define EXPIRED_ABSOLUTE    2592001  /* an absolute time in 1970: "expired already" */
 #define MAX_ROUNDS          16       /* gets/cas rounds before giving up under contention */
 
-typedef struct conn {
-    memcached_st *mc;
-    bool          used;      /* has served a request: its sockets may be stale */
-    struct conn  *next;
-} conn;
-
 /* One server of the URL: the address it resolved to, which is what the
  * consistent hashing sees, and the host as the user wrote it, for messages. */
 typedef struct mc_server {
@@ -80,8 +81,7 @@ typedef struct mc_server {
 
 typedef struct store {
     memcached_st   *master;  /* configured, never used for requests */
-    pthread_mutex_t mu;
-    conn           *idle;
+    idem_pool      *pool;    /* of clones of master */
     uint32_t        timeout_ms;
     size_t          max_record;
     mc_server      *servers;
@@ -255,50 +255,49 @@ static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen
     const memcached_instance_st *srv = memcached_server_by_key(mc, ekey, eklen, &lookup);
     const char *host = srv ? memcached_server_name(srv) : "?";
     unsigned port = srv ? memcached_server_port(srv) : 0;
-    char labelbuf[NI_MAXHOST + 16];
-    const char *where = server_label(s, host, port, labelbuf, sizeof labelbuf);
+    char labelbuf[NI_MAXHOST + 16], where[NI_MAXHOST * 2 + 48];
+    snprintf(where, sizeof where, "memcached %s", server_label(s, host, port, labelbuf, sizeof labelbuf));
     if (rc == MEMCACHED_FAILURE || rc == MEMCACHED_SOME_ERRORS) {
         memcached_return_t last = memcached_last_error(mc);
         if (memcached_failed(last))
             rc = last;
     }
     int err = memcached_last_error_errno(mc);
-    char detail[160];
-    snprintf(detail, sizeof detail, "%s%s%s%s", memcached_strerror(mc, rc), err ? " (" : "",
-             err ? strerror(err) : "", err ? ")" : "");
+    const char *reason = memcached_strerror(mc, rc);
+    const char *eo = err ? " (" : "", *es = err ? strerror(err) : "", *ec = err ? ")" : "";
     /* A commit that the server refuses for its size fails the same way
      * every time: IDEM_ETOOBIG, which the core does not retry. */
     if (too_big_is_final && rc == MEMCACHED_E2BIG)
-        return idem_error_set(IDEM_ETOOBIG, "memcached %s: %s: the record is larger than the server's "
-                              "item_size_max; raise memcached's -I on every server, or lower "
-                              "max_response_len", where, what);
+        return idem_driver_error(IDEM_ETOOBIG, where, what, "the record is larger than the server's "
+                                 "item_size_max; raise memcached's -I on every server, or lower "
+                                 "max_response_len");
     if (too_big_is_final && rc == MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE)
-        return idem_error_set(IDEM_ETOOBIG, "memcached %s: %s: the server has no memory for an item "
-                              "this large (%s); give it more with -m, or lower max_response_len",
-                              where, what, detail);
+        return idem_driver_error(IDEM_ETOOBIG, where, what, "the server has no memory for an item this "
+                                 "large (%s%s%s%s); give it more with -m, or lower max_response_len",
+                                 reason, eo, es, ec);
     switch (rc) {
     case MEMCACHED_TIMEOUT:
-        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: no answer within %" PRIu32 " ms; is "
-                              "the server overloaded or unreachable? (the limit is ?timeout_ms= in the "
-                              "store URL)", where, what, s->timeout_ms);
+        return idem_driver_error(IDEM_EBACKEND, where, what, "no answer within %" PRIu32 " ms; is the "
+                                 "server overloaded or unreachable? (the limit is ?timeout_ms= in the "
+                                 "store URL)", s->timeout_ms);
     case MEMCACHED_E2BIG:
-        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: the item is larger than the server's "
-                              "item_size_max; raise memcached's -I", where, what);
+        return idem_driver_error(IDEM_EBACKEND, where, what, "the item is larger than the server's "
+                                 "item_size_max; raise memcached's -I");
     case MEMCACHED_SERVER_MEMORY_ALLOCATION_FAILURE:
     case MEMCACHED_SERVER_ERROR:
-        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: %s; the server may be out of memory: "
-                              "give it more with -m", where, what, detail);
+        return idem_driver_error(IDEM_EBACKEND, where, what, "%s%s%s%s; the server may be out of memory: "
+                                 "give it more with -m", reason, eo, es, ec);
     case MEMCACHED_MEMORY_ALLOCATION_FAILURE:
-        return idem_error_set(IDEM_ENOMEM, "memcached %s: %s: out of memory", where, what);
+        return idem_driver_error(IDEM_ENOMEM, where, what, "out of memory");
     default:
         break;
     }
     if (answered(rc) || rc == MEMCACHED_CLIENT_ERROR || rc == MEMCACHED_PROTOCOL_ERROR ||
         rc == MEMCACHED_ERROR)
-        return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: %s; is this a memcached server?", where,
-                              what, detail);
-    return idem_error_set(IDEM_EBACKEND, "memcached %s: %s: %s; is memcached running? start one with: "
-                          "memcached -p %u -l %s -u nobody", where, what, detail, port, host);
+        return idem_driver_error(IDEM_EBACKEND, where, what, "%s%s%s%s; is this a memcached server?",
+                                 reason, eo, es, ec);
+    return idem_driver_error(IDEM_EBACKEND, where, what, "%s%s%s%s; is memcached running? start one "
+                             "with: memcached -p %u -l %s -u nobody", reason, eo, es, ec, port, host);
 }
 
 /* ---- connections ---- */
@@ -327,42 +326,20 @@ static int configure(memcached_st *mc, uint32_t timeout_ms)
     return IDEM_OK;
 }
 
-/* A pooled connection, or a new one when fresh or the pool is empty. */
-static int acquire(store *s, bool fresh, conn **out)
+static int pool_connect(void *ctx, void **conn)
 {
-    pthread_mutex_lock(&s->mu);
-    conn *c = fresh ? NULL : s->idle;
-    if (c) {
-        s->idle = c->next;
-    } else if ((c = calloc(1, sizeof *c)) && !(c->mc = memcached_clone(NULL, s->master))) {
-        free(c);
-        c = NULL;
-    }
-    pthread_mutex_unlock(&s->mu);
-    if (!c)
+    store *s = ctx;
+    memcached_st *mc = memcached_clone(NULL, s->master);
+    if (!mc)
         return idem_error_set(IDEM_ENOMEM, "memcached: out of memory making a connection");
-    *out = c;
+    *conn = mc;
     return IDEM_OK;
 }
 
-static void conn_free(conn *c)
+static void pool_disconnect(void *ctx, void *conn)
 {
-    memcached_free(c->mc);
-    free(c);
-}
-
-/* Back to the pool, or away when its connection failed. */
-static void release_conn(store *s, conn *c, bool healthy)
-{
-    if (!healthy) {
-        conn_free(c);
-        return;
-    }
-    c->used = true;
-    pthread_mutex_lock(&s->mu);
-    c->next = s->idle;
-    s->idle = c;
-    pthread_mutex_unlock(&s->mu);
+    (void)ctx;
+    memcached_free(conn);
 }
 
 /* gets: IDEM_OK with it->found false when there is no item. */
@@ -416,6 +393,7 @@ typedef struct op {
     uint64_t       deadline_ms;  /* until when the new record counts */
     bool           maybe_applied;/* an earlier try's write may have reached the server */
     bool           too_big_is_final; /* commit: a record refused for its size is IDEM_ETOOBIG */
+    uint64_t       until_mono;   /* the whole call ends by then (monotonic ms); set by with_conn() */
     /* claim's results */
     void          *existing;
     size_t         existing_len;
@@ -432,6 +410,26 @@ static uint8_t *envelope(const op *o, size_t *len)
     memcpy(v + ENVELOPE_LEN, o->record, o->record_len);
     *len = ENVELOPE_LEN + o->record_len;
     return v;
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Before each step of an op: let libmemcached wait only for what is left
+ * of the call's timeout_ms (it reads the limit at every wait), or say the
+ * time is up. */
+static memcached_return_t step_budget(memcached_st *mc, const op *o)
+{
+    uint64_t now = mono_ms();
+    if (now >= o->until_mono)
+        return MEMCACHED_TIMEOUT;
+    if (memcached_failed(memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, o->until_mono - now)))
+        return MEMCACHED_TIMEOUT;
+    return MEMCACHED_SUCCESS;
 }
 
 /* An op, run by with_conn(): it returns an IDEM_* code and leaves in *mrc
@@ -461,6 +459,8 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
     for (int round = 0; round < MAX_ROUNDS; round++) {
         uint64_t now = idem_now_ms();
         time_t exp = server_expiry(o->deadline_ms, now);
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+            break;
         *mrc = memcached_add(mc, o->ekey, o->eklen, (const char *)v, vlen, exp, ITEM_FLAGS);
         if (*mrc == MEMCACHED_SUCCESS) {
             ret = IDEM_OK;
@@ -468,7 +468,8 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
         }
         if (*mrc != MEMCACHED_NOTSTORED) /* the text protocol's add answers only this when taken */
             break;
-        if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+            (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
             break;
         if (!it.found)
             continue; /* gone between add and gets: add again */
@@ -482,17 +483,13 @@ static int do_claim(memcached_st *mc, op *o, memcached_return_t *mrc)
         if (item_live(&it, now)) {
             uint64_t left = it.ours ? it.deadline_ms - now : UINT32_MAX;
             o->remaining_ms = left >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)left;
-            o->existing_len = it.ours ? item_record_len(&it) : it.len;
-            o->existing = malloc(o->existing_len ? o->existing_len : 1);
-            if (!o->existing) {
-                ret = idem_error_set(IDEM_ENOMEM, "memcached: out of memory reading a record");
-                break;
-            }
-            memcpy(o->existing, it.ours ? item_record(&it) : it.value, o->existing_len);
-            ret = IDEM_OK;
+            ret = idem_record_dup("memcached", it.ours ? item_record(&it) : it.value,
+                                  it.ours ? item_record_len(&it) : it.len, &o->existing, &o->existing_len);
             break;
         }
         /* Expired by its deadline but not yet by memcached's clock: take over. */
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+            break;
         *mrc = memcached_cas(mc, o->ekey, o->eklen, (const char *)v, vlen, server_expiry(o->deadline_ms, now),
                              ITEM_FLAGS, it.cas);
         if (*mrc == MEMCACHED_SUCCESS) {
@@ -521,7 +518,8 @@ static int do_fenced(memcached_st *mc, op *o, memcached_return_t *mrc, enum fenc
     int ret = IDEM_EBACKEND;
     item it = {0};
     for (int round = 0; round < MAX_ROUNDS; round++) {
-        if ((*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+            (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
             break;
         uint64_t now = idem_now_ms();
         int state = 0;
@@ -539,6 +537,8 @@ static int do_fenced(memcached_st *mc, op *o, memcached_return_t *mrc, enum fenc
             ret = kind == F_COMMIT ? IDEM_OK : IDEM_ELOST;
             break;
         }
+        if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+            break;
         o->maybe_applied = true;
         if (kind == F_RELEASE)
             *mrc = memcached_cas(mc, o->ekey, o->eklen, "", 0, EXPIRED_ABSOLUTE, 0, it.cas);
@@ -574,37 +574,43 @@ static int do_release(memcached_st *mc, op *o, memcached_return_t *mrc)
     return do_fenced(mc, o, mrc, F_RELEASE);
 }
 
+/* One use of a pooled connection: an op and what runs it. */
+typedef struct call {
+    store *s;
+    op    *o;
+    op_fn  fn;
+} call;
+
 /*
- * Run fn on a pooled connection. When memcached failed and the connection
- * had served earlier requests (its socket may be to a server that restarted
- * since, like every other pooled one), try once more on a new connection,
- * not another pooled one; a timeout is not retried, so a call never waits
- * much longer than timeout_ms.
+ * Run the op on a connection, for idem_pool_run(). When memcached failed
+ * without answering, the connection is stale if it may be to a server that
+ * restarted since it was pooled: idem_pool_run() then tries once more on a
+ * new connection, not another pooled one. A timeout is broken, not stale,
+ * and never retried, so a call never waits much longer than timeout_ms.
  */
+static int run_call(void *conn, void *arg, idem_conn_state *state)
+{
+    call *k = arg;
+    memcached_st *mc = conn;
+    memcached_return_t mrc = MEMCACHED_SUCCESS;
+    int rc = k->fn(mc, k->o, &mrc);
+    bool healthy = answered(mrc);
+    if (rc == IDEM_EBACKEND && !healthy) {
+        *state = mrc == MEMCACHED_TIMEOUT ? IDEM_CONN_BROKEN : IDEM_CONN_STALE;
+        return fail(k->s, mc, k->o->ekey, k->o->eklen, mrc, k->o->what, k->o->too_big_is_final);
+    }
+    if (rc == IDEM_EBACKEND && !memcached_success(mrc) && mrc != MEMCACHED_NOTSTORED &&
+        mrc != MEMCACHED_DATA_EXISTS && mrc != MEMCACHED_NOTFOUND)
+        rc = fail(k->s, mc, k->o->ekey, k->o->eklen, mrc, k->o->what, k->o->too_big_is_final);
+    *state = healthy ? IDEM_CONN_OK : IDEM_CONN_BROKEN;
+    return rc;
+}
+
 static int with_conn(store *s, op *o, op_fn fn)
 {
-    for (int attempt = 0;; attempt++) {
-        conn *c = NULL;
-        int rc = acquire(s, attempt > 0, &c);
-        if (rc)
-            return rc;
-        memcached_return_t mrc = MEMCACHED_SUCCESS;
-        rc = fn(c->mc, o, &mrc);
-        bool healthy = answered(mrc);
-        if (rc == IDEM_EBACKEND && !healthy) {
-            bool again = attempt == 0 && c->used && mrc != MEMCACHED_TIMEOUT;
-            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what, o->too_big_is_final);
-            release_conn(s, c, false);
-            if (again)
-                continue;
-            return rc;
-        }
-        if (rc == IDEM_EBACKEND && !memcached_success(mrc) && mrc != MEMCACHED_NOTSTORED &&
-            mrc != MEMCACHED_DATA_EXISTS && mrc != MEMCACHED_NOTFOUND)
-            rc = fail(s, c->mc, o->ekey, o->eklen, mrc, o->what, o->too_big_is_final);
-        release_conn(s, c, healthy);
-        return rc;
-    }
+    call k = {.s = s, .o = o, .fn = fn};
+    o->until_mono = mono_ms() + s->timeout_ms; /* the retry on a new connection shares it */
+    return idem_pool_run(s->pool, run_call, &k);
 }
 
 /* ---- driver functions ---- */
@@ -666,13 +672,8 @@ static int probe_server(store *s, const mc_server *sv, size_t *item_size_max)
 
 static void store_free(store *s)
 {
-    while (s->idle) {
-        conn *c = s->idle;
-        s->idle = c->next;
-        conn_free(c);
-    }
+    idem_pool_free(s->pool);
     memcached_free(s->master);
-    pthread_mutex_destroy(&s->mu);
     for (size_t i = 0; i < s->nservers; i++)
         free(s->servers[i].label);
     free(s->servers);
@@ -743,14 +744,13 @@ static int mc_open(void **state, const idem_url *url)
     if (url->path && strcmp(url->path, "/") != 0)
         return idem_error_set(IDEM_EINVAL, "memcached URL has a path (%s); memcached has no databases, "
                               "use memcached://host:port[,host:port...]", url->path);
-    uint64_t timeout = DEFAULT_TIMEOUT_MS;
-    int rc = idem_url_param_uint(url, "timeout_ms", 1, MAX_TIMEOUT_MS, &timeout);
+    static const char *const known[] = {"timeout_ms", NULL};
+    int rc = idem_url_check_params(url, "memcached", known);
     if (rc)
         return rc;
-    for (size_t i = 0; i < url->nparams; i++)
-        if (strcmp(url->params[i].name, "timeout_ms") != 0)
-            return idem_error_set(IDEM_EINVAL, "memcached URL parameter '%s' is unknown; the known one "
-                                  "is timeout_ms", url->params[i].name);
+    uint64_t timeout = DEFAULT_TIMEOUT_MS;
+    if ((rc = idem_url_param_uint(url, "timeout_ms", 1, MAX_TIMEOUT_MS, &timeout)))
+        return rc;
     for (size_t i = 0; i < url->nhosts; i++)
         for (size_t j = 0; j < i; j++)
             if (strcmp(url->hosts[i].host, url->hosts[j].host) == 0 &&
@@ -763,8 +763,12 @@ static int mc_open(void **state, const idem_url *url)
     store *s = calloc(1, sizeof *s);
     if (!s)
         return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
-    pthread_mutex_init(&s->mu, NULL);
     s->timeout_ms = (uint32_t)timeout;
+    idem_pool_config pc = {.ctx = s, .connect = pool_connect, .disconnect = pool_disconnect};
+    if ((rc = idem_pool_new(&s->pool, &pc))) {
+        free(s);
+        return rc;
+    }
     if (!(s->servers = calloc(url->nhosts, sizeof *s->servers))) {
         store_free(s);
         return idem_error_set(IDEM_ENOMEM, "memcached: out of memory");
@@ -895,6 +899,77 @@ static int mc_release(void *state, const void *key, size_t key_len, const uint8_
     return rc ? rc : with_conn(state, &o, do_release);
 }
 
+static int do_read(memcached_st *mc, op *o, memcached_return_t *mrc)
+{
+    item it = {0};
+    if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+        (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+        return IDEM_EBACKEND;
+    uint64_t now = idem_now_ms();
+    int ret = IDEM_OK;
+    if (item_live(&it, now)) {
+        uint64_t left = it.ours ? it.deadline_ms - now : UINT32_MAX;
+        o->remaining_ms = left >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)left;
+        ret = idem_record_dup("memcached", it.ours ? item_record(&it) : it.value,
+                              it.ours ? item_record_len(&it) : it.len, &o->existing, &o->existing_len);
+    }
+    item_clear(&it);
+    return ret;
+}
+
+/* Delete whatever is there; o->existing_len says whether it was live. */
+static int do_remove(memcached_st *mc, op *o, memcached_return_t *mrc)
+{
+    item it = {0};
+    if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS ||
+        (*mrc = mc_gets(mc, o->ekey, o->eklen, &it)) != MEMCACHED_SUCCESS)
+        return IDEM_EBACKEND;
+    bool live = item_live(&it, idem_now_ms());
+    bool found = it.found;
+    item_clear(&it);
+    if (!found)
+        return IDEM_OK;
+    if ((*mrc = step_budget(mc, o)) != MEMCACHED_SUCCESS)
+        return IDEM_EBACKEND;
+    *mrc = memcached_delete(mc, o->ekey, o->eklen, 0);
+    if (*mrc != MEMCACHED_SUCCESS && *mrc != MEMCACHED_NOTFOUND)
+        return IDEM_EBACKEND;
+    o->existing_len = live && *mrc == MEMCACHED_SUCCESS;
+    return IDEM_OK;
+}
+
+static int mc_read(void *state, const void *key, size_t key_len, void **record, size_t *record_len,
+                   uint32_t *remaining_ms)
+{
+    *record = NULL;
+    *record_len = 0;
+    *remaining_ms = UINT32_MAX;
+    char ekey[MAX_KEY + 1];
+    op o = {.what = "reading a record", .ekey = ekey, .remaining_ms = UINT32_MAX};
+    int rc = encode_key(key, key_len, ekey, &o.eklen);
+    if (rc == IDEM_OK)
+        rc = with_conn(state, &o, do_read);
+    if (rc == IDEM_OK && o.existing) {
+        *record = o.existing;
+        *record_len = o.existing_len;
+        *remaining_ms = o.remaining_ms;
+    } else {
+        free(o.existing);
+    }
+    return rc;
+}
+
+static int mc_remove(void *state, const void *key, size_t key_len, bool *deleted)
+{
+    *deleted = false;
+    char ekey[MAX_KEY + 1];
+    op o = {.what = "deleting a key", .ekey = ekey};
+    int rc = encode_key(key, key_len, ekey, &o.eklen);
+    if (rc == IDEM_OK)
+        rc = with_conn(state, &o, do_remove);
+    *deleted = rc == IDEM_OK && o.existing_len;
+    return rc;
+}
 static int mc_check(void *state, idem_findings *out); /* at the end of the file */
 
 const idem_backend idem__memcached_backend = {
@@ -907,6 +982,8 @@ const idem_backend idem__memcached_backend = {
     .release = mc_release,
     .extend = mc_extend,
     .max_record_len = mc_max_record_len,
+    .read = mc_read,
+    .remove = mc_remove,
     .check = mc_check,
 };
 

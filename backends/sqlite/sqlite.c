@@ -3,16 +3,33 @@
  *
  * One table, one row per key. A claim first reads (a replay or an
  * in-progress answer needs no write lock), and only when the key is free
- * writes: one conditional insert that loses to a live record. Commit, release and extend are single statements fenced by
- * token, state and expiry. WAL mode lets readers run beside the writer, and
- * the busy timeout serialises writers across processes.
+ * writes: one conditional insert that loses to a live record. Commit,
+ * release and extend are single statements fenced by token, state and
+ * expiry. WAL mode lets readers run beside the writer.
+ *
+ * Writers queue twice: the threads of one store in a first-come first-served
+ * queue of their own (so they never spin against each other in SQLite's
+ * busy handler, which favours no one), and the one at its head against
+ * other processes in SQLite's busy timeout. Both waits together stay within
+ * busy_timeout_ms.
+ *
+ * Connections come from the shared pool (idem_pool); one whose statement
+ * failed for any reason but a busy lock, a constraint, a size limit or
+ * memory is reported broken, so it and the idle ones are replaced (a file
+ * made read-only and writable again, a disk that filled up, a database
+ * that was replaced).
  */
+#include <errno.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
+#include <time.h>
+#include <unistd.h>
 
 #include <sqlite3.h>
 
@@ -25,7 +42,7 @@
 
 enum stmt_id {
     S_LOOKUP, S_INSERT, S_COMMIT, S_STATE, S_RELEASE, S_EXTEND,
-    S_CLEANUP, S_COUNT
+    S_CLEANUP, S_REMOVE, S_COUNT
 };
 
 static const char *const stmt_sql[S_COUNT] = {
@@ -44,6 +61,7 @@ static const char *const stmt_sql[S_COUNT] = {
                  "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > ?5",
     [S_CLEANUP] = "DELETE FROM idem_records WHERE key IN "
                   "(SELECT key FROM idem_records WHERE expires_at <= ?1 LIMIT " CLEANUP_BATCH ")",
+    [S_REMOVE] = "DELETE FROM idem_records WHERE key = ?1 AND expires_at > ?2",
 };
 
 static const char schema[] =
@@ -59,29 +77,204 @@ static const char schema[] =
 typedef struct conn {
     sqlite3      *db;
     sqlite3_stmt *stmt[S_COUNT];
-    struct conn  *next;
+    int           failed;   /* result code of the last failed step in this use, or SQLITE_OK */
 } conn;
+
+/* A thread waiting its turn to write, on its own stack. */
+typedef struct waiter {
+    pthread_cond_t cv;
+    bool           granted;
+    struct waiter *next;
+} waiter;
+
+/* The write queue of one store: first come, first served. */
+typedef struct wqueue {
+    pthread_mutex_t mu;
+    bool            held;
+    waiter         *head, *tail;
+    unsigned        waiting;
+} wqueue;
 
 typedef struct store {
     char            *path;
+    char            *where;      /* "sqlite <path>", for messages */
     int              busy_ms;
     const char      *synchronous;
-    pthread_mutex_t  mu;
-    conn            *idle;       /* connections not in use */
+    idem_pool       *pool;
+    size_t           max_len;    /* SQLite's length limit, less the row's other columns */
+    wqueue           wq;
     _Atomic uint64_t next_cleanup_ms;
 } store;
 
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ---- the write queue ---- */
+
+static int wq_init(wqueue *q)
+{
+    memset(q, 0, sizeof *q);
+    return pthread_mutex_init(&q->mu, NULL) == 0 ? IDEM_OK : IDEM_ENOMEM;
+}
+
+/* Wait, behind the threads that came first, until this thread may write;
+ * at most timeout_ms. true when it may, false on timeout (*ahead says how
+ * many were waiting when it came). */
+static bool wq_lock(wqueue *q, int timeout_ms, unsigned *ahead)
+{
+    pthread_mutex_lock(&q->mu);
+    if (!q->held && !q->head) {
+        q->held = true;
+        pthread_mutex_unlock(&q->mu);
+        return true;
+    }
+    *ahead = q->waiting + 1;
+    waiter w = {.granted = false};
+    pthread_condattr_t attr;
+    pthread_condattr_init(&attr);
+    pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+    pthread_cond_init(&w.cv, &attr);
+    pthread_condattr_destroy(&attr);
+    if (q->tail)
+        q->tail->next = &w;
+    else
+        q->head = &w;
+    q->tail = &w;
+    q->waiting++;
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    until.tv_sec += timeout_ms / 1000;
+    until.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    while (!w.granted)
+        if (pthread_cond_timedwait(&w.cv, &q->mu, &until) == ETIMEDOUT && !w.granted)
+            break;
+    if (!w.granted) { /* give up our place */
+        waiter **pp = &q->head, *prev = NULL;
+        while (*pp != &w) {
+            prev = *pp;
+            pp = &(*pp)->next;
+        }
+        *pp = w.next;
+        if (q->tail == &w)
+            q->tail = prev;
+    }
+    q->waiting--;
+    pthread_mutex_unlock(&q->mu);
+    pthread_cond_destroy(&w.cv);
+    return w.granted;
+}
+
+/* Hand the turn to the next thread in line, or free it. */
+static void wq_unlock(wqueue *q)
+{
+    pthread_mutex_lock(&q->mu);
+    waiter *next = q->head;
+    if (next) {
+        q->head = next->next;
+        if (!q->head)
+            q->tail = NULL;
+        next->granted = true; /* q->held stays true: the turn passes */
+        pthread_cond_signal(&next->cv);
+    } else {
+        q->held = false;
+    }
+    pthread_mutex_unlock(&q->mu);
+}
+
+/* ---- errors ---- */
+
+/* Set the message "sqlite <path>: <what>: <detail>" and return err. */
+static int sq_error(const store *s, int err, const char *what, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int sq_error(const store *s, int err, const char *what, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    char *detail = NULL;
+    int n = vasprintf(&detail, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return idem_driver_error(err, s->where, what, "%s", idem_strerror(err));
+    idem_driver_error(err, s->where, what, "%s", detail);
+    free(detail);
+    return err;
+}
+
+/* Is the directory holding path on a read-only file system? */
+static bool on_read_only_fs(const char *path)
+{
+    char *dir = strdup(path);
+    if (!dir)
+        return false;
+    char *slash = strrchr(dir, '/');
+    if (slash)
+        slash[slash == dir ? 1 : 0] = '\0';
+    struct statvfs vfs;
+    bool ro = statvfs(dir, &vfs) == 0 && (vfs.f_flag & ST_RDONLY);
+    free(dir);
+    return ro;
+}
+
+/* The error for a failed SQLite call on db (NULL: code alone). */
+static int fail_code(const store *s, sqlite3 *db, int code, const char *what)
+{
+    const char *msg = db ? sqlite3_errmsg(db) : sqlite3_errstr(code);
+    switch (code & 0xff) {
+    case SQLITE_TOOBIG: /* retrying cannot help */
+        return sq_error(s, IDEM_ETOOBIG, what, "the record is larger than SQLite's length limit");
+    case SQLITE_NOMEM:
+        return sq_error(s, IDEM_ENOMEM, what, "SQLite is out of memory");
+    case SQLITE_BUSY:
+        return sq_error(s, IDEM_EBACKEND, what, "%s; another connection to this file (another process, "
+                        "or another store opened on it) held the write lock past busy_timeout_ms; "
+                        "retry, or raise busy_timeout_ms", msg);
+    case SQLITE_READONLY:
+    case SQLITE_CANTOPEN:
+    case SQLITE_PERM:
+        if (on_read_only_fs(s->path))
+            return sq_error(s, IDEM_EBACKEND, what, "%s; the file system holding it is mounted read-only",
+                            msg);
+        if ((code & 0xff) != SQLITE_READONLY && access(s->path, F_OK) == 0 && access(s->path, W_OK) != 0)
+            return sq_error(s, IDEM_EBACKEND, what, "%s; the file is not writable by this process", msg);
+        if ((code & 0xff) == SQLITE_READONLY)
+            return sq_error(s, IDEM_EBACKEND, what, "%s; the file, its -wal or -shm file or its "
+                            "directory is read-only for this process", msg);
+        return sq_error(s, IDEM_EBACKEND, what, "%s; does its directory exist and is it writable?", msg);
+    default:
+        return sq_error(s, IDEM_EBACKEND, what, "%s", msg);
+    }
+}
+
 static int fail(const store *s, sqlite3 *db, const char *what)
 {
-    int code = db ? sqlite3_extended_errcode(db) : SQLITE_ERROR;
-    if ((code & 0xff) == SQLITE_TOOBIG) /* retrying cannot help */
-        return idem_error_set(IDEM_ETOOBIG, "sqlite %s: %s: the record is larger than SQLite's "
-                              "length limit", s->path, what);
-    const char *hint = (code & 0xff) == SQLITE_BUSY
-                           ? "; another process held the write lock past busy_timeout_ms, retry or raise it"
-                           : "";
-    return idem_error_set(IDEM_EBACKEND, "sqlite %s: %s: %s%s", s->path, what,
-                          db ? sqlite3_errmsg(db) : sqlite3_errstr(code), hint);
+    return fail_code(s, db, db ? sqlite3_extended_errcode(db) : SQLITE_ERROR, what);
+}
+
+/* What a statement's failure says about its connection: a busy lock, a
+ * constraint, a size limit or memory leave it as good as it was; anything
+ * else (read-only, I/O error, full disk, corruption, a schema that changed
+ * under it) and it is replaced, with every idle one. */
+static idem_conn_state conn_state_after(int failed)
+{
+    switch (failed & 0xff) {
+    case SQLITE_OK:
+    case SQLITE_BUSY:
+    case SQLITE_LOCKED:
+    case SQLITE_CONSTRAINT:
+    case SQLITE_TOOBIG:
+    case SQLITE_NOMEM:
+        return IDEM_CONN_OK;
+    default:
+        return IDEM_CONN_BROKEN;
+    }
 }
 
 static void conn_free(conn *c)
@@ -92,6 +285,12 @@ static void conn_free(conn *c)
         sqlite3_finalize(c->stmt[i]);
     sqlite3_close(c->db);
     free(c);
+}
+
+static void pool_disconnect(void *ctx, void *c)
+{
+    (void)ctx;
+    conn_free(c);
 }
 
 /* Switch the database to WAL once. Changing the journal mode answers BUSY
@@ -116,17 +315,21 @@ static int set_wal(const store *s, sqlite3 *db)
     return rc;
 }
 
-static int conn_new(store *s, conn **out)
+static int conn_new(void *ctx, void **out)
 {
+    store *s = ctx;
     conn *c = calloc(1, sizeof *c);
     if (!c)
-        return idem_error_set(IDEM_ENOMEM, "sqlite %s: out of memory", s->path);
+        return sq_error(s, IDEM_ENOMEM, "opening a connection", "out of memory");
     int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
-    if (sqlite3_open_v2(s->path, &c->db, flags, NULL) != SQLITE_OK) {
-        int rc = fail(s, c->db, "cannot open the database (does its directory exist and is it writable?)");
+    int orc = sqlite3_open_v2(s->path, &c->db, flags, NULL);
+    if (orc != SQLITE_OK) {
+        int rc = c->db ? fail(s, c->db, "cannot open the database")
+                       : fail_code(s, NULL, orc, "cannot open the database");
         conn_free(c);
         return rc;
     }
+    sqlite3_extended_result_codes(c->db, 1);
     sqlite3_busy_timeout(c->db, s->busy_ms);
     char pragma[64];
     snprintf(pragma, sizeof pragma, "PRAGMA synchronous=%s;", s->synchronous);
@@ -150,30 +353,58 @@ static int conn_new(store *s, conn **out)
 
 static int acquire(store *s, conn **out)
 {
-    pthread_mutex_lock(&s->mu);
-    conn *c = s->idle;
-    if (c)
-        s->idle = c->next;
-    pthread_mutex_unlock(&s->mu);
-    if (c) {
+    void *c;
+    int rc = idem_pool_get(s->pool, &c, NULL);
+    if (rc == IDEM_OK)
         *out = c;
-        return IDEM_OK;
-    }
-    return conn_new(s, out);
+    return rc;
 }
 
+/* Back to the pool, as its last statement left it. */
 static void release_conn(store *s, conn *c)
 {
-    pthread_mutex_lock(&s->mu);
-    c->next = s->idle;
-    s->idle = c;
-    pthread_mutex_unlock(&s->mu);
+    idem_conn_state st = conn_state_after(c->failed);
+    c->failed = SQLITE_OK;
+    idem_pool_put(s->pool, c, st);
+}
+
+/* Take this store's write turn and give SQLite what is left of
+ * busy_timeout_ms for other processes. false with a message on timeout. */
+static int begin_write(store *s, conn *c, const char *what)
+{
+    if (s->busy_ms == 0)
+        return wq_lock(&s->wq, 0, &(unsigned){0}) ? IDEM_OK
+               : sq_error(s, IDEM_EBACKEND, what, "another thread of this process is writing and "
+                          "busy_timeout_ms is 0; retry, or raise busy_timeout_ms");
+    uint64_t start = mono_ms();
+    unsigned ahead = 0;
+    if (!wq_lock(&s->wq, s->busy_ms, &ahead))
+        return sq_error(s, IDEM_EBACKEND, what, "%u threads of this process were waiting to write "
+                        "before this one, and its turn did not come within busy_timeout_ms (%d ms); "
+                        "retry, raise busy_timeout_ms, or use fewer threads", ahead, s->busy_ms);
+    uint64_t waited = mono_ms() - start;
+    sqlite3_busy_timeout(c->db, waited >= (uint64_t)s->busy_ms ? 1 : s->busy_ms - (int)waited);
+    return IDEM_OK;
+}
+
+static void end_write(store *s)
+{
+    wq_unlock(&s->wq);
+}
+
+/* Step st on c, noting a failure for release_conn(). */
+static int step(conn *c, sqlite3_stmt *st)
+{
+    int rc = sqlite3_step(st);
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE)
+        c->failed = sqlite3_extended_errcode(c->db);
+    return rc;
 }
 
 /* Run a statement that returns no rows; SQLITE_DONE or an error code. */
-static int run(sqlite3_stmt *st)
+static int run(conn *c, sqlite3_stmt *st)
 {
-    int rc = sqlite3_step(st);
+    int rc = step(c, st);
     sqlite3_reset(st);
     sqlite3_clear_bindings(st);
     return rc;
@@ -181,67 +412,66 @@ static int run(sqlite3_stmt *st)
 
 /* ---- driver functions ---- */
 
+/* SQLite refuses rows over SQLITE_LIMIT_LENGTH (1e9 bytes by default); the
+ * record shares its row with the key, token, state and expiry. */
+#define ROW_ALLOWANCE 4096
+
+static void store_free(store *s)
+{
+    idem_pool_free(s->pool);
+    pthread_mutex_destroy(&s->wq.mu);
+    free(s->where);
+    free(s->path);
+    free(s);
+}
+
 static int sq_open(void **state, const idem_url *url)
 {
+    static const char *const known[] = {"busy_timeout_ms", "synchronous", NULL};
     if (url->nhosts || url->user || url->password || !url->path || url->path[0] != '/' || !url->path[1])
         return idem_error_set(IDEM_EINVAL, "sqlite URLs name an absolute file path and no host: "
                                            "sqlite:///var/lib/app/idem.db (three slashes)");
-    uint64_t busy = DEFAULT_BUSY_TIMEOUT_MS;
-    int rc = idem_url_param_uint(url, "busy_timeout_ms", 0, 3600000, &busy);
+    int rc = idem_url_check_params(url, "sqlite", known);
     if (rc)
+        return rc;
+    uint64_t busy = DEFAULT_BUSY_TIMEOUT_MS;
+    if ((rc = idem_url_param_uint(url, "busy_timeout_ms", 0, 3600000, &busy)))
         return rc;
     const char *sync = idem_url_param_get(url, "synchronous");
     if (sync && strcmp(sync, "full") != 0 && strcmp(sync, "normal") != 0)
         return idem_error_set(IDEM_EINVAL, "sqlite URL parameter synchronous must be full or normal");
-    for (size_t i = 0; i < url->nparams; i++)
-        if (strcmp(url->params[i].name, "busy_timeout_ms") && strcmp(url->params[i].name, "synchronous"))
-            return idem_error_set(IDEM_EINVAL, "sqlite URL parameter '%s' is unknown; the known ones "
-                                  "are busy_timeout_ms and synchronous", url->params[i].name);
     store *s = calloc(1, sizeof *s);
-    if (!s || !(s->path = strdup(url->path))) {
+    if (!s || wq_init(&s->wq) != IDEM_OK) {
         free(s);
+        return idem_error_set(IDEM_ENOMEM, "sqlite: out of memory");
+    }
+    if (!(s->path = strdup(url->path)) || asprintf(&s->where, "sqlite %s", url->path) < 0) {
+        s->where = NULL;
+        store_free(s);
         return idem_error_set(IDEM_ENOMEM, "sqlite: out of memory");
     }
     s->busy_ms = (int)busy;
     s->synchronous = sync && strcmp(sync, "normal") == 0 ? "NORMAL" : "FULL";
-    pthread_mutex_init(&s->mu, NULL);
-    conn *c;
-    if ((rc = conn_new(s, &c))) { /* fail now, not at the first request */
-        pthread_mutex_destroy(&s->mu);
-        free(s->path);
-        free(s);
+    idem_pool_config pc = {.ctx = s, .connect = conn_new, .disconnect = pool_disconnect};
+    if ((rc = idem_pool_new(&s->pool, &pc))) {
+        store_free(s);
         return rc;
     }
-    s->idle = c;
+    conn *c;
+    if ((rc = acquire(s, &c))) { /* fail now, not at the first request */
+        store_free(s);
+        return rc;
+    }
+    int limit = sqlite3_limit(c->db, SQLITE_LIMIT_LENGTH, -1);
+    s->max_len = limit > ROW_ALLOWANCE ? (size_t)limit - ROW_ALLOWANCE : 0;
+    release_conn(s, c);
     *state = s;
     return IDEM_OK;
 }
 
 static void sq_close(void *state)
 {
-    store *s = state;
-    while (s->idle) {
-        conn *c = s->idle;
-        s->idle = c->next;
-        conn_free(c);
-    }
-    pthread_mutex_destroy(&s->mu);
-    free(s->path);
-    free(s);
-}
-
-/* Copy the value of the current row of st, column 0. */
-static int take_value(const store *s, sqlite3_stmt *st, void **out, size_t *out_len)
-{
-    int n = sqlite3_column_bytes(st, 0);
-    const void *v = sqlite3_column_blob(st, 0);
-    *out = malloc(n > 0 ? (size_t)n : 1);
-    if (!*out)
-        return idem_error_set(IDEM_ENOMEM, "sqlite %s: out of memory reading a record", s->path);
-    if (n > 0)
-        memcpy(*out, v, (size_t)n);
-    *out_len = (size_t)n;
-    return IDEM_OK;
+    store_free(state);
 }
 
 /* Look key up; IDEM_OK with *out NULL when there is no live record. */
@@ -251,11 +481,16 @@ static int lookup(store *s, conn *c, const void *key, size_t key_len, uint64_t n
     sqlite3_stmt *st = c->stmt[S_LOOKUP];
     sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
     sqlite3_bind_int64(st, 2, (sqlite3_int64)now);
-    int rc = sqlite3_step(st), ret = IDEM_OK;
+    int rc = step(c, st), ret = IDEM_OK;
     if (rc == SQLITE_ROW) {
         uint64_t left = (uint64_t)sqlite3_column_int64(st, 1) - now;
         *remaining_ms = left >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)left;
-        ret = take_value(s, st, out, out_len);
+        const void *v = sqlite3_column_blob(st, 0);
+        int n = sqlite3_column_bytes(st, 0);
+        if (!v && sqlite3_errcode(c->db) == SQLITE_NOMEM)
+            ret = fail_code(s, NULL, SQLITE_NOMEM, "reading a record");
+        else
+            ret = idem_record_dup(s->where, v, n > 0 ? (size_t)n : 0, out, out_len);
     } else if (rc != SQLITE_DONE) {
         ret = fail(s, c->db, "reading a record");
     }
@@ -264,14 +499,24 @@ static int lookup(store *s, conn *c, const void *key, size_t key_len, uint64_t n
     return ret;
 }
 
-/* Delete a batch of expired rows, at most once a second per store. */
+/* Delete a batch of expired rows, at most once a second per store; with
+ * the write turn held. */
 static void maybe_cleanup(store *s, conn *c, uint64_t now)
 {
     uint64_t due = atomic_load_explicit(&s->next_cleanup_ms, memory_order_relaxed);
     if (now < due || !atomic_compare_exchange_strong(&s->next_cleanup_ms, &due, now + CLEANUP_INTERVAL_MS))
         return;
     sqlite3_bind_int64(c->stmt[S_CLEANUP], 1, (sqlite3_int64)now);
-    (void)run(c->stmt[S_CLEANUP]); /* a failed clean-up is retried next time */
+    if (run(c, c->stmt[S_CLEANUP]) != SQLITE_DONE)
+        c->failed = SQLITE_OK; /* a failed clean-up is retried next time; it says nothing of the claim */
+}
+
+/* Is rec a STARTED record written under token? */
+static bool started_by(const void *rec, size_t len, const uint8_t *token)
+{
+    idem_record_info info;
+    return idem_record_peek(rec, len, &info) == IDEM_OK && info.state == IDEM_STATE_STARTED &&
+           memcmp(info.token, token, IDEM_TOKEN_LEN) == 0;
 }
 
 static int sq_claim(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
@@ -291,10 +536,21 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
      * record that beat it is read again (and if that one is already gone,
      * the claim is tried again). */
     for (int attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
-        uint64_t now = idem_now_ms();
-        rc = lookup(s, c, key, key_len, now, existing, existing_len, remaining_ms);
-        if (rc || *existing)
+        rc = lookup(s, c, key, key_len, idem_now_ms(), existing, existing_len, remaining_ms);
+        if (rc || *existing) {
+            /* This very claim, stored already (the caller sent it again):
+             * it is ours, as backend.h says. */
+            if (rc == IDEM_OK && ours && started_by(*existing, *existing_len, info.token)) {
+                free(*existing);
+                *existing = NULL;
+                *existing_len = 0;
+            }
             goto out;
+        }
+        if ((rc = begin_write(s, c, "claiming a key")))
+            goto out;
+        /* The lease counts from the write, not from before the wait for it. */
+        uint64_t now = idem_now_ms();
         sqlite3_stmt *st = c->stmt[S_INSERT];
         sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
         if (ours) {
@@ -304,17 +560,20 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
         sqlite3_bind_blob(st, 4, record, (int)record_len, SQLITE_STATIC);
         sqlite3_bind_int64(st, 5, (sqlite3_int64)(now + lease_ms));
         sqlite3_bind_int64(st, 6, (sqlite3_int64)now);
-        if (run(st) != SQLITE_DONE) {
+        bool done = run(c, st) == SQLITE_DONE;
+        bool won = done && sqlite3_changes(c->db) == 1;
+        if (won)
+            maybe_cleanup(s, c, now);
+        end_write(s);
+        if (!done) {
             rc = fail(s, c->db, "claiming a key");
             goto out;
         }
-        if (sqlite3_changes(c->db) == 1) {
-            maybe_cleanup(s, c, now);
+        if (won)
             goto out;
-        }
     }
-    rc = idem_error_set(IDEM_EBACKEND, "sqlite %s: the key changed hands %d times while it was being "
-                        "claimed; retry", s->path, CLAIM_ATTEMPTS);
+    rc = sq_error(s, IDEM_EBACKEND, "claiming a key", "the key changed hands %d times while it was "
+                  "being claimed; retry", CLAIM_ATTEMPTS);
 out:
     release_conn(s, c);
     return rc;
@@ -328,7 +587,7 @@ static int completed_by(store *s, conn *c, const void *key, size_t key_len, cons
     sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
     sqlite3_bind_blob(st, 2, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
     sqlite3_bind_int64(st, 3, (sqlite3_int64)now);
-    int rc = sqlite3_step(st), ret = IDEM_ELOST;
+    int rc = step(c, st), ret = IDEM_ELOST;
     if (rc == SQLITE_ROW) {
         const unsigned char *state = sqlite3_column_text(st, 0);
         ret = state && state[0] == 'C' ? IDEM_OK : IDEM_ELOST;
@@ -344,10 +603,15 @@ static int completed_by(store *s, conn *c, const void *key, size_t key_len, cons
 static int fenced_update(store *s, enum stmt_id id, const void *key, size_t key_len,
                          const uint8_t *token, const void *record, size_t record_len, uint64_t ttl_ms)
 {
+    const char *what = id == S_COMMIT ? "storing a response" : "extending a lease";
     conn *c;
     int rc = acquire(s, &c);
     if (rc)
         return rc;
+    if ((rc = begin_write(s, c, what))) {
+        release_conn(s, c);
+        return rc;
+    }
     uint64_t now = idem_now_ms();
     sqlite3_stmt *st = c->stmt[id];
     sqlite3_bind_blob(st, 1, record, (int)record_len, SQLITE_STATIC);
@@ -355,9 +619,12 @@ static int fenced_update(store *s, enum stmt_id id, const void *key, size_t key_
     sqlite3_bind_blob(st, 3, key, (int)key_len, SQLITE_STATIC);
     sqlite3_bind_blob(st, 4, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
     sqlite3_bind_int64(st, 5, (sqlite3_int64)now);
-    if (run(st) != SQLITE_DONE)
-        rc = fail(s, c->db, id == S_COMMIT ? "storing a response" : "extending a lease");
-    else if (sqlite3_changes(c->db) == 0)
+    int src = run(c, st);
+    int changes = sqlite3_changes(c->db);
+    end_write(s);
+    if (src != SQLITE_DONE)
+        rc = fail(s, c->db, what);
+    else if (changes == 0) /* a commit that already happened is recognised by its token */
         rc = id == S_COMMIT ? completed_by(s, c, key, key_len, token, now) : IDEM_ELOST;
     release_conn(s, c);
     return rc;
@@ -375,36 +642,73 @@ static int sq_extend(void *state, const void *key, size_t key_len, const uint8_t
     return fenced_update(state, S_EXTEND, key, key_len, token, record, record_len, lease_ms);
 }
 
-static int sq_release(void *state, const void *key, size_t key_len, const uint8_t *token)
+/* A DELETE of key under the write turn: IDEM_OK and *changes, or an error. */
+static int delete_row(store *s, enum stmt_id id, const void *key, size_t key_len, const uint8_t *token,
+                      const char *what, int *changes)
 {
-    store *s = state;
     conn *c;
     int rc = acquire(s, &c);
     if (rc)
         return rc;
-    sqlite3_stmt *st = c->stmt[S_RELEASE];
+    if ((rc = begin_write(s, c, what))) {
+        release_conn(s, c);
+        return rc;
+    }
+    sqlite3_stmt *st = c->stmt[id];
     sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
-    sqlite3_bind_blob(st, 2, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 3, (sqlite3_int64)idem_now_ms());
-    if (run(st) != SQLITE_DONE)
-        rc = fail(s, c->db, "freeing a key");
-    else if (sqlite3_changes(c->db) == 0)
-        rc = IDEM_ELOST;
+    if (id == S_RELEASE) {
+        sqlite3_bind_blob(st, 2, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, (sqlite3_int64)idem_now_ms());
+    } else {
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)idem_now_ms());
+    }
+    int src = run(c, st);
+    *changes = sqlite3_changes(c->db);
+    end_write(s);
+    if (src != SQLITE_DONE)
+        rc = fail(s, c->db, what);
     release_conn(s, c);
     return rc;
 }
 
-/* SQLite refuses rows over SQLITE_LIMIT_LENGTH (1e9 bytes by default); the
- * record shares its row with the key, token, state and expiry. */
-#define ROW_ALLOWANCE 4096
+/* A statement that fails leaves the table as it was (SQLite is
+ * transactional): no release ever needs to recognise an earlier try of its
+ * own, so finding no record is always IDEM_ELOST. */
+static int sq_release(void *state, const void *key, size_t key_len, const uint8_t *token)
+{
+    int changes = 0;
+    int rc = delete_row(state, S_RELEASE, key, key_len, token, "freeing a key", &changes);
+    return rc ? rc : changes ? IDEM_OK : IDEM_ELOST;
+}
+
+static int sq_read(void *state, const void *key, size_t key_len, void **record, size_t *record_len,
+                   uint32_t *remaining_ms)
+{
+    store *s = state;
+    *record = NULL;
+    *record_len = 0;
+    *remaining_ms = UINT32_MAX;
+    conn *c;
+    int rc = acquire(s, &c);
+    if (rc)
+        return rc;
+    rc = lookup(s, c, key, key_len, idem_now_ms(), record, record_len, remaining_ms);
+    release_conn(s, c);
+    return rc;
+}
+
+static int sq_remove(void *state, const void *key, size_t key_len, bool *deleted)
+{
+    int changes = 0;
+    *deleted = false;
+    int rc = delete_row(state, S_REMOVE, key, key_len, NULL, "deleting a key", &changes);
+    *deleted = rc == IDEM_OK && changes > 0;
+    return rc;
+}
 
 static size_t sq_max_record_len(void *state)
 {
-    store *s = state;
-    pthread_mutex_lock(&s->mu);
-    int limit = s->idle ? sqlite3_limit(s->idle->db, SQLITE_LIMIT_LENGTH, -1) : 1000000000;
-    pthread_mutex_unlock(&s->mu);
-    return limit > ROW_ALLOWANCE ? (size_t)limit - ROW_ALLOWANCE : 0;
+    return ((store *)state)->max_len;
 }
 
 static int sq_check(void *state, idem_findings *out); /* at the end of the file */
@@ -419,6 +723,8 @@ const idem_backend idem__sqlite_backend = {
     .release = sq_release,
     .extend = sq_extend,
     .max_record_len = sq_max_record_len,
+    .read = sq_read,
+    .remove = sq_remove,
     .check = sq_check,
 };
 

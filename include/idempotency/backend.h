@@ -176,6 +176,24 @@ IDEM_API int idem_record_dup(const char *driver, const void *src, size_t len, vo
  * which most likely went away or restarted). Idle connections beyond
  * max_idle, or unused for idle_ms, are closed, so a burst of threads does
  * not keep its connections open for ever. Thread-safe.
+ *
+ * Exactly:
+ *   - No connection is made before the first idem_pool_get(); the pool
+ *     never holds more than max_idle idle connections, and has no limit on
+ *     how many are out at once (one per calling thread).
+ *   - get hands out the idle connection put back last (its socket is the
+ *     warmest), never one idle for idle_ms or longer: those are closed.
+ *   - Every get and put closes a few of the connections idle for idle_ms
+ *     or longer, so the idle list shrinks while the program keeps making
+ *     requests; a program that makes none keeps its idle connections until
+ *     idem_pool_free().
+ *   - put with IDEM_CONN_OK keeps the connection, or closes it when
+ *     max_idle are already idle. put with IDEM_CONN_BROKEN or
+ *     IDEM_CONN_STALE closes it and every idle one; connections that other
+ *     threads hold are theirs to report.
+ *   - connect and disconnect are called without the pool's lock held,
+ *     except that disconnect of the idle connections after a broken one
+ *     runs under it: disconnect must not call back into the pool.
  */
 typedef struct idem_pool idem_pool;
 
@@ -215,9 +233,12 @@ IDEM_API void idem_pool_put(idem_pool *pool, void *conn, idem_conn_state state);
 typedef int (*idem_pool_fn)(void *conn, void *arg, idem_conn_state *state);
 
 /* Take a connection, run fn on it, give it back as fn says. When fn reports
- * IDEM_CONN_STALE on a pooled connection, fn runs once more on a new one:
- * the retry-once policy every built-in driver follows. fn may therefore run
- * twice and must be safe to. Returns fn's code (or cfg->connect's). */
+ * IDEM_CONN_STALE on a pooled connection, fn runs once more on a connection
+ * made for the retry by cfg->connect (never another idle one): the
+ * retry-once policy every built-in driver follows. STALE on a new
+ * connection, or on the retry, is not retried, and BROKEN never is (the use
+ * may have changed the store). fn may therefore run twice and must be safe
+ * to; *state starts as IDEM_CONN_OK. Returns fn's code (or cfg->connect's). */
 IDEM_API int  idem_pool_run(idem_pool *pool, idem_pool_fn fn, void *arg);
 
 /* Add a finding (one line of text formatted from fmt, copied) to the list a
@@ -260,6 +281,14 @@ IDEM_API int idem_findings_add(idem_findings *list, idem_finding_level level, co
  *   - A call must not block longer than the driver's configured timeouts.
  *   - "Expired" means: a STARTED record past its lease, or a COMPLETED record
  *     past its ttl. An expired record must be treated exactly as no record.
+ *   - A driver may send an operation again when the reply to an earlier send
+ *     was lost (idem_pool_run()'s retry-once does); the operation must then
+ *     come out as if sent once. The rules below that say "sent again" or
+ *     "already happened" are what make that so: a claim that finds its own
+ *     STARTED record has claimed, a commit that finds its own COMPLETED
+ *     record has committed, a release that finds nothing after its own
+ *     earlier send has released, an extend that finds its own STARTED
+ *     record extends it again.
  */
 typedef struct idem_backend idem_backend;
 
@@ -285,6 +314,10 @@ struct idem_backend {
     /*
      * Store record under key with an expiry of lease_ms if there is no
      * unexpired record there. Then *existing is left {NULL, 0}.
+     * If the unexpired record there is STARTED and carries the token of
+     * record, it is this very claim, stored by an earlier send whose reply
+     * was lost: the claim is the caller's, exactly as if it had just been
+     * stored (IDEM_OK, *existing {NULL, 0}; its expiry may stay as it was).
      * Otherwise leave the store unchanged and return the existing record in
      * *existing (bytes from idem_record_dup() or malloc(), which the core
      * frees with free()), and in *remaining_ms the time left before it
@@ -308,7 +341,12 @@ struct idem_backend {
                   const void *record, size_t record_len, uint64_t ttl_ms);
 
     /* If the unexpired record under key is STARTED and carries token, delete
-     * it; IDEM_OK. Otherwise change nothing; IDEM_ELOST. */
+     * it; IDEM_OK. If there is no unexpired record under key and this call
+     * already sent the delete once (a retry after the reply was lost, so the
+     * first send may have deleted it), IDEM_OK. Otherwise change nothing;
+     * IDEM_ELOST: another token's record, a COMPLETED record, or no record
+     * on a first send (a second, separate release call after a successful
+     * one is IDEM_ELOST). */
     int (*release)(void *state, const void *key, size_t key_len, const uint8_t *token);
 
     /* If the unexpired record under key is STARTED and carries token, replace
