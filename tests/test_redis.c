@@ -21,6 +21,7 @@
 #include <idempotency/idempotency.h>
 
 #include "harness.h"
+#include "proxy.h"
 
 extern const idem_backend idem__redis_backend;
 
@@ -334,6 +335,9 @@ Test(redis, value_this_library_did_not_write_is_ecorrupt_and_nothing_runs)
     cr_assert_eq(run_key(l, "foreign", 7, &a, &r), IDEM_ECORRUPT);
     cr_assert(strstr(idem_last_error(), "did not write"), "%s", idem_last_error());
     cr_assert_eq(run_key(l, "hash", 4, &a, &r), IDEM_ECORRUPT);
+    cr_assert(strstr(idem_last_error(), "holds a Redis hash"), "the message must name the type: %s",
+              idem_last_error());
+    cr_assert_null(strstr(idem_last_error(), "0-byte"), "%s", idem_last_error());
     cr_assert_eq(atomic_load(&a.calls), 0, "nothing may run over a foreign value");
     redisReply *rr = raw_cmd(c, "GET %s", "idem:foreign");
     cr_assert_str_eq(rr->str, "hello", "the foreign value must be left alone");
@@ -971,4 +975,282 @@ Test(redis, abort_whose_reply_was_lost_after_the_server_freed_the_key_is_ok)
     idem_layer_free(l);
     idem_store_close(st);
     proxy_stop(&p);
+}
+
+/* ---- a server that refuses writes, a reply that trickles, a huge value ---- */
+
+static long long info_field(redisContext *c, const char *section, const char *field)
+{
+    redisReply *r = raw_cmd(c, "INFO %s", section);
+    char want[64];
+    snprintf(want, sizeof want, "\r\n%s:", field);
+    const char *p = strstr(r->str, want);
+    long long n = p ? atoll(p + strlen(want)) : -1;
+    freeReplyObject(r);
+    return n;
+}
+
+Test(redis, server_at_maxmemory_refuses_new_keys_with_the_oom_hint_and_still_replays)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {.body = "paid"};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "done-before", 11, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+
+    redisContext *c = raw();
+    freeReplyObject(raw_cmd(c, "CONFIG SET maxmemory-policy noeviction"));
+    freeReplyObject(raw_cmd(c, "CONFIG SET maxmemory 1"));
+    cr_assert_eq(run_key(l, "new-at-limit", 12, &a, &r), IDEM_EBACKEND,
+                 "a server that refuses writes is a store error, not a corrupt record: %s",
+                 idem_last_error());
+    cr_assert(strstr(idem_last_error(), "OOM") && strstr(idem_last_error(), "maxmemory"), "%s",
+              idem_last_error());
+    cr_assert_null(strstr(idem_last_error(), "delete"), "%s", idem_last_error());
+    cr_assert_eq(atomic_load(&a.calls), 1, "nothing runs when the claim was refused");
+    /* The committed record is still there to read. */
+    cr_assert_eq(run_key(l, "done-before", 11, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_str_eq((char *)r.body, "paid");
+
+    freeReplyObject(raw_cmd(c, "CONFIG SET maxmemory 0"));
+    cr_assert_eq(run_key(l, "new-at-limit", 12, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    idem_reply_clear(&r);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+Test(redis, read_only_replica_replays_committed_keys_and_refuses_new_ones_with_the_hint)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {.body = "paid"};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "on-master", 9, &a, &r), IDEM_OK, "%s", idem_last_error());
+    idem_layer_free(l);
+    idem_store_close(st);
+
+    idem_test_server rep;
+    start_custom(&rep, NULL, NULL, NULL, NULL);
+    redisContext *c = redisConnect("127.0.0.1", rep.ports[0]);
+    cr_assert(c && !c->err);
+    freeReplyObject(raw_cmd(c, "REPLICAOF 127.0.0.1 %u", (unsigned)srv.ports[0]));
+    uint64_t t0 = mono_ms();
+    for (;;) {
+        redisReply *i = raw_cmd(c, "INFO replication");
+        bool up = strstr(i->str, "master_link_status:up") != NULL;
+        freeReplyObject(i);
+        if (up)
+            break;
+        cr_assert(mono_ms() - t0 < 15000, "the replica did not sync within 15 s");
+        usleep(50000);
+    }
+    /* The record has reached the replica. */
+    for (;;) {
+        redisReply *e = raw_cmd(c, "EXISTS idem:on-master");
+        long long n = e->integer;
+        freeReplyObject(e);
+        if (n == 1)
+            break;
+        cr_assert(mono_ms() - t0 < 15000, "the record did not reach the replica");
+        usleep(50000);
+    }
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", (unsigned)rep.ports[0]);
+    st = open_store(url);
+    l = layer_on(st, 0);
+    cr_assert_eq(run_key(l, "on-master", 9, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED, "a committed record is readable on the replica");
+    cr_assert_str_eq((char *)r.body, "paid");
+    cr_assert_eq(run_key(l, "new-on-replica", 14, &a, &r), IDEM_EBACKEND, "%s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "READONLY") && strstr(idem_last_error(), "replica"), "%s",
+              idem_last_error());
+    cr_assert_eq(atomic_load(&a.calls), 1);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+    redisFree(c);
+    idem_test_server_stop(&rep);
+}
+
+Test(redis, reply_that_trickles_in_is_bounded_as_a_whole_by_timeout_ms)
+{
+    idem_proxy *p;
+    cr_assert_eq(idem_proxy_start(&p, srv.ports[0]), 0);
+    char url[96];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u?timeout_ms=200", idem_proxy_port(p));
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {.body = "a body long enough to trickle for a while"};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "trickled", 8, &a, &r), IDEM_OK, "%s", idem_last_error());
+
+    /* One byte every 50 ms: each read is quick, the reply (about 120
+     * bytes) would take 6 s; and one byte every 150 ms, under the per-read
+     * timeout too. */
+    static const unsigned every[] = {50, 150};
+    for (int i = 0; i < 2; i++) {
+        idem_proxy_set(p, IDEM_PROXY_TRICKLE, every[i]);
+        uint64_t t0 = mono_ms();
+        int rc = run_key(l, "trickled", 8, &a, &r);
+        uint64_t took = mono_ms() - t0;
+        idem_proxy_set(p, IDEM_PROXY_PASS, 0);
+        cr_assert_eq(rc, IDEM_EBACKEND, "a replay trickling in at 1 byte / %u ms", every[i]);
+        cr_assert(took < 600, "took %llu ms with timeout_ms=200 (1 byte / %u ms)",
+                  (unsigned long long)took, every[i]);
+        cr_assert(strstr(idem_last_error(), "incomplete after 200 ms"), "%s", idem_last_error());
+    }
+    /* A new key whose claim (":0\r\n") trickles past the timeout: nothing runs. */
+    idem_proxy_set(p, IDEM_PROXY_TRICKLE, 100);
+    cr_assert_eq(run_key(l, "trickled-new", 12, &a, &r), IDEM_EBACKEND);
+    idem_proxy_set(p, IDEM_PROXY_PASS, 0);
+    cr_assert_eq(atomic_load(&a.calls), 1);
+
+    /* Passing again: the spoilt connections are gone, the next ones work. */
+    cr_assert_eq(run_key(l, "trickled", 8, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_str_eq((char *)r.body, a.body);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+    idem_proxy_stop(p);
+}
+
+Test(redis, value_far_over_the_record_limit_is_refused_without_being_read)
+{
+    char url[128];
+    snprintf(url, sizeof url, "%s?max_record_bytes=1048576", srv.url);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    redisContext *c = raw();
+    size_t big = 8u << 20;
+    char *v = malloc(big);
+    cr_assert_not_null(v);
+    memset(v, 'x', big);
+    freeReplyObject(raw_cmd(c, "SET %s %b", "idem:huge", v, big));
+    free(v);
+
+    long long out0 = info_field(c, "stats", "total_net_output_bytes");
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "huge", 4, &a, &r), IDEM_ECORRUPT, "%s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "8388608-byte string") &&
+              strstr(idem_last_error(), "max_record_bytes"), "%s", idem_last_error());
+    long long sent = info_field(c, "stats", "total_net_output_bytes") - out0;
+    cr_assert(sent >= 0 && sent < 64 * 1024, "the server sent %lld bytes: the value was read", sent);
+    cr_assert_eq(atomic_load(&a.calls), 0);
+    /* The layer cannot store what the driver would refuse to read back. */
+    idem_claim *claim;
+    idem_request req = {.key = "big-response", .key_len = 12};
+    idem_options o;
+    idem_options_init(&o);
+    o.max_response_len = 4u << 20;
+    idem_layer *l2;
+    cr_assert_eq(idem_layer_new(&l2, st, &o), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(idem_begin(l2, &req, &claim, &r), IDEM_OK, "%s", idem_last_error());
+    char *body = calloc(1, 2u << 20);
+    cr_assert_eq(idem_commit(claim, 200, body, 2u << 20), IDEM_ETOOBIG);
+    free(body);
+    cr_assert_eq(idem_abort(claim), IDEM_OK);
+    idem_layer_free(l2);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+/* ---- read and remove (the operator's tools) ---- */
+
+Test(redis, read_returns_the_record_and_its_ttl_and_remove_deletes_whatever_is_there)
+{
+    const idem_backend *b = &idem__redis_backend;
+    idem_url *u;
+    cr_assert_eq(idem_url_parse(&u, srv.url), IDEM_OK);
+    void *s;
+    cr_assert_eq(b->open(&s, u), IDEM_OK, "%s", idem_last_error());
+    idem_url_free(u);
+    uint8_t rec[128];
+    size_t rec_len = make_record(rec, IDEM_STATE_STARTED, 0xaa, NULL);
+    void *ex, *got;
+    size_t ex_len, got_len;
+    uint32_t left;
+    cr_assert_eq(b->read(s, "r", 1, &got, &got_len, &left), IDEM_OK);
+    cr_assert_null(got, "nothing there yet");
+    cr_assert_eq(b->claim(s, "r", 1, rec, rec_len, 5000, &ex, &ex_len, &left), IDEM_OK);
+    cr_assert_eq(b->read(s, "r", 1, &got, &got_len, &left), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(got);
+    cr_assert_eq(got_len, rec_len);
+    cr_assert_arr_eq(got, rec, rec_len);
+    cr_assert(left > 4000 && left <= 5000, "remaining %u", left);
+    free(got);
+
+    redisContext *c = raw();
+    freeReplyObject(raw_cmd(c, "RPUSH r-list x"));
+    cr_assert_eq(b->read(s, "r-list", 6, &got, &got_len, &left), IDEM_ECORRUPT);
+    cr_assert(strstr(idem_last_error(), "Redis list"), "%s", idem_last_error());
+
+    bool deleted = false;
+    cr_assert_eq(b->remove(s, "r", 1, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert(deleted);
+    cr_assert_eq(b->remove(s, "r-list", 6, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert(deleted, "remove deletes whatever is there");
+    cr_assert_eq(b->remove(s, "r", 1, &deleted), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not(deleted);
+    redisReply *e = raw_cmd(c, "EXISTS r r-list");
+    cr_assert_eq(e->integer, 0);
+    freeReplyObject(e);
+    redisFree(c);
+    b->close(s);
+}
+
+/* ---- wait_replicas ---- */
+
+Test(redis, claim_no_replica_acknowledged_is_given_up_and_nothing_runs)
+{
+    char url[128];
+    snprintf(url, sizeof url, "%s?wait_replicas=1&wait_timeout_ms=50", srv.url);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 0);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "unacked", 7, &a, &r), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "0 of the 1 replicas") &&
+              strstr(idem_last_error(), "given up"), "%s", idem_last_error());
+    cr_assert_eq(atomic_load(&a.calls), 0, "nothing runs on a claim no replica has");
+    redisContext *c = raw();
+    redisReply *e = raw_cmd(c, "EXISTS idem:unacked");
+    cr_assert_eq(e->integer, 0, "the unacknowledged claim was released");
+    freeReplyObject(e);
+
+    /* With a replica attached, claims and commits are acknowledged. */
+    idem_test_server rep;
+    start_custom(&rep, NULL, NULL, NULL, NULL);
+    redisContext *rc = redisConnect("127.0.0.1", rep.ports[0]);
+    cr_assert(rc && !rc->err);
+    freeReplyObject(raw_cmd(rc, "REPLICAOF 127.0.0.1 %u", (unsigned)srv.ports[0]));
+    uint64_t t0 = mono_ms();
+    while (info_field(c, "replication", "connected_slaves") < 1 ||
+           info_field(rc, "replication", "master_sync_in_progress") != 0 ||
+           info_field(rc, "replication", "master_last_io_seconds_ago") < 0) {
+        cr_assert(mono_ms() - t0 < 15000, "the replica did not sync");
+        usleep(50000);
+    }
+    snprintf(url, sizeof url, "%s?wait_replicas=1&wait_timeout_ms=2000", srv.url);
+    idem_store *st2 = open_store(url);
+    idem_layer *l2 = layer_on(st2, 0);
+    cr_assert_eq(run_key(l2, "acked", 5, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    e = raw_cmd(rc, "EXISTS idem:acked");
+    cr_assert_eq(e->integer, 1, "an acknowledged commit is on the replica when the call returns");
+    freeReplyObject(e);
+    idem_reply_clear(&r);
+    idem_layer_free(l2);
+    idem_store_close(st2);
+    redisFree(rc);
+    idem_test_server_stop(&rep);
+    redisFree(c);
+    idem_layer_free(l);
+    idem_store_close(st);
 }

@@ -1,6 +1,6 @@
 /*
  * Redis driver over hiredis:
- *   redis://[[user]:password@]host[:port][/db][?connect_timeout_ms=N&timeout_ms=N]
+ *   redis://[[user]:password@]host[:port][/db][?connect_timeout_ms=N&timeout_ms=N&max_record_bytes=N]
  *   redis+unix:///path/to/redis.sock[?db=N&password=...&connect_timeout_ms=N&timeout_ms=N]
  *
  * One string per key, expiring by the server's clock (PX). Every operation
@@ -12,6 +12,10 @@
  * header. Scripts are constants; keys and records travel as KEYS and ARGV
  * with explicit lengths, so any byte is safe in them.
  *
+ * timeout_ms bounds an operation's command and its whole reply: hiredis
+ * bounds each read by the socket's timeout, so the driver runs the reads
+ * itself and shortens that timeout to the time left (conn_reply()).
+ *
  * A hiredis context is not thread-safe, so the store keeps a pool of them
  * behind a mutex. A context that saw an I/O error, a timeout or EOF is
  * freed, never pooled again, and the idle ones are dropped with it (they
@@ -20,11 +24,13 @@
 #include <errno.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
+#include <time.h>
 
 #include <hiredis/hiredis.h>
 
@@ -37,6 +43,13 @@
 #define MAX_DB                     1000000
 /* Redis refuses strings longer than proto-max-bulk-len, 512 MiB by default. */
 #define MAX_RECORD_LEN             ((size_t)512 << 20)
+/* The default for max_record_bytes: far above the layer's default response
+ * limit (1 MiB), far below what would hurt to read by mistake. */
+#define DEFAULT_MAX_RECORD_LEN     ((size_t)64 << 20)
+/* A socket timeout within this of the time left is left alone. */
+#define TIMEOUT_SLACK_MS           5
+#define DEFAULT_WAIT_TIMEOUT_MS    100
+#define MAX_WAIT_REPLICAS          64
 
 /* ---- the scripts ---- */
 
@@ -53,23 +66,40 @@
 #define LUA_STARTED   XSTR(IDEM_STATE_STARTED)    /* 'S' */
 #define LUA_COMPLETED XSTR(IDEM_STATE_COMPLETED)  /* 'C' */
 
-/* The record under KEYS[1] if it carries the token ARGV[1], else return 0.
+/* The header of the record under KEYS[1] if it carries the token ARGV[1],
+ * else return 0. Only the header is read (GETRANGE), however long the value.
  * pcall: a key of another type (a hash, a list) is not ours either. */
 #define LUA_FENCE                                                                       \
-    "local v = redis.pcall('GET', KEYS[1])\n"                                           \
+    "local v = redis.pcall('GETRANGE', KEYS[1], 0, "                                    \
+    XSTR(IDEM_RECORD_TOKEN_OFFSET) " + " XSTR(IDEM_TOKEN_LEN) " - 1)\n"                  \
     "if type(v) ~= 'string' or " LUA_TOKEN " ~= ARGV[1] then return 0 end\n"             \
     "local s = " LUA_STATE "\n"
 
-enum script_id { SC_CLAIM, SC_COMMIT, SC_RELEASE, SC_EXTEND, SC_COUNT };
+enum script_id { SC_CLAIM, SC_COMMIT, SC_RELEASE, SC_EXTEND, SC_READ, SC_COUNT };
 
 static const char *const script_src[SC_COUNT] = {
-    /* KEYS[1] key, ARGV[1] record, ARGV[2] lease ms.
-     * 0: claimed. {record, pttl}: the key was taken; record is "" for a
-     * value that is not a string. */
+    /* KEYS[1] key, ARGV[1] record, ARGV[2] lease ms, ARGV[3] the longest
+     * record this store holds.
+     * 0: claimed. {record, pttl}: the key was taken.
+     * {n, pttl}: taken by a string of n bytes, too long to be a record: it
+     * is not read. {'', pttl, type}: taken by a value that is not a string.
+     * pcall on SET: a server that refuses writes (OOM at maxmemory, a
+     * read-only replica) can still serve the record that is there, which
+     * is how a replay keeps working; with nothing there its error is the
+     * answer. */
     [SC_CLAIM] =
+        "local n = redis.pcall('STRLEN', KEYS[1])\n"
+        "if type(n) ~= 'number' then\n"
+        "  return {'', redis.call('PTTL', KEYS[1]), redis.call('TYPE', KEYS[1])['ok']}\n"
+        "end\n"
+        "if n > tonumber(ARGV[3]) then return {n, redis.call('PTTL', KEYS[1])} end\n"
         "local v = redis.pcall('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')\n"
         "if v == false then return 0 end\n"
-        "if type(v) ~= 'string' then v = '' end\n"
+        "if type(v) == 'table' then\n"
+        "  local e = v\n"
+        "  v = redis.call('GET', KEYS[1])\n"
+        "  if v == false then return e end\n"
+        "end\n"
         "return {v, redis.call('PTTL', KEYS[1])}\n",
     /* KEYS[1] key, ARGV[1] token, ARGV[2] record, ARGV[3] ttl ms.
      * 1: stored. 2: this token had already committed. 0: lost. */
@@ -96,6 +126,17 @@ static const char *const script_src[SC_COUNT] = {
         "if s ~= " LUA_STARTED " then return 0 end\n"
         "redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])\n"
         "return 1\n",
+    /* KEYS[1] key, ARGV[1] the longest record. 0: nothing there. Else the
+     * claim's answers for a key that is taken; nothing is written. */
+    [SC_READ] =
+        "local n = redis.pcall('STRLEN', KEYS[1])\n"
+        "if type(n) ~= 'number' then\n"
+        "  return {'', redis.call('PTTL', KEYS[1]), redis.call('TYPE', KEYS[1])['ok']}\n"
+        "end\n"
+        "if n > tonumber(ARGV[1]) then return {n, redis.call('PTTL', KEYS[1])} end\n"
+        "local v = redis.call('GET', KEYS[1])\n"
+        "if v == false then return 0 end\n"
+        "return {v, redis.call('PTTL', KEYS[1])}\n",
 };
 
 static const char *const script_what[SC_COUNT] = {
@@ -103,56 +144,47 @@ static const char *const script_what[SC_COUNT] = {
     [SC_COMMIT] = "storing a response",
     [SC_RELEASE] = "freeing a key",
     [SC_EXTEND] = "extending a lease",
+    [SC_READ] = "reading a record",
 };
 
 /* ---- the store ---- */
 
+typedef struct store store;
+
+/* A connection, pooled by its node (idem_pool). */
 typedef struct conn {
     redisContext *ctx;
-    struct conn  *next;
+    unsigned      socket_ms;  /* the socket's timeout now (SO_RCVTIMEO, SO_SNDTIMEO) */
+    bool          timed_out;  /* the last command ran out of time */
+    bool          partial;    /* ... after part of its reply had come */
 } conn;
 
-typedef struct store {
-    char           *where;       /* "127.0.0.1:6379", "[::1]:6379" or a socket path, for messages */
-    char           *host;        /* NULL for a unix socket */
-    char           *socket_path; /* NULL for TCP */
-    int             port;
+/* One server the store talks to, with its pool. Nodes live until the store
+ * is closed, so a pointer to one stays valid however the topology moves. */
+typedef struct node {
+    store       *s;
+    char        *host;        /* NULL for a unix socket */
+    int          port;
+    char        *where;       /* "redis 127.0.0.1:6379", for messages */
+    idem_pool   *pool;
+    struct node *next;
+} node;
+
+struct store {
+    char           *socket_path; /* redis+unix: the socket; NULL for TCP */
     char           *user;        /* ACL user name, or NULL */
     char           *password;    /* never printed */
     unsigned long   db;
-    struct timeval  connect_tv, command_tv;
-    unsigned        command_ms;
+    unsigned        connect_ms, command_ms;
+    size_t          max_record;  /* the longest value read back as a record */
+    unsigned        wait_replicas, wait_timeout_ms;
     char            sha[SC_COUNT][41]; /* SHA1 hex of each script, fixed at open */
-    pthread_mutex_t mu;
-    conn           *idle;        /* connections not in use */
-} store;
+    pthread_mutex_t mu;          /* guards nodes */
+    node           *nodes;       /* every node used so far */
+    node *_Atomic   master;      /* where every operation goes */
+};
 
 /* ---- messages ---- */
-
-/* A store operation failed on the server or on the wire: IDEM_EBACKEND. */
-static int backend_error(const store *s, const char *what, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static int backend_error(const store *s, const char *what, const char *fmt, ...)
-{
-    char detail[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(detail, sizeof detail, fmt, ap);
-    va_end(ap);
-    return idem_error_set(IDEM_EBACKEND, "redis %s: %s: %s", s->where, what, detail);
-}
-
-/* What to tell the user to do when nobody answers at the address. */
-static void start_hint(const store *s, char *buf, size_t len)
-{
-    if (s->socket_path)
-        snprintf(buf, len, "; is redis-server running? start one with: "
-                            "redis-server --port 0 --unixsocket %s", s->socket_path);
-    else
-        snprintf(buf, len, "; is redis-server running? start one with: redis-server --port %d",
-                 s->port);
-}
 
 static bool errstr_is(const redisContext *c, int errnum)
 {
@@ -167,59 +199,161 @@ static bool peer_went_away(const redisContext *c)
            (c->err == REDIS_ERR_IO && (errstr_is(c, ECONNRESET) || errstr_is(c, EPIPE)));
 }
 
-/* Describe a failed context: IDEM_EBACKEND with a message. */
-static int context_error(const store *s, const redisContext *c, const char *what)
+/* Describe a failed context: IDEM_EBACKEND with a message. timed_out and
+ * partial: the command ran out of time, after part of its reply came. */
+static int context_error_at(const store *s, const char *where, const redisContext *c, bool timed_out,
+                            bool partial, const char *what)
 {
-    char hint[PATH_MAX + 128] = "";
     if (!c)
-        return idem_error_set(IDEM_ENOMEM, "redis %s: %s: out of memory", s->where, what);
+        return idem_driver_error(IDEM_ENOMEM, where, what, "out of memory");
+    bool eagain = c->err == REDIS_ERR_IO && (errstr_is(c, EAGAIN) || errstr_is(c, EWOULDBLOCK));
+    if ((timed_out || eagain) && partial)
+        return idem_driver_error(IDEM_EBACKEND, where, what, "the reply was still incomplete "
+                                 "after %u ms (timeout_ms in the store URL bounds the whole "
+                                 "reply); is the network or the server overloaded?",
+                                 s->command_ms);
+    if (timed_out || eagain)
+        return idem_driver_error(IDEM_EBACKEND, where, what, "no reply within %u ms (timeout_ms "
+                                 "in the store URL)", s->command_ms);
     if (c->err == REDIS_ERR_EOF)
-        return backend_error(s, what, "the server closed the connection (restarting, or "
-                                      "maxclients or timeout in its config?)");
-    if (c->err == REDIS_ERR_IO && (errstr_is(c, EAGAIN) || errstr_is(c, EWOULDBLOCK)))
-        return backend_error(s, what, "no reply within %u ms (timeout_ms in the store URL)",
-                             s->command_ms);
+        return idem_driver_error(IDEM_EBACKEND, where, what, "the server closed the connection "
+                                 "(restarting, or maxclients or timeout in its config?)");
     if (c->err == REDIS_ERR_IO && (errstr_is(c, ETIMEDOUT) || errstr_is(c, EINPROGRESS)))
-        return backend_error(s, what, "connecting timed out after %ld ms (connect_timeout_ms in "
-                             "the store URL); is the host reachable?",
-                             (long)(s->connect_tv.tv_sec * 1000 + s->connect_tv.tv_usec / 1000));
-    if (c->err == REDIS_ERR_IO && (errstr_is(c, ECONNREFUSED) || errstr_is(c, ENOENT))) {
-        start_hint(s, hint, sizeof hint);
-        return backend_error(s, what, "%s%s",
-                             errstr_is(c, ENOENT) ? "no such socket" : "connection refused", hint);
+        return idem_driver_error(IDEM_EBACKEND, where, what, "connecting timed out after %u ms "
+                                 "(connect_timeout_ms in the store URL); is the host reachable?",
+                                 s->connect_ms);
+    if (c->err == REDIS_ERR_IO && errstr_is(c, ENOENT))
+        return idem_driver_error(IDEM_EBACKEND, where, what, "no such socket; is redis-server "
+                                 "running? start one with: redis-server --port 0 --unixsocket %s",
+                                 s->socket_path ? s->socket_path : "PATH");
+    if (c->err == REDIS_ERR_IO && errstr_is(c, ECONNREFUSED)) {
+        const char *colon = strrchr(where, ':');
+        return idem_driver_error(IDEM_EBACKEND, where, what, "connection refused; is "
+                                 "redis-server running? start one with: redis-server --port %s",
+                                 colon ? colon + 1 : "PORT");
     }
     if (c->err == REDIS_ERR_IO && errstr_is(c, ECONNRESET))
-        return backend_error(s, what, "connection reset by the server");
+        return idem_driver_error(IDEM_EBACKEND, where, what, "connection reset by the server");
     if (c->err == REDIS_ERR_OTHER && !s->socket_path && strcmp(what, "connecting") == 0)
-        return backend_error(s, what, "%s; check the host name in the store URL", c->errstr);
-    return backend_error(s, what, "%s", c->errstr[0] ? c->errstr : "unknown hiredis error");
+        return idem_driver_error(IDEM_EBACKEND, where, what, "%s; check the host name in the "
+                                 "store URL", c->errstr);
+    return idem_driver_error(IDEM_EBACKEND, where, what, "%s",
+                             c->errstr[0] ? c->errstr : "unknown hiredis error");
+}
+
+static int conn_error(const store *s, const char *where, const conn *c, const char *what)
+{
+    return context_error_at(s, where, c->ctx, c->timed_out, c->partial, what);
+}
+
+/* The hint for an error reply the server gives, or "". */
+static const char *reply_hint(const char *msg)
+{
+    if (strncmp(msg, "MOVED ", 6) == 0 || strncmp(msg, "ASK ", 4) == 0)
+        return "; this is a Redis Cluster node: use a redis+cluster:// URL, which follows "
+               "redirects";
+    if (strncmp(msg, "READONLY", 8) == 0)
+        return "; the store URL points at a replica: point it at the master, or use a "
+               "redis+sentinel:// URL, which finds the master";
+    if (strncmp(msg, "NOAUTH", 6) == 0)
+        return "; the server wants a password: redis://:PASSWORD@host:port";
+    if (strncmp(msg, "WRONGPASS", 9) == 0 || strstr(msg, "invalid password") ||
+        strstr(msg, "without any password"))
+        return "; check the user name and password in the store URL";
+    if (strncmp(msg, "OOM", 3) == 0)
+        return "; the server reached maxmemory: raise it (keep maxmemory-policy noeviction: every "
+               "record has a TTL, so a volatile-* or allkeys-* policy may evict one and let a "
+               "duplicate run)";
+    if (strncmp(msg, "LOADING", 7) == 0)
+        return "; the server is loading its data set after a restart: retry shortly";
+    if (strncmp(msg, "CLUSTERDOWN", 11) == 0 || strncmp(msg, "TRYAGAIN", 8) == 0)
+        return "; the cluster is failing over or resharding: retry shortly";
+    if (strncmp(msg, "MASTERDOWN", 10) == 0)
+        return "; the replica lost its master: retry shortly";
+    return "";
 }
 
 /* Describe an error reply from the server, with a hint for the known ones. */
-static int reply_error(const store *s, const redisReply *r, const char *what)
+static int reply_error(const char *where, const redisReply *r, const char *what)
 {
     const char *msg = r->str ? r->str : "";
-    const char *hint = "";
-    if (strncmp(msg, "MOVED ", 6) == 0 || strncmp(msg, "ASK ", 4) == 0)
-        hint = "; this is a Redis Cluster node that does not own the key, and the driver does not "
-               "follow redirects: point the store URL at the master that owns the key's slot";
-    else if (strncmp(msg, "READONLY", 8) == 0)
-        hint = "; the store URL points at a replica: point it at the master";
-    else if (strncmp(msg, "NOAUTH", 6) == 0)
-        hint = "; the server wants a password: redis://:PASSWORD@host:port";
-    else if (strncmp(msg, "WRONGPASS", 9) == 0 || strstr(msg, "invalid password") ||
-             strstr(msg, "without any password"))
-        hint = "; check the user name and password in the store URL";
-    else if (strncmp(msg, "OOM", 3) == 0)
-        hint = "; the server reached maxmemory: raise it (keep maxmemory-policy noeviction: every "
-               "record has a TTL, so a volatile-* or allkeys-* policy may evict one and let a "
-               "duplicate run)";
-    else if (strncmp(msg, "LOADING", 7) == 0)
-        hint = "; the server is loading its data set after a restart: retry shortly";
     int n = (int)strlen(msg);
     if (n > 0 && msg[n - 1] == '.') /* "NOAUTH Authentication required." */
         n--;
-    return backend_error(s, what, "the server answered: %.*s%s", n, msg, hint);
+    return idem_driver_error(IDEM_EBACKEND, where, what, "the server answered: %.*s%s", n, msg,
+                             reply_hint(msg));
+}
+
+static bool reply_is(const redisReply *r, const char *prefix)
+{
+    return r->type == REDIS_REPLY_ERROR && r->str && strncmp(r->str, prefix, strlen(prefix)) == 0;
+}
+
+/* ---- one command, bounded as a whole ---- */
+
+static struct timeval tv_ms(uint64_t ms)
+{
+    return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* Before one read or write: fit the socket's timeout to the time left
+ * until deadline, so that no read or write, and so no reply however it
+ * trickles in, outlasts it. false when the time is up. */
+static bool conn_budget(conn *c, uint64_t deadline)
+{
+    uint64_t now = mono_ms();
+    if (now >= deadline) {
+        c->timed_out = true;
+        return false;
+    }
+    uint64_t left = deadline - now;
+    if (left + TIMEOUT_SLACK_MS < c->socket_ms || left > c->socket_ms + TIMEOUT_SLACK_MS) {
+        if (redisSetTimeout(c->ctx, tv_ms(left)) != REDIS_OK)
+            return false;
+        c->socket_ms = (unsigned)left;
+    }
+    return true;
+}
+
+/* Write what is buffered on c and read replies until one is whole, all by
+ * deadline. The reply (freeReplyObject()), or NULL when the connection
+ * failed or the time ran out (c->timed_out): the connection is then
+ * unusable. hiredis reads with a per-read socket timeout; the loop here is
+ * what bounds the whole reply. */
+static redisReply *conn_reply(conn *c, uint64_t deadline)
+{
+    redisContext *ctx = c->ctx;
+    c->timed_out = c->partial = false;
+    int done = 0;
+    while (!done) {
+        if (!conn_budget(c, deadline) || redisBufferWrite(ctx, &done) != REDIS_OK)
+            return NULL;
+    }
+    for (;;) {
+        void *reply = NULL;
+        if (redisGetReplyFromReader(ctx, &reply) != REDIS_OK)
+            return NULL;
+        if (reply)
+            return reply;
+        if (!conn_budget(c, deadline) || redisBufferRead(ctx) != REDIS_OK)
+            return NULL;
+        c->partial = true;
+    }
+}
+
+static redisReply *conn_command(conn *c, uint64_t deadline, int argc, const char **argv,
+                                const size_t *lens)
+{
+    if (redisAppendCommandArgv(c->ctx, argc, argv, lens) != REDIS_OK)
+        return NULL;
+    return conn_reply(c, deadline);
 }
 
 /* ---- connections ---- */
@@ -233,68 +367,77 @@ static void conn_free(conn *c)
     free(c);
 }
 
-/* Send AUTH and SELECT as needed, pipelined: one round trip. */
-static int conn_setup(store *s, redisContext *ctx)
+/* The password refused, said plainly. */
+static int auth_refused(const char *where, const redisReply *r, const char *what)
 {
+    int n = r->str ? (int)r->len : 0;
+    if (n && r->str[n - 1] == '.')
+        n--;
+    return idem_driver_error(IDEM_EBACKEND, where, what, "the server refused the password (%.*s); "
+                             "check the user name and password in the store URL", n,
+                             r->str ? r->str : "");
+}
+
+/* Send AUTH and SELECT as needed, pipelined: one round trip. */
+static int conn_setup(store *s, const char *where, conn *c)
+{
+    redisContext *ctx = c->ctx;
+    enum { AUTH, SELECT } sent[2];
     int n = 0;
     if (s->password) {
         int rc = s->user ? redisAppendCommand(ctx, "AUTH %s %s", s->user, s->password)
                          : redisAppendCommand(ctx, "AUTH %s", s->password);
         if (rc != REDIS_OK)
-            return context_error(s, ctx, "authenticating");
-        n++;
+            return context_error_at(s, where, ctx, false, false, "authenticating");
+        sent[n++] = AUTH;
     }
     if (s->db) {
         if (redisAppendCommand(ctx, "SELECT %lu", s->db) != REDIS_OK)
-            return context_error(s, ctx, "selecting the database");
-        n++;
+            return context_error_at(s, where, ctx, false, false, "selecting the database");
+        sent[n++] = SELECT;
     }
     int ret = IDEM_OK;
+    uint64_t deadline = mono_ms() + s->command_ms;
     for (int i = 0; i < n; i++) {
-        bool auth = s->password && i == 0;
-        const char *what = auth ? "authenticating" : "selecting the database";
-        void *reply = NULL;
-        if (redisGetReply(ctx, &reply) != REDIS_OK || !reply)
-            return context_error(s, ctx, what);
-        redisReply *r = reply;
-        if (ret == IDEM_OK && r->type == REDIS_REPLY_ERROR) {
-            if (auth)
-                ret = backend_error(s, what, "the server refused the password (%.*s); check the "
-                                    "user name and password in the store URL",
-                                    r->str && r->len && r->str[r->len - 1] == '.' ? (int)r->len - 1
-                                                                                  : (int)r->len,
-                                    r->str ? r->str : "");
-            else
-                ret = backend_error(s, what, "SELECT %lu failed (%s); the URL's database number "
-                                    "must be below the server's `databases` setting",
-                                    s->db, r->str ? r->str : "");
-        }
+        const char *what = sent[i] == AUTH ? "authenticating" : "selecting the database";
+        redisReply *r = conn_reply(c, deadline);
+        if (!r)
+            return conn_error(s, where, c, what);
+        if (ret == IDEM_OK && r->type == REDIS_REPLY_ERROR)
+            ret = sent[i] == AUTH
+                      ? auth_refused(where, r, what)
+                      : idem_driver_error(IDEM_EBACKEND, where, what, "SELECT %lu failed (%s); the "
+                                          "URL's database number must be below the server's "
+                                          "`databases` setting", s->db, r->str ? r->str : "");
         freeReplyObject(r);
     }
     return ret;
 }
 
-static int conn_new(store *s, conn **out)
+/* Connect to n and prepare the connection. */
+static int conn_open(store *s, const node *n, conn **out)
 {
     conn *c = calloc(1, sizeof *c);
     if (!c)
-        return idem_error_set(IDEM_ENOMEM, "redis %s: out of memory", s->where);
-    c->ctx = s->socket_path ? redisConnectUnixWithTimeout(s->socket_path, s->connect_tv)
-                            : redisConnectWithTimeout(s->host, s->port, s->connect_tv);
+        return idem_driver_error(IDEM_ENOMEM, n->where, "connecting", "out of memory");
+    struct timeval tv = tv_ms(s->connect_ms);
+    c->ctx = n->host ? redisConnectWithTimeout(n->host, n->port, tv)
+                     : redisConnectUnixWithTimeout(s->socket_path, tv);
     int rc;
     if (!c->ctx || c->ctx->err) {
-        rc = context_error(s, c->ctx, "connecting");
+        rc = context_error_at(s, n->where, c->ctx, false, false, "connecting");
         conn_free(c);
         return rc;
     }
-    if (redisSetTimeout(c->ctx, s->command_tv) != REDIS_OK) {
-        rc = context_error(s, c->ctx, "setting the command timeout");
+    if (redisSetTimeout(c->ctx, tv_ms(s->command_ms)) != REDIS_OK) {
+        rc = context_error_at(s, n->where, c->ctx, false, false, "setting the command timeout");
         conn_free(c);
         return rc;
     }
-    if (!s->socket_path)
+    c->socket_ms = s->command_ms;
+    if (n->host)
         (void)redisEnableKeepAlive(c->ctx); /* only helps to notice a dead peer sooner */
-    if ((rc = conn_setup(s, c->ctx))) {
+    if ((rc = conn_setup(s, n->where, c))) {
         conn_free(c);
         return rc;
     }
@@ -302,52 +445,174 @@ static int conn_new(store *s, conn **out)
     return IDEM_OK;
 }
 
-/* A pooled connection, or a new one (*fresh). */
-static int acquire(store *s, conn **out, bool *fresh)
+static int pool_connect(void *ctx, void **out)
 {
-    pthread_mutex_lock(&s->mu);
-    conn *c = s->idle;
-    if (c)
-        s->idle = c->next;
-    pthread_mutex_unlock(&s->mu);
-    *fresh = c == NULL;
-    if (c) {
+    node *n = ctx;
+    conn *c = NULL;
+    int rc = conn_open(n->s, n, &c);
+    if (rc == IDEM_OK)
         *out = c;
-        return IDEM_OK;
-    }
-    return conn_new(s, out);
+    return rc;
 }
 
-static void put_back(store *s, conn *c)
+static void pool_disconnect(void *ctx, void *c)
 {
-    pthread_mutex_lock(&s->mu);
-    c->next = s->idle;
-    s->idle = c;
-    pthread_mutex_unlock(&s->mu);
-}
-
-/* c broke: free it, and the idle ones too, which talk to the same server. */
-static void drop(store *s, conn *c)
-{
-    pthread_mutex_lock(&s->mu);
-    conn *idle = s->idle;
-    s->idle = NULL;
-    pthread_mutex_unlock(&s->mu);
+    (void)ctx;
     conn_free(c);
-    while (idle) {
-        conn *next = idle->next;
-        conn_free(idle);
-        idle = next;
-    }
 }
 
-/* ---- running a script ---- */
+static void node_free(node *n)
+{
+    if (n->pool)
+        idem_pool_free(n->pool);
+    free(n->host);
+    free(n->where);
+    free(n);
+}
 
-/* EVALSHA the script, or EVAL it after NOSCRIPT (which also caches it on
- * the server again: after a restart or SCRIPT FLUSH). NULL when the
- * connection failed. */
-static redisReply *eval(const store *s, redisContext *ctx, enum script_id id, size_t nargs,
-                        const char *const *args, const size_t *lens)
+/* The node for host:port (host NULL: the store's unix socket), made on
+ * first use. NULL with a message when out of memory. */
+static node *node_get(store *s, const char *host, int port)
+{
+    pthread_mutex_lock(&s->mu);
+    node *n = s->nodes;
+    while (n && !(host ? n->host && n->port == port && strcmp(n->host, host) == 0 : !n->host))
+        n = n->next;
+    if (n) {
+        pthread_mutex_unlock(&s->mu);
+        return n;
+    }
+    n = calloc(1, sizeof *n);
+    int ok = n != NULL;
+    if (ok) {
+        n->s = s;
+        n->port = port;
+        if (host)
+            ok = (n->host = strdup(host)) &&
+                 asprintf(&n->where, strchr(host, ':') ? "redis [%s]:%d" : "redis %s:%d", host,
+                          port) >= 0;
+        else
+            ok = asprintf(&n->where, "redis %s", s->socket_path) >= 0;
+        if (!ok)
+            n->where = NULL;
+    }
+    idem_pool_config cfg = {.ctx = n, .connect = pool_connect, .disconnect = pool_disconnect};
+    if (ok && idem_pool_new(&n->pool, &cfg) != IDEM_OK)
+        ok = 0;
+    if (!ok) {
+        pthread_mutex_unlock(&s->mu);
+        if (n)
+            node_free(n);
+        idem_error_set(IDEM_ENOMEM, "redis %s:%d: out of memory", host ? host : "", port);
+        return NULL;
+    }
+    n->next = s->nodes;
+    s->nodes = n;
+    pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
+/* ---- one operation ---- */
+
+/* What one operation sends, and what came of it. */
+typedef struct op {
+    store          *s;
+    node           *n;          /* where it is being sent */
+    int             id;         /* enum script_id, or -1 for a plain command */
+    int             argc;
+    const char    **argv;       /* EVALSHA sha 1 key args..., or the plain command */
+    size_t         *lens;
+    uint64_t        deadline;
+    bool            wait;       /* follow a write with WAIT (wait_replicas) */
+    bool            maybe_ran;  /* an earlier try may have run on the server */
+    long long       acked;      /* replicas that acknowledged the write (WAIT), or -1 */
+    redisReply     *reply;      /* the answer, never an error reply of the connection's */
+} op;
+
+/* Did the script's answer write something worth a WAIT? */
+static bool op_wrote(const op *o, const redisReply *r)
+{
+    if (r->type != REDIS_REPLY_INTEGER)
+        return false;
+    return (o->id == SC_CLAIM && r->integer == 0) || (o->id == SC_COMMIT && r->integer >= 1);
+}
+
+/* One use of a pooled connection: send the command (EVAL after NOSCRIPT),
+ * then WAIT when asked. Every script is safe to run twice (see the
+ * operations), so a pooled connection the server closed is reported STALE
+ * and idem_pool_run() tries once more on a new one. */
+static int op_run(void *connp, void *arg, idem_conn_state *state)
+{
+    conn *c = connp;
+    op *o = arg;
+    store *s = o->s;
+    const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
+    redisReply *r = conn_command(c, o->deadline, o->argc, o->argv, o->lens);
+    if (r && o->id >= 0 && reply_is(r, "NOSCRIPT")) {
+        /* The server lost its script cache (restart, failover, SCRIPT
+         * FLUSH): EVAL runs the script and caches it again. */
+        freeReplyObject(r);
+        const char *argv0 = o->argv[0], *argv1 = o->argv[1];
+        size_t len0 = o->lens[0], len1 = o->lens[1];
+        o->argv[0] = "EVAL";
+        o->lens[0] = 4;
+        o->argv[1] = script_src[o->id];
+        o->lens[1] = strlen(script_src[o->id]);
+        r = conn_command(c, o->deadline, o->argc, o->argv, o->lens);
+        o->argv[0] = argv0, o->argv[1] = argv1;
+        o->lens[0] = len0, o->lens[1] = len1;
+    }
+    if (!r) {
+        *state = !c->timed_out && peer_went_away(c->ctx) ? IDEM_CONN_STALE : IDEM_CONN_BROKEN;
+        int rc = conn_error(s, o->n->where, c, what);
+        o->maybe_ran = true;
+        return rc;
+    }
+    if (o->wait && op_wrote(o, r)) {
+        char n[16], t[16];
+        snprintf(n, sizeof n, "%u", s->wait_replicas);
+        snprintf(t, sizeof t, "%u", s->wait_timeout_ms);
+        const char *argv[3] = {"WAIT", n, t};
+        size_t lens[3] = {4, strlen(n), strlen(t)};
+        redisReply *w = conn_command(c, mono_ms() + s->wait_timeout_ms + s->command_ms, 3, argv, lens);
+        if (!w) {
+            freeReplyObject(r);
+            *state = IDEM_CONN_BROKEN;
+            o->maybe_ran = true;
+            return conn_error(s, o->n->where, c, "waiting for replicas (WAIT)");
+        }
+        o->acked = w->type == REDIS_REPLY_INTEGER ? w->integer : -1;
+        freeReplyObject(w);
+    }
+    o->reply = r;
+    return IDEM_OK;
+}
+
+/* Send o to where its key lives and return the answer in o->reply; an
+ * error reply is IDEM_EBACKEND with the server's words and a hint. */
+static int op_exec(store *s, op *o, const void *key, size_t key_len)
+{
+    (void)key, (void)key_len;
+    o->deadline = mono_ms() + s->command_ms;
+    o->acked = -1;
+    o->n = atomic_load(&s->master);
+    int rc = idem_pool_run(o->n->pool, op_run, o);
+    if (rc)
+        return rc;
+    if (o->reply->type == REDIS_REPLY_ERROR) {
+        rc = reply_error(o->n->where, o->reply, o->id >= 0 ? script_what[o->id] : "removing a key");
+        freeReplyObject(o->reply);
+        o->reply = NULL;
+    }
+    return rc;
+}
+
+/* Run script id with KEYS[1] = key and ARGV = args: *out is the reply.
+ * *maybe_ran: an earlier try may have run it. *acked: the replicas that
+ * acknowledged its write (wait_replicas), -1 when there was no WAIT. */
+static int run_script(store *s, enum script_id id, const void *key, size_t key_len, size_t nargs,
+                      const char *const *args, const size_t *lens, redisReply **out, bool *maybe_ran,
+                      long long *acked)
 {
     const char *argv[8];
     size_t argvlen[8];
@@ -357,83 +622,46 @@ static redisReply *eval(const store *s, redisContext *ctx, enum script_id id, si
     argvlen[1] = 40;
     argv[2] = "1";
     argvlen[2] = 1;
+    argv[3] = key;
+    argvlen[3] = key_len;
     for (size_t i = 0; i < nargs; i++) {
-        argv[3 + i] = args[i];
-        argvlen[3 + i] = lens[i];
+        argv[4 + i] = args[i];
+        argvlen[4 + i] = lens[i];
     }
-    int argc = (int)(3 + nargs);
-    redisReply *r = redisCommandArgv(ctx, argc, argv, argvlen);
-    if (r && r->type == REDIS_REPLY_ERROR && r->str && strncmp(r->str, "NOSCRIPT", 8) == 0) {
-        freeReplyObject(r);
-        argv[0] = "EVAL";
-        argvlen[0] = 4;
-        argv[1] = script_src[id];
-        argvlen[1] = strlen(script_src[id]);
-        r = redisCommandArgv(ctx, argc, argv, argvlen);
-    }
-    return r;
-}
-
-/*
- * Run script id on KEYS[1] = args[0] and ARGV = args[1..]; *out is the
- * reply, which the caller frees with freeReplyObject(). An error reply is
- * IDEM_EBACKEND. A pooled connection that turns out closed by the server
- * (it restarted while the connection sat idle) is retried once on a new
- * one: every script is safe to run twice (see the callers).
- */
-static int run_script(store *s, enum script_id id, size_t nargs, const char *const *args,
-                      const size_t *lens, redisReply **out, bool *retried)
-{
-    const char *what = script_what[id];
-    for (int attempt = 0;; attempt++) {
-        if (retried)
-            *retried = attempt > 0;
-        conn *c;
-        bool fresh;
-        int rc = acquire(s, &c, &fresh);
-        if (rc)
-            return rc;
-        redisReply *r = eval(s, c->ctx, id, nargs, args, lens);
-        if (!r) {
-            bool retry = !fresh && attempt == 0 && peer_went_away(c->ctx);
-            if (!retry)
-                rc = context_error(s, c->ctx, what);
-            drop(s, c);
-            if (retry)
-                continue;
-            return rc;
-        }
-        put_back(s, c);
-        if (r->type == REDIS_REPLY_ERROR) {
-            rc = reply_error(s, r, what);
-            freeReplyObject(r);
-            return rc;
-        }
-        *out = r;
-        return IDEM_OK;
-    }
+    op o = {.s = s, .id = (int)id, .argc = (int)(4 + nargs), .argv = argv, .lens = argvlen,
+            .wait = s->wait_replicas > 0};
+    int rc = op_exec(s, &o, key, key_len);
+    if (maybe_ran)
+        *maybe_ran = o.maybe_ran;
+    if (acked)
+        *acked = o.acked;
+    if (rc == IDEM_OK)
+        *out = o.reply;
+    return rc;
 }
 
 static int unexpected(const store *s, enum script_id id, const redisReply *r)
 {
-    return backend_error(s, script_what[id], "unexpected reply of type %d from the script; is this "
-                         "a Redis server (or a proxy that rewrites replies)?", r->type);
+    node *n = atomic_load(&((store *)s)->master);
+    return idem_driver_error(IDEM_EBACKEND, n->where, script_what[id], "unexpected reply of type "
+                             "%d from the script; is this a Redis server (or a proxy that "
+                             "rewrites replies)?", r->type);
 }
 
 /* Run a fenced script whose reply is the integer 0 (lost) or one of ok.
  * 3 is "no such key": lost, unless an earlier try on a connection that
  * closed before its reply may have run the script and freed the key. */
-static int run_fenced(store *s, enum script_id id, size_t nargs, const char *const *args,
-                      const size_t *lens, long long max_ok)
+static int run_fenced(store *s, enum script_id id, const void *key, size_t key_len, size_t nargs,
+                      const char *const *args, const size_t *lens, long long max_ok)
 {
     redisReply *r;
-    bool retried = false;
-    int rc = run_script(s, id, nargs, args, lens, &r, &retried);
+    bool maybe_ran = false;
+    int rc = run_script(s, id, key, key_len, nargs, args, lens, &r, &maybe_ran, NULL);
     if (rc)
         return rc;
     bool absent = id == SC_RELEASE && r->type == REDIS_REPLY_INTEGER && r->integer == 3;
     if (absent)
-        rc = retried ? IDEM_OK : IDEM_ELOST;
+        rc = maybe_ran ? IDEM_OK : IDEM_ELOST;
     else if (r->type != REDIS_REPLY_INTEGER || r->integer < 0 || r->integer > max_ok)
         rc = unexpected(s, id, r);
     else
@@ -448,10 +676,10 @@ static void store_free(store *s)
 {
     if (!s)
         return;
-    while (s->idle) {
-        conn *c = s->idle;
-        s->idle = c->next;
-        conn_free(c);
+    while (s->nodes) {
+        node *n = s->nodes;
+        s->nodes = n->next;
+        node_free(n);
     }
     pthread_mutex_destroy(&s->mu);
     if (s->password) {
@@ -459,15 +687,8 @@ static void store_free(store *s)
         free(s->password);
     }
     free(s->user);
-    free(s->where);
-    free(s->host);
     free(s->socket_path);
     free(s);
-}
-
-static struct timeval tv_ms(uint64_t ms)
-{
-    return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
 }
 
 static int parse_db(const char *text, const char *from, unsigned long *out)
@@ -482,32 +703,50 @@ static int parse_db(const char *text, const char *from, unsigned long *out)
     return IDEM_OK;
 }
 
-/* Fill s from the URL; IDEM_EINVAL with a message for what does not fit. */
-static int parse_url(store *s, const idem_url *url)
+static const char *const tcp_params[] = {"connect_timeout_ms", "timeout_ms", "max_record_bytes",
+                                         "wait_replicas", "wait_timeout_ms", NULL};
+static const char *const unix_params[] = {"db", "password", "connect_timeout_ms", "timeout_ms",
+                                          "max_record_bytes", "wait_replicas", "wait_timeout_ms",
+                                          NULL};
+
+/* The settings every URL form shares. */
+static int parse_settings(store *s, const idem_url *url)
 {
-    bool unix_socket = strcmp(url->scheme, "redis+unix") == 0;
-    if (!unix_socket && strcmp(url->scheme, "redis") != 0)
-        return idem_error_set(IDEM_EINVAL, "unknown redis URL scheme '%s'; use redis:// or "
-                              "redis+unix://", url->scheme);
-    const char *known = unix_socket ? "db, password, connect_timeout_ms, timeout_ms"
-                                    : "connect_timeout_ms, timeout_ms";
-    for (size_t i = 0; i < url->nparams; i++) {
-        const char *n = url->params[i].name;
-        bool ok = strcmp(n, "connect_timeout_ms") == 0 || strcmp(n, "timeout_ms") == 0 ||
-                  (unix_socket && (strcmp(n, "db") == 0 || strcmp(n, "password") == 0));
-        if (!ok)
-            return idem_error_set(IDEM_EINVAL, "redis URL parameter '%s' is unknown; the known "
-                                  "ones are %s", n, known);
-    }
     uint64_t connect_ms = DEFAULT_CONNECT_TIMEOUT_MS, command_ms = DEFAULT_TIMEOUT_MS;
+    uint64_t max_record = DEFAULT_MAX_RECORD_LEN, replicas = 0, wait_ms = DEFAULT_WAIT_TIMEOUT_MS;
     int rc = idem_url_param_uint(url, "connect_timeout_ms", 1, MAX_TIMEOUT_MS, &connect_ms);
     if (rc == IDEM_OK)
         rc = idem_url_param_uint(url, "timeout_ms", 1, MAX_TIMEOUT_MS, &command_ms);
+    if (rc == IDEM_OK)
+        rc = idem_url_param_uint(url, "max_record_bytes", IDEM_RECORD_HEADER_LEN + 8,
+                                 MAX_RECORD_LEN, &max_record);
+    if (rc == IDEM_OK)
+        rc = idem_url_param_uint(url, "wait_replicas", 0, MAX_WAIT_REPLICAS, &replicas);
+    if (rc == IDEM_OK)
+        rc = idem_url_param_uint(url, "wait_timeout_ms", 1, MAX_TIMEOUT_MS, &wait_ms);
     if (rc)
         return rc;
-    s->connect_tv = tv_ms(connect_ms);
-    s->command_tv = tv_ms(command_ms);
+    s->connect_ms = (unsigned)connect_ms;
     s->command_ms = (unsigned)command_ms;
+    s->max_record = (size_t)max_record;
+    s->wait_replicas = (unsigned)replicas;
+    s->wait_timeout_ms = (unsigned)wait_ms;
+    return IDEM_OK;
+}
+
+/* Fill s from the URL; IDEM_EINVAL with a message for what does not fit.
+ * *first is the server to connect to first. */
+static int parse_url(store *s, const idem_url *url, node **first)
+{
+    bool unix_socket = strcmp(url->scheme, "redis+unix") == 0;
+    if (!unix_socket && strcmp(url->scheme, "redis") != 0)
+        return idem_error_set(IDEM_EINVAL, "unknown redis URL scheme '%s'; use redis://, "
+                              "redis+unix://, redis+cluster:// or redis+sentinel://", url->scheme);
+    int rc = idem_url_check_params(url, url->scheme, unix_socket ? unix_params : tcp_params);
+    if (rc == IDEM_OK)
+        rc = parse_settings(s, url);
+    if (rc)
+        return rc;
 
     const char *password = url->password;
     if (unix_socket) {
@@ -523,23 +762,17 @@ static int parse_url(store *s, const idem_url *url)
                                   "the password parameter only");
         if (q)
             password = q;
-        if (!(s->socket_path = strdup(url->path)) || !(s->where = strdup(url->path)))
+        if (!(s->socket_path = strdup(url->path)))
             return IDEM_ENOMEM;
     } else {
         if (url->nhosts != 1)
             return idem_error_set(IDEM_EINVAL, "redis URLs name exactly one server: "
-                                  "redis://host:port[/db]; for Redis Cluster see the driver's README");
+                                  "redis://host:port[/db]; for several, use "
+                                  "redis+cluster://host:port,host:port or "
+                                  "redis+sentinel://host:port,host:port/MASTERNAME");
         if (url->path && strcmp(url->path, "/") != 0 &&
             (rc = parse_db(url->path + 1, "the URL path", &s->db)))
             return rc;
-        const idem_url_host *h = &url->hosts[0];
-        s->port = h->port ? h->port : DEFAULT_PORT;
-        bool v6 = strchr(h->host, ':') != NULL;
-        if (!(s->host = strdup(h->host)) ||
-            asprintf(&s->where, v6 ? "[%s]:%d" : "%s:%d", h->host, s->port) < 0) {
-            s->where = NULL;
-            return IDEM_ENOMEM;
-        }
     }
     if (url->user && !password)
         return idem_error_set(IDEM_EINVAL, "redis URL gives a user name but no password: "
@@ -548,33 +781,43 @@ static int parse_url(store *s, const idem_url *url)
         return IDEM_ENOMEM;
     if (url->user && !(s->user = strdup(url->user)))
         return IDEM_ENOMEM;
-    return IDEM_OK;
+    const idem_url_host *h = unix_socket ? NULL : &url->hosts[0];
+    *first = node_get(s, h ? h->host : NULL, h ? (h->port ? h->port : DEFAULT_PORT) : 0);
+    return *first ? IDEM_OK : IDEM_ENOMEM;
 }
 
 /* SCRIPT LOAD every script, pipelined, and keep the digests the server
- * returns. The script cache is the server's, so once is enough; a flushed
- * cache is refilled by EVAL (see eval()). */
-static int load_scripts(store *s, redisContext *ctx)
+ * returns. They are the SHA1 of each script, the same on every server; a
+ * server whose cache lacks one answers NOSCRIPT and gets EVAL (op_run()). */
+static int load_scripts_run(void *connp, void *arg, idem_conn_state *state)
 {
+    conn *c = connp;
+    node *n = arg;
+    store *s = n->s;
+    const char *what = "loading the scripts";
     for (int i = 0; i < SC_COUNT; i++) {
         const char *argv[3] = {"SCRIPT", "LOAD", script_src[i]};
         size_t argvlen[3] = {6, 4, strlen(script_src[i])};
-        if (redisAppendCommandArgv(ctx, 3, argv, argvlen) != REDIS_OK)
-            return context_error(s, ctx, "loading the scripts");
+        if (redisAppendCommandArgv(c->ctx, 3, argv, argvlen) != REDIS_OK) {
+            *state = IDEM_CONN_BROKEN;
+            return conn_error(s, n->where, c, what);
+        }
     }
     int ret = IDEM_OK;
+    uint64_t deadline = mono_ms() + s->command_ms;
     for (int i = 0; i < SC_COUNT; i++) {
-        void *reply = NULL;
-        if (redisGetReply(ctx, &reply) != REDIS_OK || !reply)
-            return context_error(s, ctx, "loading the scripts");
-        redisReply *r = reply;
+        redisReply *r = conn_reply(c, deadline);
+        if (!r) {
+            *state = IDEM_CONN_BROKEN;
+            return conn_error(s, n->where, c, what);
+        }
         if (ret == IDEM_OK) {
             if (r->type == REDIS_REPLY_ERROR)
-                ret = reply_error(s, r, "loading the scripts");
+                ret = reply_error(n->where, r, what);
             else if (r->type != REDIS_REPLY_STRING || r->len != 40)
-                ret = backend_error(s, "loading the scripts", "SCRIPT LOAD gave an unexpected "
-                                    "reply of type %d; is this a Redis server, version 2.6.12 or "
-                                    "later?", r->type);
+                ret = idem_driver_error(IDEM_EBACKEND, n->where, what, "SCRIPT LOAD gave an "
+                                        "unexpected reply of type %d; is this a Redis server, "
+                                        "version 2.6.12 or later?", r->type);
             else
                 memcpy(s->sha[i], r->str, 41);
         }
@@ -589,21 +832,20 @@ static int rd_open(void **state, const idem_url *url)
     if (!s)
         return idem_error_set(IDEM_ENOMEM, "redis: out of memory");
     pthread_mutex_init(&s->mu, NULL);
-    int rc = parse_url(s, url);
+    node *first = NULL;
+    int rc = parse_url(s, url, &first);
     if (rc == IDEM_ENOMEM)
         idem_error_set(rc, "redis: out of memory");
     /* Connect now, so a wrong address or password fails here and not at
-     * the first request. */
-    conn *c = NULL;
-    if (rc == IDEM_OK)
-        rc = conn_new(s, &c);
-    if (rc == IDEM_OK && (rc = load_scripts(s, c->ctx)) != IDEM_OK)
-        conn_free(c);
+     * the first request; the connection stays in the pool. */
+    if (rc == IDEM_OK) {
+        atomic_store(&s->master, first);
+        rc = idem_pool_run(first->pool, load_scripts_run, first);
+    }
     if (rc) {
         store_free(s);
         return rc;
     }
-    s->idle = c;
     *state = s;
     return IDEM_OK;
 }
@@ -621,73 +863,109 @@ static void format_ms(char *buf, size_t len, uint64_t ms, size_t *out_len)
     *out_len = (size_t)n;
 }
 
+/* A key that is taken, from the answer of the claim or read script:
+ * IDEM_OK and the record in *existing, or IDEM_ECORRUPT for a value that
+ * cannot be a record (another type, too long to read). */
+static int taken(store *s, enum script_id id, redisReply *r, void **existing, size_t *existing_len,
+                 uint32_t *remaining_ms)
+{
+    const char *where = atomic_load(&s->master)->where;
+    if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->elements > 3 ||
+        (r->element[0]->type != REDIS_REPLY_STRING && r->element[0]->type != REDIS_REPLY_INTEGER) ||
+        r->element[1]->type != REDIS_REPLY_INTEGER ||
+        (r->elements == 3 && r->element[2]->type != REDIS_REPLY_STATUS &&
+         r->element[2]->type != REDIS_REPLY_STRING))
+        return unexpected(s, id, r);
+    if (r->elements == 3)
+        return idem_driver_error(IDEM_ECORRUPT, where, script_what[id], "the key holds a Redis "
+                                 "%s, which libidempotency did not write (its records are "
+                                 "strings); delete it, or give this layer a key_prefix of its own",
+                                 r->element[2]->str);
+    if (r->element[0]->type == REDIS_REPLY_INTEGER)
+        return idem_driver_error(IDEM_ECORRUPT, where, script_what[id], "the key holds a "
+                                 "%lld-byte string, longer than any record of this store "
+                                 "(max_record_bytes=%zu in the store URL), so libidempotency did "
+                                 "not write it and did not read it; delete it, or give this "
+                                 "layer a key_prefix of its own", r->element[0]->integer,
+                                 s->max_record);
+    const redisReply *v = r->element[0];
+    int rc = idem_record_dup("redis", v->str, v->len, existing, existing_len);
+    if (rc)
+        return rc;
+    long long pttl = r->element[1]->integer;
+    /* -1: no expiry (not a record of ours), so the core reads the deadline. */
+    *remaining_ms = pttl < 0 ? UINT32_MAX : pttl >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)pttl;
+    return IDEM_OK;
+}
+
 static int rd_claim(void *state, const void *key, size_t key_len, const void *record,
                     size_t record_len, uint32_t lease_ms, void **existing, size_t *existing_len,
                     uint32_t *remaining_ms)
 {
     store *s = state;
-    char lease[24];
-    size_t lease_len;
+    char lease[24], max[24];
+    size_t lease_len, max_len;
     format_ms(lease, sizeof lease, lease_ms, &lease_len);
-    const char *args[3] = {key, record, lease};
-    size_t lens[3] = {key_len, record_len, lease_len};
+    format_ms(max, sizeof max, s->max_record, &max_len);
+    const char *args[3] = {record, lease, max};
+    size_t lens[3] = {record_len, lease_len, max_len};
     *existing = NULL;
     *existing_len = 0;
     redisReply *r;
-    int rc = run_script(s, SC_CLAIM, 3, args, lens, &r, NULL);
+    long long acked = -1;
+    int rc = run_script(s, SC_CLAIM, key, key_len, 3, args, lens, &r, NULL, &acked);
     if (rc)
         return rc;
-    if (r->type == REDIS_REPLY_INTEGER && r->integer == 0) {
-        freeReplyObject(r);
-        return IDEM_OK;
-    }
-    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 ||
-        r->element[0]->type != REDIS_REPLY_STRING || r->element[1]->type != REDIS_REPLY_INTEGER) {
-        rc = unexpected(s, SC_CLAIM, r);
-        freeReplyObject(r);
-        return rc;
-    }
-    const redisReply *v = r->element[0];
-    long long pttl = r->element[1]->integer;
+    bool claimed = r->type == REDIS_REPLY_INTEGER && r->integer == 0;
     /* Our own record: a claim retried after its reply was lost. */
-    if (v->len == record_len && memcmp(v->str, record, record_len) == 0) {
-        freeReplyObject(r);
-        return IDEM_OK;
-    }
-    *existing = malloc(v->len ? v->len : 1);
-    if (!*existing) {
-        freeReplyObject(r);
-        return idem_error_set(IDEM_ENOMEM, "redis %s: out of memory reading a record", s->where);
-    }
-    if (v->len)
-        memcpy(*existing, v->str, v->len);
-    *existing_len = v->len;
-    /* -1: no expiry (not a record of ours), so the core reads the deadline. */
-    *remaining_ms = pttl < 0 ? UINT32_MAX : pttl >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)pttl;
+    if (!claimed && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+        r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len == record_len &&
+        memcmp(r->element[0]->str, record, record_len) == 0)
+        claimed = true;
+    if (!claimed)
+        rc = taken(s, SC_CLAIM, r, existing, existing_len, remaining_ms);
     freeReplyObject(r);
-    return IDEM_OK;
+    if (claimed && s->wait_replicas && acked < (long long)s->wait_replicas) {
+        /* Not on enough replicas: a failover now could lose the claim and
+         * let a duplicate run. Give it up; nothing runs. */
+        const char *rargs[1] = {(const char *)record + IDEM_RECORD_TOKEN_OFFSET};
+        size_t rlens[1] = {IDEM_TOKEN_LEN};
+        const char *where = atomic_load(&s->master)->where;
+        long long got = acked < 0 ? 0 : acked;
+        int rel = run_fenced(s, SC_RELEASE, key, key_len, 1, rargs, rlens, 1);
+        return idem_driver_error(IDEM_EBACKEND, where, "claiming a key", "%lld of the %u replicas "
+                                 "asked for (wait_replicas) acknowledged the claim within %u ms "
+                                 "(wait_timeout_ms); %s and nothing ran; are the replicas up and "
+                                 "connected?", got, s->wait_replicas, s->wait_timeout_ms,
+                                 rel == IDEM_OK ? "the key was given up"
+                                                : "the key could not be given up (it frees itself "
+                                                  "when its lease ends)");
+    }
+    return rc;
 }
 
 /* Run twice (a retry after a lost reply), commit finds its own COMPLETED
- * record and answers OK, as backend.h asks. */
+ * record and answers OK, as backend.h asks. With wait_replicas, a commit
+ * that too few replicas acknowledged is still IDEM_OK: the response is
+ * stored on the master, and the handler's effect has happened. */
 static int rd_commit(void *state, const void *key, size_t key_len, const uint8_t *token,
                      const void *record, size_t record_len, uint64_t ttl_ms)
 {
     char ttl[24];
     size_t ttl_len;
     format_ms(ttl, sizeof ttl, ttl_ms, &ttl_len);
-    const char *args[4] = {key, (const char *)token, record, ttl};
-    size_t lens[4] = {key_len, IDEM_TOKEN_LEN, record_len, ttl_len};
-    return run_fenced(state, SC_COMMIT, 4, args, lens, 2);
+    const char *args[3] = {(const char *)token, record, ttl};
+    size_t lens[3] = {IDEM_TOKEN_LEN, record_len, ttl_len};
+    return run_fenced(state, SC_COMMIT, key, key_len, 3, args, lens, 2);
 }
 
 /* Run twice (a retry after the server ran it and closed the connection),
  * the second run finds the key gone: IDEM_OK, the key was freed. */
 static int rd_release(void *state, const void *key, size_t key_len, const uint8_t *token)
 {
-    const char *args[2] = {key, (const char *)token};
-    size_t lens[2] = {key_len, IDEM_TOKEN_LEN};
-    return run_fenced(state, SC_RELEASE, 2, args, lens, 1);
+    const char *args[1] = {(const char *)token};
+    size_t lens[1] = {IDEM_TOKEN_LEN};
+    return run_fenced(state, SC_RELEASE, key, key_len, 1, args, lens, 1);
 }
 
 /* Run twice, the record is still our STARTED one: the same result. */
@@ -697,15 +975,54 @@ static int rd_extend(void *state, const void *key, size_t key_len, const uint8_t
     char lease[24];
     size_t lease_len;
     format_ms(lease, sizeof lease, lease_ms, &lease_len);
-    const char *args[4] = {key, (const char *)token, record, lease};
-    size_t lens[4] = {key_len, IDEM_TOKEN_LEN, record_len, lease_len};
-    return run_fenced(state, SC_EXTEND, 4, args, lens, 1);
+    const char *args[3] = {(const char *)token, record, lease};
+    size_t lens[3] = {IDEM_TOKEN_LEN, record_len, lease_len};
+    return run_fenced(state, SC_EXTEND, key, key_len, 3, args, lens, 1);
+}
+
+static int rd_read(void *state, const void *key, size_t key_len, void **record, size_t *record_len,
+                   uint32_t *remaining_ms)
+{
+    store *s = state;
+    char max[24];
+    size_t max_len;
+    format_ms(max, sizeof max, s->max_record, &max_len);
+    const char *args[1] = {max};
+    size_t lens[1] = {max_len};
+    *record = NULL;
+    *record_len = 0;
+    *remaining_ms = UINT32_MAX;
+    redisReply *r;
+    int rc = run_script(s, SC_READ, key, key_len, 1, args, lens, &r, NULL, NULL);
+    if (rc)
+        return rc;
+    if (!(r->type == REDIS_REPLY_INTEGER && r->integer == 0))
+        rc = taken(s, SC_READ, r, record, record_len, remaining_ms);
+    freeReplyObject(r);
+    return rc;
+}
+
+static int rd_remove(void *state, const void *key, size_t key_len, bool *deleted)
+{
+    store *s = state;
+    const char *argv[2] = {"DEL", key};
+    size_t lens[2] = {3, key_len};
+    op o = {.s = s, .id = -1, .argc = 2, .argv = argv, .lens = lens};
+    int rc = op_exec(s, &o, key, key_len);
+    if (rc)
+        return rc;
+    if (o.reply->type == REDIS_REPLY_INTEGER)
+        *deleted = o.reply->integer > 0;
+    else
+        rc = idem_driver_error(IDEM_EBACKEND, o.n->where, "removing a key", "DEL gave an "
+                               "unexpected reply of type %d", o.reply->type);
+    freeReplyObject(o.reply);
+    return rc;
 }
 
 static size_t rd_max_record_len(void *state)
 {
-    (void)state;
-    return MAX_RECORD_LEN;
+    return ((store *)state)->max_record;
 }
 
 static int rd_check(void *state, idem_findings *out); /* at the end of the file */
@@ -720,6 +1037,8 @@ const idem_backend idem__redis_backend = {
     .release = rd_release,
     .extend = rd_extend,
     .max_record_len = rd_max_record_len,
+    .read = rd_read,
+    .remove = rd_remove,
     .check = rd_check,
 };
 
@@ -764,36 +1083,54 @@ static bool rd_config_get(redisContext *ctx, const char *name, char *buf, size_t
     return ok;
 }
 
+/* What rd_check() asks the master, in one use of a pooled connection. */
+typedef struct rd_check_ctx {
+    store *s;
+    node  *n;
+    char   policy[64], maxmem[32], aof[16], fsync[16], save[128];
+    bool   have_policy, have_maxmem, have_aof, have_fsync, have_save;
+    char   role[32], master[96], port[16], nrep[16];
+} rd_check_ctx;
+
+static int rd_check_run(void *connp, void *arg, idem_conn_state *state)
+{
+    conn *c = connp;
+    rd_check_ctx *k = arg;
+    bool io = false;
+    *state = IDEM_CONN_OK;
+    k->have_policy = rd_config_get(c->ctx, "maxmemory-policy", k->policy, sizeof k->policy, &io);
+    k->have_maxmem = !io && rd_config_get(c->ctx, "maxmemory", k->maxmem, sizeof k->maxmem, &io);
+    k->have_aof = !io && rd_config_get(c->ctx, "appendonly", k->aof, sizeof k->aof, &io);
+    k->have_fsync = !io && rd_config_get(c->ctx, "appendfsync", k->fsync, sizeof k->fsync, &io);
+    k->have_save = !io && rd_config_get(c->ctx, "save", k->save, sizeof k->save, &io);
+    redisReply *info = io ? NULL : redisCommand(c->ctx, "INFO replication");
+    if (!info) {
+        *state = !c->timed_out && peer_went_away(c->ctx) ? IDEM_CONN_STALE : IDEM_CONN_BROKEN;
+        return conn_error(k->s, k->n->where, c, "reading the server's settings");
+    }
+    rd_info_field(info, "role", k->role, sizeof k->role);
+    rd_info_field(info, "master_host", k->master, sizeof k->master);
+    rd_info_field(info, "master_port", k->port, sizeof k->port);
+    rd_info_field(info, "connected_slaves", k->nrep, sizeof k->nrep);
+    freeReplyObject(info);
+    return IDEM_OK;
+}
+
 static int rd_check(void *state, idem_findings *out)
 {
     store *s = state;
-    conn *c;
-    bool fresh, io = false;
-    int rc = acquire(s, &c, &fresh);
+    rd_check_ctx k = {.s = s, .n = atomic_load(&s->master)};
+    int rc = idem_pool_run(k.n->pool, rd_check_run, &k);
     if (rc)
         return rc;
-    char policy[64], maxmem[32], aof[16], fsync[16], save[128], role[32], master[96], port[16], nrep[16];
-    bool have_policy = rd_config_get(c->ctx, "maxmemory-policy", policy, sizeof policy, &io);
-    bool have_maxmem = !io && rd_config_get(c->ctx, "maxmemory", maxmem, sizeof maxmem, &io);
-    bool have_aof = !io && rd_config_get(c->ctx, "appendonly", aof, sizeof aof, &io);
-    bool have_fsync = !io && rd_config_get(c->ctx, "appendfsync", fsync, sizeof fsync, &io);
-    bool have_save = !io && rd_config_get(c->ctx, "save", save, sizeof save, &io);
-    redisReply *info = io ? NULL : redisCommand(c->ctx, "INFO replication");
-    if (io || !info) {
-        rc = context_error(s, c->ctx, "reading the server's settings");
-        drop(s, c);
-        return rc;
-    }
-    rd_info_field(info, "role", role, sizeof role);
-    rd_info_field(info, "master_host", master, sizeof master);
-    rd_info_field(info, "master_port", port, sizeof port);
-    rd_info_field(info, "connected_slaves", nrep, sizeof nrep);
-    freeReplyObject(info);
-    put_back(s, c);
+    const char *policy = k.policy, *maxmem = k.maxmem, *aof = k.aof, *fsync = k.fsync, *save = k.save;
+    const char *role = k.role, *master = k.master, *port = k.port, *nrep = k.nrep;
+    bool have_policy = k.have_policy, have_maxmem = k.have_maxmem, have_aof = k.have_aof,
+         have_fsync = k.have_fsync, have_save = k.have_save;
 
-    rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "redis %s: each claim, commit, abort and extend "
-                           "is one atomic script on the server, fenced by the claim's token; leases "
-                           "and TTLs run on the server's clock", s->where);
+    rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "%s: each claim, commit, abort and extend is one "
+                           "atomic script on the server, fenced by the claim's token; leases and TTLs "
+                           "run on the server's clock", k.n->where);
     if (rc == IDEM_OK && !have_policy)
         rc = idem_findings_add(out, IDEM_FINDING_NOTE, "cannot read maxmemory-policy (CONFIG GET: %s): "
                                "make sure it is noeviction in the provider's settings", policy);
@@ -834,6 +1171,11 @@ static int rd_check(void *state, idem_findings *out)
         rc = idem_findings_add(out, IDEM_FINDING_WARNING, "this server is a replica (of %s:%s): claims "
                                "fail with READONLY, or, on a writable replica, never reach the master "
                                "and its other clients; point the URL at the master", master, port);
+    else if (rc == IDEM_OK && role[0] && s->wait_replicas)
+        rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "role %s with %s replica%s; every claim and "
+                               "commit waits for %u of them (WAIT, up to %u ms), so a failover to one "
+                               "of those keeps it", role, nrep[0] ? nrep : "0",
+                               strcmp(nrep, "1") == 0 ? "" : "s", s->wait_replicas, s->wait_timeout_ms);
     else if (rc == IDEM_OK && role[0])
         rc = idem_findings_add(out, IDEM_FINDING_NOTE, "role %s with %s replica%s: replication is "
                                "asynchronous, so a failover can lose the last claims and responses",
