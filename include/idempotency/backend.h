@@ -244,7 +244,8 @@ IDEM_API int  idem_pool_run(idem_pool *pool, idem_pool_fn fn, void *arg);
 /* Add a finding (one line of text formatted from fmt, copied) to the list a
  * driver's check member fills. IDEM_OK, IDEM_EINVAL (NULL list or fmt, a
  * level outside idem_finding_level), or IDEM_ENOMEM. Never put a password in
- * the text. */
+ * the text. Not thread-safe on one list: a check fills its own list on the
+ * calling thread. */
 IDEM_API int idem_findings_add(idem_findings *list, idem_finding_level level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

@@ -462,8 +462,9 @@ typedef struct idem_findings idem_findings;  /* a list of findings */
 IDEM_API int idem_store_check(idem_store *store, idem_findings **out);
 
 /* The number of findings; the text of finding i (0-based) and its level
- * into *level (may be NULL), or NULL past the end. The text stays valid
- * until idem_findings_free(). */
+ * into *level (may be NULL), or NULL past the end. The text is owned by the
+ * list and stays valid until idem_findings_free(). A list does not change
+ * once idem_store_check() returned it: any thread may read it. */
 IDEM_API size_t idem_findings_count(const idem_findings *findings);
 IDEM_API const char *idem_findings_get(const idem_findings *findings, size_t i,
                                        idem_finding_level *level);
