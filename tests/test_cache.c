@@ -296,3 +296,49 @@ Test(cache, threads_replaying_many_keys_get_every_byte_right)
     cr_assert_eq(st.cache_hits, (uint64_t)THREADS * ROUNDS);
     idem_layer_free(shared);
 }
+
+static void *replayer_any(void *arg)
+{
+    long t = (long)arg;
+    char key[16];
+    idem_reply r = {0};
+    for (int i = 0; i < ROUNDS; i++) {
+        int k = (int)((i * 7 + t * 13) % KEYS);
+        snprintf(key, sizeof key, "hot-%02d", k);
+        idem_request req = {.key = key, .key_len = strlen(key)};
+        if (idem_run(shared, &req, handler, key, &r) != IDEM_OK || r.outcome != IDEM_REPLAYED ||
+            r.body_len != strlen(key) || memcmp(r.body, key, r.body_len) != 0)
+            return (void *)1;
+    }
+    idem_reply_clear(&r);
+    return NULL;
+}
+
+Test(cache, entries_evicted_while_threads_read_them_stay_whole)
+{
+    shared = layer_with(2048, 60); /* a handful of entries: every miss evicts one */
+    char key[16];
+    idem_reply r = {0};
+    for (int k = 0; k < KEYS; k++) {
+        snprintf(key, sizeof key, "hot-%02d", k);
+        idem_request req = {.key = key, .key_len = strlen(key)};
+        cr_assert_eq(idem_run(shared, &req, handler, key, &r), IDEM_OK);
+    }
+    idem_reply_clear(&r);
+    pthread_t th[THREADS];
+    for (long t = 0; t < THREADS; t++)
+        cr_assert_eq(pthread_create(&th[t], NULL, replayer_any, (void *)t), 0);
+    for (int t = 0; t < THREADS; t++) {
+        void *bad;
+        pthread_join(th[t], &bad);
+        cr_assert_null(bad, "thread %d saw a wrong replay", t);
+    }
+    idem_stats st;
+    idem_layer_stats(shared, &st);
+    cr_assert_eq(st.replayed, (uint64_t)THREADS * ROUNDS);
+    cr_assert(st.cache_hits > 0 && st.cache_hits < st.replayed, "hits %llu of %llu",
+              (unsigned long long)st.cache_hits, (unsigned long long)st.replayed);
+    size_t bytes = idem__cache_bytes(idem__layer_cache(shared), NULL);
+    cr_assert(bytes <= 2048, "%zu bytes cached", bytes);
+    idem_layer_free(shared);
+}
