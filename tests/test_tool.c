@@ -374,6 +374,23 @@ static redis_proc start_redis(const char *const *extra)
  * filters them): these start Redis servers of their own. */
 TestSuite(tool_redis, .init = setup, .fini = teardown, .timeout = 60);
 TestSuite(tool_memcached2, .init = setup, .fini = teardown, .timeout = 60);
+TestSuite(tool_memcached, .init = setup, .fini = teardown, .timeout = 60);
+TestSuite(tool_sqlite, .init = setup, .fini = teardown, .timeout = 60);
+
+Test(tool_sqlite, check_warns_on_synchronous_normal)
+{
+    char u[600];
+    snprintf(u, sizeof u, "%s?synchronous=normal", url);
+    run r = tool("check", u, NULL);
+    cr_assert_eq(r.status, 1, "%s%s", r.out, r.err);
+    assert_has(r, "WARNING:  synchronous=normal");
+    run_free(&r);
+    r = tool("check", url, NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    assert_has(r, "synchronous=full");
+    assert_has(r, "local file system");
+    run_free(&r);
+}
 
 Test(tool_redis, check_warns_on_a_redis_that_evicts_and_passes_on_one_with_noeviction_and_aof)
 {
@@ -452,6 +469,63 @@ Test(tool_memcached2, a_memcached_server_that_does_not_answer_is_named_and_exits
     assert_has(r, where);
     run_free(&r);
 }
+
+Test(tool_memcached2, a_server_that_stops_answering_after_open_is_a_warning_of_the_check)
+{
+    idem_test_server two = {0};
+    cr_assert_eq(idem_test_server_start(&two, "memcached2"), 0);
+    idem_store *s;
+    cr_assert_eq(idem_store_open(&s, two.url), IDEM_OK, "%s", idem_last_error());
+    idem_test_server_kill(&two, 1);
+    idem_findings *f;
+    cr_assert_eq(idem_store_check(s, &f), IDEM_OK, "one server of two answers: %s", idem_last_error());
+    char down[32];
+    snprintf(down, sizeof down, "127.0.0.1:%u", two.ports[1]);
+    bool warned = false;
+    for (size_t i = 0; i < idem_findings_count(f); i++) {
+        idem_finding_level level;
+        const char *text = idem_findings_get(f, i, &level);
+        warned |= level == IDEM_FINDING_WARNING && strstr(text, down) && strstr(text, "does not answer");
+    }
+    cr_assert(warned, "no warning names the server that is down");
+    cr_assert_null(idem_findings_get(f, idem_findings_count(f), NULL));
+    idem_findings_free(f);
+    idem_test_server_kill(&two, 0);
+    cr_assert_eq(idem_store_check(s, &f), IDEM_EBACKEND, "no server answers: nothing can be checked");
+    cr_assert_null(f);
+    idem_store_close(s);
+    idem_test_server_stop(&two);
+}
+
+#ifdef IDEM_TEST_HAVE_MEMCACHED
+#include "memcached_server.h"
+
+static run check_memcached_with(const char *const *extra, idem_test_server *m)
+{
+    *m = (idem_test_server){.dir = idem_test_tmpdir("mc-check")};
+    cr_assert(m->dir);
+    cr_assert_eq(idem_test_start_memcached_with(m, 1, extra), 0);
+    return tool("check", m->url, NULL);
+}
+
+Test(tool_memcached, check_passes_on_a_memcached_that_never_evicts_and_fails_without_cas)
+{
+    idem_test_server m;
+    const char *no_evict[] = {"-M", NULL};
+    run r = check_memcached_with(no_evict, &m);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    assert_has(r, "never evicts (-M)");
+    run_free(&r);
+    idem_test_server_stop(&m);
+
+    const char *no_cas[] = {"-C", NULL};
+    r = check_memcached_with(no_cas, &m);
+    cr_assert_eq(r.status, 2, "a store without CAS is refused at open: %s%s", r.out, r.err);
+    assert_has(r, "CAS");
+    run_free(&r);
+    idem_test_server_stop(&m);
+}
+#endif
 
 #include <pty.h>
 

@@ -105,7 +105,7 @@ static const char usage_text[] =
 "        show --body: the key holds no COMPLETED response\n"
 "    2   the store cannot be reached or failed, or its driver cannot do this\n"
 "        (memcached: a server of the URL that does not answer refuses the open)\n"
-"    64  bad command line\n"
+"    64  bad command line (a malformed URL or --prefix included)\n"
 "\n"
 "SECURITY\n"
 "    Nothing idem prints contains the password of a URL. A password on the\n"

@@ -769,10 +769,10 @@ static int sq_check(void *state, idem_findings *out)
         rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "synchronous=full: a stored response and a "
                                "claim survive a crash of the process and a power loss");
     else if (rc == IDEM_OK)
-        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "synchronous=%s: a power loss or an OS crash "
-                               "can lose the last claims and responses, and a retry of one of them "
-                               "runs again; remove synchronous=normal from the store URL (full is "
-                               "the default)", s->synchronous);
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "synchronous=normal: a power loss or an OS "
+                               "crash can lose the last claims and responses, and a retry of one of "
+                               "them runs again; remove synchronous=normal from the store URL (full "
+                               "is the default)");
     if (rc == IDEM_OK)
         rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "records are never evicted; leases and "
                                "TTLs follow this host's wall clock");
