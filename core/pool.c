@@ -62,9 +62,10 @@ int idem_pool_new(idem_pool **out, const idem_pool_config *cfg)
         p->cfg.idle_ms = DEFAULT_IDLE_MS;
     p->idle = calloc(p->cfg.max_idle, sizeof *p->idle);
     if (!p->idle) {
+        unsigned n = p->cfg.max_idle;
         free(p);
         return idem_error_set(IDEM_ENOMEM, "out of memory making a connection pool of %u idle "
-                              "connections", cfg->max_idle);
+                              "connections", n);
     }
     if (pthread_mutex_init(&p->mu, NULL) != 0) {
         free(p->idle);

@@ -48,20 +48,20 @@ enum stmt_id {
 static const char *const stmt_sql[S_COUNT] = {
     [S_LOOKUP] = "SELECT value, expires_at FROM idem_records WHERE key = ?1 AND expires_at > ?2",
     [S_INSERT] = "INSERT INTO idem_records (key, token, state, value, expires_at) "
-                 "VALUES (?1, ?2, ?3, ?4, ?5) "
+                 "VALUES (?1, ?2, ?3, ?4, idem_now_ms() + ?5) "
                  "ON CONFLICT (key) DO UPDATE SET token = excluded.token, state = excluded.state, "
                  "value = excluded.value, expires_at = excluded.expires_at "
-                 "WHERE idem_records.expires_at <= ?6",
-    [S_COMMIT] = "UPDATE idem_records SET state = 'C', value = ?1, expires_at = ?2 "
-                 "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > ?5",
+                 "WHERE idem_records.expires_at <= idem_now_ms()",
+    [S_COMMIT] = "UPDATE idem_records SET state = 'C', value = ?1, expires_at = idem_now_ms() + ?2 "
+                 "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > idem_now_ms()",
     [S_STATE] = "SELECT state FROM idem_records WHERE key = ?1 AND token = ?2 AND expires_at > ?3",
     [S_RELEASE] = "DELETE FROM idem_records "
-                  "WHERE key = ?1 AND token = ?2 AND state = 'S' AND expires_at > ?3",
-    [S_EXTEND] = "UPDATE idem_records SET value = ?1, expires_at = ?2 "
-                 "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > ?5",
+                  "WHERE key = ?1 AND token = ?2 AND state = 'S' AND expires_at > idem_now_ms()",
+    [S_EXTEND] = "UPDATE idem_records SET value = ?1, expires_at = idem_now_ms() + ?2 "
+                 "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > idem_now_ms()",
     [S_CLEANUP] = "DELETE FROM idem_records WHERE key IN "
                   "(SELECT key FROM idem_records WHERE expires_at <= ?1 LIMIT " CLEANUP_BATCH ")",
-    [S_REMOVE] = "DELETE FROM idem_records WHERE key = ?1 AND expires_at > ?2",
+    [S_REMOVE] = "DELETE FROM idem_records WHERE key = ?1 AND expires_at > idem_now_ms()",
 };
 
 static const char schema[] =
@@ -315,6 +315,14 @@ static int set_wal(const store *s, sqlite3 *db)
     return rc;
 }
 
+/* idem_now_ms() in SQL: the wall clock of the records' deadlines. */
+static void sql_now_ms(sqlite3_context *ctx, int argc, sqlite3_value **argv)
+{
+    (void)argc;
+    (void)argv;
+    sqlite3_result_int64(ctx, (sqlite3_int64)idem_now_ms());
+}
+
 static int conn_new(void *ctx, void **out)
 {
     store *s = ctx;
@@ -331,6 +339,14 @@ static int conn_new(void *ctx, void **out)
     }
     sqlite3_extended_result_codes(c->db, 1);
     sqlite3_busy_timeout(c->db, s->busy_ms);
+    /* Leases and fences are judged by the clock when the write happens,
+     * after any wait for the write lock, not before it. */
+    if (sqlite3_create_function(c->db, "idem_now_ms", 0, SQLITE_UTF8 | SQLITE_DIRECTONLY, NULL, sql_now_ms,
+                                NULL, NULL) != SQLITE_OK) {
+        int rc = fail(s, c->db, "cannot set up the connection");
+        conn_free(c);
+        return rc;
+    }
     char pragma[64];
     snprintf(pragma, sizeof pragma, "PRAGMA synchronous=%s;", s->synchronous);
     if (set_wal(s, c->db) != SQLITE_OK || sqlite3_exec(c->db, pragma, NULL, NULL, NULL) != SQLITE_OK ||
@@ -549,7 +565,6 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
         }
         if ((rc = begin_write(s, c, "claiming a key")))
             goto out;
-        /* The lease counts from the write, not from before the wait for it. */
         uint64_t now = idem_now_ms();
         sqlite3_stmt *st = c->stmt[S_INSERT];
         sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
@@ -558,8 +573,7 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
             sqlite3_bind_text(st, 3, info.state == IDEM_STATE_STARTED ? "S" : "C", 1, SQLITE_STATIC);
         }
         sqlite3_bind_blob(st, 4, record, (int)record_len, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 5, (sqlite3_int64)(now + lease_ms));
-        sqlite3_bind_int64(st, 6, (sqlite3_int64)now);
+        sqlite3_bind_int64(st, 5, (sqlite3_int64)lease_ms);
         bool done = run(c, st) == SQLITE_DONE;
         bool won = done && sqlite3_changes(c->db) == 1;
         if (won)
@@ -599,33 +613,37 @@ static int completed_by(store *s, conn *c, const void *key, size_t key_len, cons
     return ret;
 }
 
+/* Run statement id of c, its parameters bound, in this store's write turn:
+ * IDEM_OK and the rows it changed, or an error. The bindings are cleared. */
+static int write_stmt(store *s, conn *c, enum stmt_id id, const char *what, int *changes)
+{
+    int rc = begin_write(s, c, what);
+    if (rc) {
+        sqlite3_clear_bindings(c->stmt[id]);
+        return rc;
+    }
+    int src = run(c, c->stmt[id]);
+    *changes = sqlite3_changes(c->db);
+    end_write(s);
+    return src == SQLITE_DONE ? IDEM_OK : fail(s, c->db, what);
+}
+
 /* The fenced UPDATE shared by commit and extend. */
 static int fenced_update(store *s, enum stmt_id id, const void *key, size_t key_len,
                          const uint8_t *token, const void *record, size_t record_len, uint64_t ttl_ms)
 {
-    const char *what = id == S_COMMIT ? "storing a response" : "extending a lease";
     conn *c;
-    int rc = acquire(s, &c);
+    int rc = acquire(s, &c), changes = 0;
     if (rc)
         return rc;
-    if ((rc = begin_write(s, c, what))) {
-        release_conn(s, c);
-        return rc;
-    }
-    uint64_t now = idem_now_ms();
     sqlite3_stmt *st = c->stmt[id];
     sqlite3_bind_blob(st, 1, record, (int)record_len, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 2, (sqlite3_int64)(now + ttl_ms));
+    sqlite3_bind_int64(st, 2, (sqlite3_int64)ttl_ms);
     sqlite3_bind_blob(st, 3, key, (int)key_len, SQLITE_STATIC);
     sqlite3_bind_blob(st, 4, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
-    sqlite3_bind_int64(st, 5, (sqlite3_int64)now);
-    int src = run(c, st);
-    int changes = sqlite3_changes(c->db);
-    end_write(s);
-    if (src != SQLITE_DONE)
-        rc = fail(s, c->db, what);
-    else if (changes == 0) /* a commit that already happened is recognised by its token */
-        rc = id == S_COMMIT ? completed_by(s, c, key, key_len, token, now) : IDEM_ELOST;
+    rc = write_stmt(s, c, id, id == S_COMMIT ? "storing a response" : "extending a lease", &changes);
+    if (rc == IDEM_OK && changes == 0) /* a commit that already happened is recognised by its token */
+        rc = id == S_COMMIT ? completed_by(s, c, key, key_len, token, idem_now_ms()) : IDEM_ELOST;
     release_conn(s, c);
     return rc;
 }
@@ -642,7 +660,8 @@ static int sq_extend(void *state, const void *key, size_t key_len, const uint8_t
     return fenced_update(state, S_EXTEND, key, key_len, token, record, record_len, lease_ms);
 }
 
-/* A DELETE of key under the write turn: IDEM_OK and *changes, or an error. */
+/* A DELETE of key (and token, for a release): IDEM_OK and *changes, or an
+ * error. */
 static int delete_row(store *s, enum stmt_id id, const void *key, size_t key_len, const uint8_t *token,
                       const char *what, int *changes)
 {
@@ -650,23 +669,10 @@ static int delete_row(store *s, enum stmt_id id, const void *key, size_t key_len
     int rc = acquire(s, &c);
     if (rc)
         return rc;
-    if ((rc = begin_write(s, c, what))) {
-        release_conn(s, c);
-        return rc;
-    }
-    sqlite3_stmt *st = c->stmt[id];
-    sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
-    if (id == S_RELEASE) {
-        sqlite3_bind_blob(st, 2, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 3, (sqlite3_int64)idem_now_ms());
-    } else {
-        sqlite3_bind_int64(st, 2, (sqlite3_int64)idem_now_ms());
-    }
-    int src = run(c, st);
-    *changes = sqlite3_changes(c->db);
-    end_write(s);
-    if (src != SQLITE_DONE)
-        rc = fail(s, c->db, what);
+    sqlite3_bind_blob(c->stmt[id], 1, key, (int)key_len, SQLITE_STATIC);
+    if (token)
+        sqlite3_bind_blob(c->stmt[id], 2, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
+    rc = write_stmt(s, c, id, what, changes);
     release_conn(s, c);
     return rc;
 }

@@ -141,7 +141,8 @@ IDEM_API int idem_url_param_uint(const idem_url *url, const char *name, uint64_t
  * server, end them with what to do next when there is something to do, and
  * never include a password. An argument may be idem_last_error() itself. */
 IDEM_API int idem_error_set(int err, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-IDEM_API int idem_error_setv(int err, const char *fmt, va_list ap);
+IDEM_API int idem_error_setv(int err, const char *fmt, va_list ap)
+    __attribute__((format(printf, 2, 0)));
 
 /* ------------------------------------------------------------------------ */
 /* Pieces every driver shares (version 2 of this header)                    */
