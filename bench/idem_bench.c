@@ -949,8 +949,11 @@ static uint64_t rt_self(const backend *b)
 /* Paths and rounds                                                         */
 /* ------------------------------------------------------------------------ */
 
-enum path { P_NEW, P_REPLAY, P_INPROG, P_MIX, P_COUNT };
-static const char *const path_names[P_COUNT] = {"new", "replay", "in-progress", "mix"};
+/* P_CACHED: replays on a layer with a local cache (cache_bytes), beside the
+ * raw client's replay from the store: the ratio is what the cache saves. */
+enum path { P_NEW, P_REPLAY, P_INPROG, P_MIX, P_CACHED, P_COUNT };
+static const char *const path_names[P_COUNT] = {"new", "replay", "in-progress", "mix", "cached-replay"};
+#define CACHE_BYTES ((size_t)64 << 20)
 
 typedef struct config {
     backend   *b;
@@ -1121,9 +1124,16 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-static idem_layer *open_layer(const char *url, idem_store **store, const char *prefix)
+/* The key prefix the library's layer uses on this store (NULL: the default). */
+static const char *layer_prefix(const backend *b)
 {
-    if (idem_store_open(store, url) != IDEM_OK)
+    return strcmp(b->name, "redis-cluster") == 0 ? CLUSTER_PREFIX : NULL;
+}
+
+static idem_layer *open_layer_cached(const char *url, idem_store **store, const char *prefix,
+                                     size_t cache_bytes)
+{
+    if (!*store && idem_store_open(store, url) != IDEM_OK)
         die("cannot open %s: %s", url, idem_last_error());
     idem_options o;
     idem_options_init(&o);
@@ -1131,10 +1141,17 @@ static idem_layer *open_layer(const char *url, idem_store **store, const char *p
     o.ttl_s = TTL_S;
     if (prefix)
         o.key_prefix = prefix;
+    o.cache_bytes = cache_bytes;
     idem_layer *l;
     if (idem_layer_new(&l, *store, &o) != IDEM_OK)
         die("cannot make a layer: %s", idem_last_error());
     return l;
+}
+
+static idem_layer *open_layer(const char *url, idem_store **store, const char *prefix)
+{
+    *store = NULL;
+    return open_layer_cached(url, store, prefix, 0);
 }
 
 /* Shared memory a child process reports into. */
@@ -1184,7 +1201,8 @@ static void run_round(const config *cfg, side *sd, unsigned round, double second
                     if (!(w.conn = b->raw->connect(b->url)))
                         _exit(2);
                 } else {
-                    w.layer = open_layer(b->url, &st, strcmp(b->name, "redis-cluster") == 0 ? CLUSTER_PREFIX : NULL);
+                    w.layer = cfg->path == P_CACHED ? open_layer_cached(b->url, &st, layer_prefix(b), CACHE_BYTES)
+                                                    : open_layer(b->url, &st, layer_prefix(b));
                 }
                 atomic_fetch_add(g_ready, 1);
                 while (atomic_load(g_ready) < cfg->procs)
@@ -1338,6 +1356,7 @@ static void finish_side(const config *cfg, side *sd, result *r, int i)
 }
 
 static unsigned g_config_id;
+static idem_layer *g_cached_layer; /* the layer of the cached-replay path */
 static const char *g_only_paths, *g_only_conc; /* --paths, --conc: NULL is all */
 
 /* Is name one of the comma-separated list (NULL: everything is)? */
@@ -1364,8 +1383,10 @@ static void run_config(backend *b, idem_layer *layer, enum path p, int threads, 
     snprintf(conc, sizeof conc, procs > 1 ? "%dp" : "%dt", procs > 1 ? procs : threads);
     if (!listed(g_only_paths, path_names[p]) || !listed(g_only_conc, conc))
         return;
+    if (p == P_CACHED)
+        layer = g_cached_layer;
     if (p != P_NEW)
-        prepare_keys(&cfg, layer, p == P_MIX ? P_REPLAY : p);
+        prepare_keys(&cfg, layer, p == P_MIX || p == P_CACHED ? P_REPLAY : p);
     side lib = {.raw = false, .layer = layer}, raw = {.raw = true};
     double per_round = seconds / 2 / rounds;
     for (int r = 0; r < rounds; r++) {
@@ -1668,7 +1689,9 @@ static int check_sane(void)
             if (!(s ? r->has_raw : r->has_lib))
                 continue;
             if (r->ops[s] == 0 || r->errors[s] != 0 || !(r->ops_s[s] > 0) || !(r->p50[s] > 0) ||
-                !(r->p99[s] >= r->p50[s]) || !(r->rt_op[s] > 0)) {
+                !(r->p99[s] >= r->p50[s]) ||
+                (strcmp(r->path, "cached-replay") == 0 && s == 0 ? !(r->rt_op[s] < 0.05)
+                                                                 : !(r->rt_op[s] > 0))) {
                 fprintf(stderr, "idem_bench: %s %s %s %s: implausible figures (ops %llu, errors %llu, "
                                 "p50 %.1f, RT/op %.2f)\n",
                         r->backend, r->path, r->conc, s ? "raw" : "lib", (unsigned long long)r->ops[s],
@@ -1701,8 +1724,8 @@ static void usage(FILE *f)
             "  --rounds N    alternating library/raw rounds per configuration (default 4)\n"
             "  --quick       a smoke run: --seconds 0.08 --rounds 2, fewer records for memory\n"
             "  --csv FILE    also write the figures as CSV (default idem_bench.csv)\n"
-            "  --only LIST   measure only these stores (sqlite, redis, memcached, postgresql)\n"
-            "  --paths LIST  only these paths (new, replay, in-progress, mix)\n"
+            "  --only LIST   measure only these stores (sqlite, redis, memcached, postgresql, redis-cluster)\n"
+            "  --paths LIST  only these paths (new, replay, in-progress, mix, cached-replay)\n"
             "  --conc LIST   only these concurrencies (1t, 4t, 2p)\n"
             "  --url S=URL   use a running server for store S instead of starting one\n");
 }
@@ -1802,7 +1825,8 @@ int main(int argc, char **argv)
         if (strcmp(b->name, "sqlite") == 0)
             sqlite_schema(b->url);
         idem_store *store = NULL;
-        idem_layer *layer = b->lib_built ? open_layer(b->url, &store, strcmp(b->name, "redis-cluster") == 0 ? CLUSTER_PREFIX : NULL) : NULL;
+        idem_layer *layer = b->lib_built ? open_layer(b->url, &store, layer_prefix(b)) : NULL;
+        g_cached_layer = layer ? open_layer_cached(b->url, &store, layer_prefix(b), CACHE_BYTES) : NULL;
         for (int t = 1; t <= MAX_THREADS; t *= 4)
             for (int p = 0; p < P_COUNT; p++)
                 run_config(b, layer, (enum path)p, t, 1, seconds, rounds);
@@ -1810,6 +1834,13 @@ int main(int argc, char **argv)
             for (int p = 0; p < P_COUNT; p++)
                 run_config(b, layer, (enum path)p, 1, MAX_PROCS, seconds, rounds);
         measure_memory(b, layer, mem_records);
+        size_t centries, cbytes = idem__cache_bytes(g_cached_layer ? idem__layer_cache(g_cached_layer) : NULL,
+                                                    &centries);
+        if (centries)
+            fprintf(stderr, "idem_bench: %s local cache: %zu entries in %zu bytes, %.0f bytes per cached "
+                            "entry (100-byte body)\n",
+                    b->name, centries, cbytes, (double)cbytes / (double)centries);
+        idem_layer_free(g_cached_layer);
         idem_layer_free(layer);
         idem_store_close(store);
         stop_backend(b);

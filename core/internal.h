@@ -157,4 +157,33 @@ bool idem__durations_p95(idem_durations *d, uint32_t *out);
  * IDEM_ENOMEM with a message. Thread-safe. */
 int idem__crypto_init(void);
 
+/* ---- cache.c: a layer's local cache of COMPLETED records ---- */
+/* Thread-safe; sharded, so hits on different keys rarely share a lock. */
+typedef struct idem_cache idem_cache;
+typedef struct idem_cache_entry idem_cache_entry;
+/* A cache of at most max_bytes (entries, keys and records counted).
+ * IDEM_OK or IDEM_ENOMEM (no message set). */
+int  idem__cache_new(idem_cache **out, size_t max_bytes);
+void idem__cache_free(idem_cache *cache);           /* NULL: no-op */
+/* The live entry for the store key, with a reference to give back with
+ * idem__cache_release(); NULL on a miss, an expired entry, or a NULL cache. */
+const idem_cache_entry *idem__cache_get(idem_cache *cache, const void *key, size_t key_len);
+/* The encoded COMPLETED record an entry holds. */
+const uint8_t *idem__cache_entry_record(const idem_cache_entry *e, size_t *len);
+void idem__cache_release(const idem_cache_entry *e);
+/* Keep a copy of a COMPLETED record until expires_ms (idem__cache_now_ms()
+ * clock): never later than the store would expire it. Least recently used
+ * entries make room; one that cannot fit, or no memory, is simply not
+ * cached. NULL cache: no-op. */
+void idem__cache_put(idem_cache *cache, const void *key, size_t key_len, const void *rec, size_t rec_len,
+                     uint64_t expires_ms);
+/* Forget the entry for key (an operator deleted it). NULL cache: no-op. */
+void idem__cache_drop(idem_cache *cache, const void *key, size_t key_len);
+/* Bytes counted in the cache, and *entries (may be NULL). */
+size_t idem__cache_bytes(idem_cache *cache, size_t *entries);
+/* Milliseconds of CLOCK_MONOTONIC, the clock of expires_ms. */
+uint64_t idem__cache_now_ms(void);
+/* The layer's cache, NULL when cache_bytes is 0 (layer.c). */
+idem_cache *idem__layer_cache(const idem_layer *l);
+
 #endif

@@ -27,6 +27,8 @@ struct idem_layer {
     counter unstored, extended, claims_freed;
     idem_keeper   *keeper;      /* deferred frees and auto_extend renewals */
     idem_durations durations;   /* of recent handlers, for retry_after_ms */
+    idem_cache *cache;          /* COMPLETED records kept here (cache.c); NULL: none */
+    counter     cache_hits;
 };
 
 struct idem_response {
@@ -158,6 +160,11 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     }
     if (l->max_body > UINT32_MAX)
         l->max_body = UINT32_MAX;
+    if (o.cache_bytes && idem__cache_new(&l->cache, o.cache_bytes) != IDEM_OK) {
+        free(l->prefix);
+        free(l);
+        return idem_error_set(IDEM_ENOMEM, "out of memory making a layer's cache");
+    }
     *out = l;
     return IDEM_OK;
 }
@@ -167,6 +174,7 @@ void idem_layer_free(idem_layer *layer)
     if (!layer)
         return;
     idem__keeper_free(layer->keeper);
+    idem__cache_free(layer->cache);
     free(layer->prefix);
     free(layer);
 }
@@ -188,6 +196,7 @@ void idem_layer_stats(const idem_layer *l, idem_stats *out)
     out->unstored = atomic_load(&l->unstored);
     out->extended = atomic_load(&l->extended);
     out->claims_freed = atomic_load(&l->claims_freed);
+    out->cache_hits = atomic_load(&l->cache_hits);
 }
 
 /* ---- replies and responses ---- */
@@ -494,6 +503,24 @@ idem_store *idem__layer_store(const idem_layer *l)
     return l->store;
 }
 
+idem_cache *idem__layer_cache(const idem_layer *l)
+{
+    return l->cache;
+}
+
+/* A cached COMPLETED record answers as the store's would: no round trip. */
+static int reply_cached(idem_layer *l, const idem_record *mine, const idem_cache_entry *hit,
+                        idem_reply *reply)
+{
+    size_t len;
+    const uint8_t *rec = idem__cache_entry_record(hit, &len);
+    int rc = reply_existing(l, mine, rec, len, UINT32_MAX, reply);
+    idem__cache_release(hit);
+    if (rc == IDEM_OK && reply->outcome == IDEM_REPLAYED)
+        count(&l->cache_hits);
+    return rc;
+}
+
 static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, size_t key_len,
                      uint64_t sent, uint64_t lease_end, idem_claim **out);
 
@@ -533,6 +560,10 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     if (rc)
         return rc;
 
+    const idem_cache_entry *hit = idem__cache_get(l->cache, key, key_len);
+    if (hit)
+        return reply_cached(l, &rec, hit, reply);
+
     uint64_t sent = mono_ms();
     uint64_t lease_end = sent + l->opts.lease_ms;
     rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
@@ -547,6 +578,9 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
         idem__keeper_poke(l->keeper); /* the store answers: free what waits for it */
     if (rc == IDEM_OK && existing) {
         rc = reply_existing(l, &rec, existing, existing_len, remaining, reply);
+        if (rc == IDEM_OK && reply->outcome == IDEM_REPLAYED && remaining != UINT32_MAX)
+            idem__cache_put(l->cache, key, key_len, existing, existing_len,
+                            lease_end - l->opts.lease_ms + remaining); /* the TTL the store reported */
         free(existing);
     } else if (rc == IDEM_OK) {
         rc = claim_won(l, &rec, key, key_len, sent, lease_end, out);
@@ -663,6 +697,7 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
         stop = start + l->opts.commit_timeout_ms;
     idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
+    uint64_t sent = mono_ms(); /* the record expires ttl_s after the store took it: later than this */
     for (;;) {
         rc = l->store->ops->commit(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len,
                                    (uint64_t)l->opts.ttl_s * 1000u);
@@ -675,6 +710,8 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
         sleep_ms(backoff);
         backoff = backoff * 2 > COMMIT_BACKOFF_MAX_MS ? COMMIT_BACKOFF_MAX_MS : backoff * 2;
     }
+    if (rc == IDEM_OK)
+        idem__cache_put(l->cache, c->key, c->key_len, enc, enc_len, sent + (uint64_t)l->opts.ttl_s * 1000u);
     free(enc);
     if (rc == IDEM_OK) {
         count(&l->executed);

@@ -970,6 +970,7 @@ static int mc_remove(void *state, const void *key, size_t key_len, bool *deleted
     *deleted = rc == IDEM_OK && o.existing_len;
     return rc;
 }
+static int mc_check(void *state, idem_findings *out); /* at the end of the file */
 
 const idem_backend idem__memcached_backend = {
     .version = IDEM_BACKEND_VERSION,
@@ -983,4 +984,101 @@ const idem_backend idem__memcached_backend = {
     .max_record_len = mc_max_record_len,
     .read = mc_read,
     .remove = mc_remove,
+    .check = mc_check,
 };
+
+/* ---- check (an operator's look at the servers' settings) ---- */
+
+typedef struct mc_check_stats {
+    char evictions_setting[32]; /* "on" or "off" (-M) */
+    char cas_enabled[32];       /* "yes" or "no" (-C) */
+    unsigned long long maxbytes, bytes, evicted;
+} mc_check_stats;
+
+static memcached_return_t mc_check_stat(const memcached_instance_st *server, const char *key,
+                                        size_t key_len, const char *value, size_t value_len, void *ctx)
+{
+    (void)server;
+    mc_check_stats *st = ctx;
+    char buf[32];
+    size_t n = value_len < sizeof buf - 1 ? value_len : sizeof buf - 1;
+    memcpy(buf, value, n);
+    buf[n] = '\0';
+    if (stat_is(key, key_len, "evictions") && (strcmp(buf, "on") == 0 || strcmp(buf, "off") == 0))
+        snprintf(st->evictions_setting, sizeof st->evictions_setting, "%s", buf);
+    else if (stat_is(key, key_len, "evictions"))
+        st->evicted = strtoull(buf, NULL, 10);
+    else if (stat_is(key, key_len, "cas_enabled"))
+        snprintf(st->cas_enabled, sizeof st->cas_enabled, "%s", buf);
+    else if (stat_is(key, key_len, "maxbytes") || stat_is(key, key_len, "limit_maxbytes"))
+        st->maxbytes = strtoull(buf, NULL, 10);
+    else if (stat_is(key, key_len, "bytes"))
+        st->bytes = strtoull(buf, NULL, 10);
+    return MEMCACHED_SUCCESS;
+}
+
+/* "stats settings" and "stats" of one server; false when it does not answer. */
+static bool mc_check_server(const store *s, const mc_server *sv, mc_check_stats *st, char *why, size_t len)
+{
+    memcached_st *mc = memcached_create(NULL);
+    if (!mc) {
+        snprintf(why, len, "out of memory");
+        return false;
+    }
+    (void)memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_CONNECT_TIMEOUT, s->timeout_ms);
+    (void)memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, s->timeout_ms);
+    memcached_return_t mrc = memcached_server_add(mc, sv->addr, sv->port);
+    if (memcached_success(mrc))
+        mrc = memcached_stat_execute(mc, "settings", mc_check_stat, st);
+    if (memcached_success(mrc))
+        mrc = memcached_stat_execute(mc, NULL, mc_check_stat, st);
+    if (memcached_failed(mrc))
+        snprintf(why, len, "%s", memcached_last_error_message(mc));
+    memcached_free(mc);
+    return memcached_success(mrc);
+}
+
+static int mc_check(void *state, idem_findings *out)
+{
+    store *s = state;
+    size_t up = 0;
+    int rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "memcached, %zu server%s: a claim is one add, "
+                               "a commit, abort or extend a gets and a cas fenced by the claim's token; "
+                               "each key lives on one server (consistent hashing) and never moves to "
+                               "another while its server is down", s->nservers,
+                               s->nservers == 1 ? "" : "s");
+    for (size_t i = 0; rc == IDEM_OK && i < s->nservers; i++) {
+        const mc_server *sv = &s->servers[i];
+        mc_check_stats st = {{0}};
+        char why[256];
+        if (!mc_check_server(s, sv, &st, why, sizeof why)) {
+            rc = idem_findings_add(out, IDEM_FINDING_WARNING, "server %s does not answer (%s): requests "
+                                   "for its keys fail with IDEM_EBACKEND until it is back, and when it "
+                                   "comes back it has forgotten them; start it again", sv->label, why);
+            continue;
+        }
+        up++;
+        if (strcmp(st.cas_enabled, "no") == 0)
+            rc = idem_findings_add(out, IDEM_FINDING_WARNING, "server %s runs without CAS (-C): no commit "
+                                   "can be fenced, so every commit fails and a handler that succeeded "
+                                   "runs again once its lease ends; restart memcached without -C", sv->label);
+        if (rc == IDEM_OK && strcmp(st.evictions_setting, "off") == 0)
+            rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "server %s never evicts (-M): a full server "
+                                   "refuses new claims (IDEM_EBACKEND, nothing runs); %llu of %llu MiB used",
+                                   sv->label, st.bytes >> 20, st.maxbytes >> 20);
+        else if (rc == IDEM_OK)
+            rc = idem_findings_add(out, IDEM_FINDING_WARNING, "server %s evicts items when its memory is "
+                                   "full (%llu of %llu MiB used, %llu items evicted so far): an evicted "
+                                   "claim or response lets a retry run its handler again; start memcached "
+                                   "with -M (refuse instead of evicting) and enough -m, or use Redis with "
+                                   "noeviction where a duplicate must never happen",
+                                   sv->label, st.bytes >> 20, st.maxbytes >> 20, st.evicted);
+    }
+    if (rc == IDEM_OK && up == 0)
+        return idem_error_set(IDEM_EBACKEND, "memcached: none of the %zu servers answers; is memcached "
+                              "running?", s->nservers);
+    if (rc == IDEM_OK)
+        rc = idem_findings_add(out, IDEM_FINDING_NOTE, "memcached keeps nothing across a restart, and "
+                               "leases are judged by each client's wall clock: keep the hosts on NTP");
+    return rc;
+}

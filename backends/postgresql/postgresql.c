@@ -73,12 +73,12 @@
 
 /* ---- the statements (@T is the quoted table name) ---- */
 
-enum stmt_id { ST_CLAIM, ST_COMMIT, ST_RELEASE, ST_EXTEND, ST_READ, ST_REMOVE, ST_CLEANUP, ST_COUNT };
+enum stmt_id { ST_CLAIM, ST_COMMIT, ST_RELEASE, ST_EXTEND, ST_READ, ST_REMOVE, ST_CLEANUP, ST_CHECK, ST_COUNT };
 
 static const char *const stmt_name[ST_COUNT] = {
     [ST_CLAIM] = "idem_claim",     [ST_COMMIT] = "idem_commit", [ST_RELEASE] = "idem_release",
     [ST_EXTEND] = "idem_extend",   [ST_READ] = "idem_read",     [ST_REMOVE] = "idem_remove",
-    [ST_CLEANUP] = "idem_cleanup",
+    [ST_CLEANUP] = "idem_cleanup",   [ST_CHECK] = "idem_check",
 };
 
 static const char *const stmt_what[ST_COUNT] = {
@@ -86,6 +86,7 @@ static const char *const stmt_what[ST_COUNT] = {
     [ST_RELEASE] = "freeing a key",       [ST_EXTEND] = "extending a lease",
     [ST_READ] = "reading a record",       [ST_REMOVE] = "deleting a record",
     [ST_CLEANUP] = "deleting expired records",
+    [ST_CHECK] = "reading the server's settings",
 };
 
 #define NOW_CTE "WITH now AS MATERIALIZED (SELECT clock_timestamp() AS t)"
@@ -141,6 +142,10 @@ static const char *const stmt_sql[ST_COUNT] = {
     [ST_CLEANUP] =
         "AS DELETE FROM @T WHERE key IN (SELECT key FROM @T WHERE expires_at <= clock_timestamp() "
         "LIMIT " CLEANUP_BATCH " FOR UPDATE SKIP LOCKED) AND expires_at <= clock_timestamp()",
+    /* -> synchronous_commit, fsync, and whether the server is a standby. */
+    [ST_CHECK] =
+        "AS SELECT current_setting('synchronous_commit'), current_setting('fsync'), "
+        "pg_is_in_recovery()::text",
 };
 
 static const char schema_sql[] =
@@ -1176,6 +1181,36 @@ static void pg_close(void *state)
     store_free(state);
 }
 
+/* ---- check (an operator's look at the settings) ---- */
+
+static int pg_check(void *state, idem_findings *out)
+{
+    store *s = state;
+    op o = {.s = s, .id = ST_CHECK};
+    int rc = run_op(&o);
+    if (rc)
+        return rc;
+    PGresult *res = o.res;
+    if (PQntuples(res) != 1 || PQnfields(res) != 3)
+        return unexpected(s, ST_CHECK, res);
+    const char *sync = PQgetvalue(res, 0, 0), *fsync = PQgetvalue(res, 0, 1);
+    bool standby = strcmp(PQgetvalue(res, 0, 2), "true") == 0;
+    rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "claims and responses live in a table of the "
+                           "database, by the server's clock; they survive restarts and are never evicted");
+    if (rc == IDEM_OK && standby)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "the server is a standby: it refuses every "
+                               "claim; point the URL at the primary (target_session_attrs=read-write)");
+    if (rc == IDEM_OK && strcmp(fsync, "off") == 0)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "fsync is off: a crash of the server's machine "
+                               "can lose or corrupt claims and responses; set fsync = on");
+    if (rc == IDEM_OK && strcmp(sync, "off") == 0)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "synchronous_commit is off: a server crash can "
+                               "lose the last acknowledged claims and responses, and a retry of one runs "
+                               "again; set synchronous_commit = on");
+    PQclear(res);
+    return rc;
+}
+
 const idem_backend idem__postgresql_backend = {
     .version = IDEM_BACKEND_VERSION,
     .name = DRIVER,
@@ -1188,4 +1223,5 @@ const idem_backend idem__postgresql_backend = {
     .max_record_len = pg_max_record_len,
     .read = pg_read,
     .remove = pg_remove,
+    .check = pg_check,
 };

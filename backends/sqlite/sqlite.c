@@ -717,6 +717,8 @@ static size_t sq_max_record_len(void *state)
     return ((store *)state)->max_len;
 }
 
+static int sq_check(void *state, idem_findings *out); /* at the end of the file */
+
 const idem_backend idem__sqlite_backend = {
     .version = IDEM_BACKEND_VERSION,
     .name = "sqlite",
@@ -729,4 +731,76 @@ const idem_backend idem__sqlite_backend = {
     .max_record_len = sq_max_record_len,
     .read = sq_read,
     .remove = sq_remove,
+    .check = sq_check,
 };
+
+/* ---- check (an operator's look at the settings) ---- */
+
+#include <errno.h>
+#include <sys/vfs.h>
+
+/* Network and cluster file systems, by statfs() magic: their byte-range
+ * locks (which SQLite's transactions and WAL rely on) are unreliable. */
+static const struct {
+    unsigned long magic;
+    const char   *name;
+} sq_network_fs[] = {
+    {0x6969UL, "NFS"},         {0x517BUL, "SMB"},      {0xFE534D42UL, "SMB2"},
+    {0xFF534D42UL, "CIFS"},    {0x01021997UL, "9P"},   {0x00C36400UL, "Ceph"},
+    {0x5346414FUL, "AFS"},     {0x0BD00BD0UL, "Lustre"}, {0x01161970UL, "GFS2"},
+    {0x7461636FUL, "OCFS2"},   {0x65735546UL, "FUSE (sshfs and the like, if networked)"},
+};
+
+static int sq_check(void *state, idem_findings *out)
+{
+    store *s = state;
+    sqlite3 *db = NULL;
+    if (sqlite3_open_v2(s->path, &db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
+        int rc = fail(s, db, "opening the database to check it");
+        sqlite3_close(db);
+        return rc;
+    }
+    char mode[16] = "?";
+    sqlite3_stmt *st;
+    if (sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL) == SQLITE_OK) {
+        if (sqlite3_step(st) == SQLITE_ROW && sqlite3_column_text(st, 0))
+            snprintf(mode, sizeof mode, "%s", (const char *)sqlite3_column_text(st, 0));
+        sqlite3_finalize(st);
+    }
+    sqlite3_close(db);
+    int rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "sqlite %s: journal mode %s; every claim "
+                               "is one conditional INSERT in one transaction: two claimants never "
+                               "both win, on one host", s->path, mode);
+    if (rc == IDEM_OK && strcmp(s->synchronous, "FULL") == 0)
+        rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "synchronous=full: a stored response and a "
+                               "claim survive a crash of the process and a power loss");
+    else if (rc == IDEM_OK)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "synchronous=normal: a power loss or an OS "
+                               "crash can lose the last claims and responses, and a retry of one of "
+                               "them runs again; remove synchronous=normal from the store URL (full "
+                               "is the default)");
+    if (rc == IDEM_OK)
+        rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "records are never evicted; leases and "
+                               "TTLs follow this host's wall clock");
+    struct statfs fs;
+    if (rc == IDEM_OK && statfs(s->path, &fs) != 0) {
+        rc = idem_findings_add(out, IDEM_FINDING_NOTE, "cannot tell the file system of %s (statfs: %s)",
+                               s->path, strerror(errno));
+    } else if (rc == IDEM_OK) {
+        const char *net = NULL;
+        for (size_t i = 0; i < sizeof sq_network_fs / sizeof sq_network_fs[0]; i++)
+            if ((unsigned long)fs.f_type == sq_network_fs[i].magic)
+                net = sq_network_fs[i].name;
+        if (net)
+            rc = idem_findings_add(out, IDEM_FINDING_WARNING, "%s is on a network file system (%s): "
+                                   "its file locks are not reliable and WAL needs shared memory on "
+                                   "one host, so two claimants may both win; put the database on a "
+                                   "local disk, and share Redis or PostgreSQL between hosts instead",
+                                   s->path, net);
+        else
+            rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "the file is on a local file system "
+                                   "(statfs type 0x%lx): only processes of this host may share it",
+                                   (unsigned long)fs.f_type);
+    }
+    return rc;
+}

@@ -254,6 +254,14 @@ typedef int (*idem_pool_fn)(void *conn, void *arg, idem_conn_state *state);
  * to; *state starts as IDEM_CONN_OK. Returns fn's code (or cfg->connect's). */
 IDEM_API int  idem_pool_run(idem_pool *pool, idem_pool_fn fn, void *arg);
 
+/* Add a finding (one line of text formatted from fmt, copied) to the list a
+ * driver's check member fills. IDEM_OK, IDEM_EINVAL (NULL list or fmt, a
+ * level outside idem_finding_level), or IDEM_ENOMEM. Never put a password in
+ * the text. Not thread-safe on one list: a check fills its own list on the
+ * calling thread. */
+IDEM_API int idem_findings_add(idem_findings *list, idem_finding_level level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
 /* ------------------------------------------------------------------------ */
 /* The driver table                                                         */
 /* ------------------------------------------------------------------------ */
@@ -396,6 +404,17 @@ struct idem_backend {
      * something, false when there was nothing. NULL member:
      * IDEM_EUNSUPPORTED. */
     int (*remove)(void *state, const void *key, size_t key_len, bool *deleted);
+
+    /* Ask the store how it is set up, for an operator (idem_store_check(),
+     * `idem check`), never on the request path: add one finding per line
+     * with idem_findings_add() — what the store promises as configured
+     * (IDEM_FINDING_PROMISE), and every setting that breaks a promise of the
+     * README's table (IDEM_FINDING_WARNING: what is set, what it breaks, what
+     * to change). IDEM_OK when the store answered, even with warnings;
+     * IDEM_EBACKEND with a message when it cannot be reached at all (a server
+     * of several that is down is a warning). Must not change the store.
+     * NULL member: IDEM_EUNSUPPORTED. */
+    int (*check)(void *state, idem_findings *out);
 };
 
 /* Open a store on a driver of your own. The table is checked: a version

@@ -123,7 +123,12 @@ typedef struct idem_options {
                                       empty bodies) */
     /* ---- since 0.2 ---- */
     size_t      cache_bytes;       /* memory for a local cache of COMPLETED responses, replayed
-                                      with no round trip; default 0: no cache */
+                                      with no round trip; default 0: no cache. Entries leave no
+                                      later than the store's record (the commit's ttl_s, or the
+                                      TTL the store reported), least recently used first; a
+                                      different fingerprint is still IDEM_MISMATCH; STARTED
+                                      records are never cached. A record deleted by another
+                                      process (idem delete) is replayed from here until then */
     bool        auto_extend;       /* renew the lease of a handler run by idem_run() while it
                                       runs, every third of lease_ms, from a thread of the layer;
                                       default false. A process that dies or stops stops renewing,
@@ -411,6 +416,113 @@ typedef struct idem_stats {
 /* Counters since idem_layer_new(), read without locking (each is exact; the
  * set is not one atomic snapshot). Zeroes *out for a NULL layer. */
 IDEM_API void idem_layer_stats(const idem_layer *layer, idem_stats *out);
+
+
+/* ------------------------------------------------------------------------ */
+/* Operators: look at one key, free it, check a store's settings            */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * For the people on call (the `idem` command is built on these), never for
+ * the request path: each call is a round trip of its own, and idem_layer_delete()
+ * can make a retry run a handler again. They need the driver's read member
+ * (and remove, for forced deletes): a driver without them answers
+ * IDEM_EUNSUPPORTED.
+ */
+
+typedef enum idem_key_state {
+    IDEM_KEY_ABSENT = 0,  /* no record, or an expired one */
+    IDEM_KEY_STARTED,     /* claimed: a handler runs, or its holder died and the lease runs out */
+    IDEM_KEY_COMPLETED,   /* a stored response, replayed to every retry */
+    IDEM_KEY_FOREIGN      /* a value libidempotency did not write (or a damaged one) */
+} idem_key_state;
+
+typedef struct idem_key_info {
+    idem_key_state state;
+    uint32_t       remaining_ms;     /* STARTED: lease left; COMPLETED: ttl left; UINT32_MAX
+                                        when the store cannot tell (and the record has no
+                                        deadline to tell it by) */
+    uint64_t       deadline_ms;      /* STARTED: the lease deadline in the record, Unix epoch ms */
+    uint8_t        token[16];        /* STARTED, COMPLETED: the token of the claim that wrote it */
+    bool           has_fingerprint;  /* the claim carried a fingerprint */
+    uint8_t        fingerprint_digest[32];  /* its SHA-256, when has_fingerprint */
+    int            status;           /* COMPLETED: the stored status */
+    idem_header   *headers;          /* COMPLETED: the stored header fields, in order; owned (one
+                                        block, strings included); NULL when there are none */
+    size_t         nheaders;
+    const unsigned char *body;       /* COMPLETED: the stored body; points into value */
+    size_t         body_len;
+    unsigned char *value;            /* the bytes under the key as the store holds them (all of
+                                        a FOREIGN value); owned; NULL when ABSENT */
+    size_t         value_len;
+    uint8_t        store_key[1312];  /* the full store key: prefix, scope tag, key */
+    size_t         store_key_len;
+    uint64_t       reserved_[4];     /* room for fields of later versions; zero */
+} idem_key_info;
+
+/* Release what *info owns and zero it. NULL is a no-op; a zeroed info is
+ * valid. */
+IDEM_API void idem_key_info_clear(idem_key_info *info);
+
+/*
+ * Describe the record under (scope, key) in layer's key space into *out
+ * (cleared first; clear it again with idem_key_info_clear()). An absent key
+ * is IDEM_OK with state IDEM_KEY_ABSENT; a value this library did not write
+ * is IDEM_OK with state IDEM_KEY_FOREIGN and its bytes, never misread.
+ * Changes nothing in the store.
+ * Errors: IDEM_EINVAL (NULL layer or out, an empty key or one over 1024
+ * bytes, a scope refused as by idem_run_scoped()), IDEM_EUNSUPPORTED (the driver cannot read a key),
+ * IDEM_EBACKEND, IDEM_ENOMEM. Thread-safe.
+ */
+IDEM_API int idem_layer_show(idem_layer *layer, const void *scope, size_t scope_len,
+                             const void *key, size_t key_len, idem_key_info *out);
+
+/*
+ * Free the key (scope, key), and describe in *deleted (cleared first; may be
+ * NULL) what was there.
+ *   - STARTED: deleted only while it is still the claim that was read (the
+ *     driver's fenced release), so a handler that commits meanwhile keeps
+ *     its response; the holder then gets IDEM_ELOST when it commits.
+ *   - COMPLETED or FOREIGN: refused unless force, with IDEM_EINVAL and
+ *     *deleted describing the record left in place: deleting a response
+ *     makes the next retry run the handler again.
+ *   - force: whatever is under the key is deleted (the driver's remove).
+ *   - ABSENT: IDEM_OK, nothing to do, deleted->state IDEM_KEY_ABSENT.
+ * Errors: IDEM_EINVAL, IDEM_ELOST (the record changed between the read and
+ * the delete; nothing deleted: look again), IDEM_EUNSUPPORTED (the driver has
+ * no read, or no remove for force), IDEM_EBACKEND, IDEM_ENOMEM. Thread-safe.
+ */
+IDEM_API int idem_layer_delete(idem_layer *layer, const void *scope, size_t scope_len,
+                               const void *key, size_t key_len, bool force, idem_key_info *deleted);
+
+/* What a check of a store found: what the store promises as it is set up,
+ * and the settings that break a promise of the README's table. */
+typedef enum idem_finding_level {
+    IDEM_FINDING_PROMISE = 1,  /* something the store keeps, as it is configured */
+    IDEM_FINDING_NOTE,         /* worth knowing; breaks nothing */
+    IDEM_FINDING_WARNING       /* a setting that breaks a promise: what, and what to change */
+} idem_finding_level;
+
+typedef struct idem_findings idem_findings;  /* a list of findings */
+
+/*
+ * Connect to the store and ask it how it is set up (the driver's check
+ * member). On IDEM_OK *out is a list to free with idem_findings_free().
+ * Errors: IDEM_EINVAL (NULL argument), IDEM_EUNSUPPORTED (the driver offers
+ * no check), IDEM_EBACKEND (the store cannot be reached: no finding can be
+ * made), IDEM_ENOMEM. Thread-safe.
+ */
+IDEM_API int idem_store_check(idem_store *store, idem_findings **out);
+
+/* The number of findings; the text of finding i (0-based) and its level
+ * into *level (may be NULL), or NULL past the end. The text is owned by the
+ * list and stays valid until idem_findings_free(). A list does not change
+ * once idem_store_check() returned it: any thread may read it. */
+IDEM_API size_t idem_findings_count(const idem_findings *findings);
+IDEM_API const char *idem_findings_get(const idem_findings *findings, size_t i,
+                                       idem_finding_level *level);
+/* Free the list. NULL is a no-op. */
+IDEM_API void idem_findings_free(idem_findings *findings);
 
 #ifdef __cplusplus
 }
