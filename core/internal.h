@@ -41,6 +41,7 @@ int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *del
 
 /* ---- layer.c ---- */
 #define IDEM_MAX_SCOPE_LEN 255
+#define IDEM_V1_MAX_STORE_KEY_LEN 1279 /* what a version-1 driver table was promised */
 #define IDEM_SCOPE_TAG_LEN 33      /* '#', 32 hex digits, ':' in place of the prefix's ':' */
 /* The store key of (scope, key) in layer l, into out (IDEM_MAX_STORE_KEY_LEN
  * bytes); scope NULL for none. Arguments already checked. IDEM_OK, or

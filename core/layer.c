@@ -47,6 +47,7 @@ struct idem_claim {
     idem_record rec;            /* the STARTED record we wrote */
     uint64_t    lease_end;      /* monotonic ms, counted from when the claim or renewal was sent */
     bool        lost;           /* extend found the key taken over */
+    bool        commit_tried;   /* a commit failed on a store error: it may have landed */
     uint64_t    started;        /* monotonic ms when the claim was sent */
     pthread_mutex_t mu;         /* lease_end, lost and rec against the auto_extend thread */
     idem_renewal renewal;
@@ -161,6 +162,7 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     if (l->max_body > UINT32_MAX)
         l->max_body = UINT32_MAX;
     if (o.cache_bytes && idem__cache_new(&l->cache, o.cache_bytes) != IDEM_OK) {
+        idem__keeper_free(l->keeper);
         free(l->prefix);
         free(l);
         return idem_error_set(IDEM_ENOMEM, "out of memory making a layer's cache");
@@ -446,8 +448,10 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
     int rc = reply_body(reply, old.body, old.body_len);
     if (rc == IDEM_OK)
         rc = idem__headers_from_record(&old, &reply->headers);
-    if (rc)
+    if (rc) {
+        idem_reply_clear(reply);
         return rc;
+    }
     reply->nheaders = old.nheaders;
     count(&l->replayed);
     reply->outcome = IDEM_REPLAYED;
@@ -484,7 +488,7 @@ int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, co
         memcpy(out, l->prefix, l->prefix_len - 1);
         n = l->prefix_len - 1;
         out[n++] = '#';
-        for (int i = 0; i < (IDEM_SCOPE_TAG_LEN - 2) / 2; i++) {
+        for (int i = 0; i < (IDEM_SCOPE_TAG_LEN - 1) / 2; i++) {
             out[n++] = "0123456789abcdef"[digest[i] >> 4];
             out[n++] = "0123456789abcdef"[digest[i] & 15];
         }
@@ -493,6 +497,12 @@ int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, co
         memcpy(out, l->prefix, l->prefix_len);
         n = l->prefix_len;
     }
+    /* A table of version 1 was promised keys of at most 1279 bytes. */
+    if (l->store->ops->version < 2 && n + key_len > IDEM_V1_MAX_STORE_KEY_LEN)
+        return idem_error_set(IDEM_EINVAL, "the store key of this scoped request is %zu bytes; the %s "
+                              "driver (table version 1) takes at most %d: rebuild it against this "
+                              "<idempotency/backend.h>, or use a shorter key_prefix", n + key_len,
+                              l->store->ops->name, IDEM_V1_MAX_STORE_KEY_LEN);
     memcpy(out + n, key, key_len);
     *out_len = n + key_len;
     return IDEM_OK;
@@ -710,8 +720,12 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
         sleep_ms(backoff);
         backoff = backoff * 2 > COMMIT_BACKOFF_MAX_MS ? COMMIT_BACKOFF_MAX_MS : backoff * 2;
     }
-    if (rc == IDEM_OK)
+    /* After an earlier commit that may have landed, the store may hold that
+     * response, not this one: only a first commit is cached. */
+    if (rc == IDEM_OK && !c->commit_tried)
         idem__cache_put(l->cache, c->key, c->key_len, enc, enc_len, sent + (uint64_t)l->opts.ttl_s * 1000u);
+    if (rc == IDEM_EBACKEND)
+        c->commit_tried = true;
     free(enc);
     if (rc == IDEM_OK) {
         count(&l->executed);

@@ -90,6 +90,15 @@ static void wait_until(idem_keeper *k, uint64_t when)
 /* One try at the pending frees, with k->mu held (dropped around each store
  * call). A store error ends the round: the store is down, and the others
  * would only wait out the same timeout. Returns when to try next. */
+/* Is a renewal due now? Under k->mu. */
+static bool renewal_due(const idem_keeper *k, uint64_t now)
+{
+    for (const idem_renewal *r = k->renewals; r; r = r->next)
+        if (!r->busy && r->due <= now)
+            return true;
+    return false;
+}
+
 static uint64_t free_round(idem_keeper *k, uint64_t now)
 {
     if (now < k->next_round)
@@ -152,6 +161,17 @@ static uint64_t free_round(idem_keeper *k, uint64_t now)
             return k->next_round;
         }
         k->backoff = BACKOFF_FIRST_MS;
+        if (todo && renewal_due(k, now)) {
+            /* a lease that ends costs more than a key freed late: renew
+             * first, the rest of this round comes right after */
+            while (todo) {
+                pending *q = todo;
+                todo = q->next;
+                q->next = k->pending;
+                k->pending = q;
+            }
+            return now;
+        }
     }
     return next;
 }

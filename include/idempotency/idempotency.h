@@ -31,7 +31,7 @@ extern "C" {
 #endif
 
 #define IDEM_VERSION_MAJOR 0
-#define IDEM_VERSION_MINOR 1
+#define IDEM_VERSION_MINOR 2
 #define IDEM_VERSION_PATCH 0
 
 /* ------------------------------------------------------------------------ */
