@@ -112,12 +112,13 @@ static void close_all(idem_pool *p, void **gone, unsigned n)
 int idem_pool_get(idem_pool *pool, void **conn, bool *fresh)
 {
     void *gone[REAP_BATCH], *c = NULL;
-    uint64_t now = pool_now_ms();
     unsigned ngone;
     do {
         /* Never hand out a connection unused for idle_ms: when the newest is
-         * that old, all are, and they are closed a batch at a time. */
+         * that old, all are, and they are closed a batch at a time. The
+         * clock is read under the lock, so no slot is newer than now. */
         pthread_mutex_lock(&pool->mu);
+        uint64_t now = pool_now_ms();
         ngone = reap_locked(pool, now, gone);
         if (pool->nidle && now - pool->idle[pool->nidle - 1].used_ms < pool->cfg.idle_ms)
             c = pool->idle[--pool->nidle].conn;
@@ -156,8 +157,8 @@ void idem_pool_put(idem_pool *pool, void *conn, idem_conn_state state)
         return;
     }
     void *gone[REAP_BATCH + 1];
-    uint64_t now = pool_now_ms();
     pthread_mutex_lock(&pool->mu);
+    uint64_t now = pool_now_ms();
     unsigned ngone = reap_locked(pool, now, gone);
     if (pool->nidle < pool->cfg.max_idle)
         pool->idle[pool->nidle++] = (idle_slot){.conn = conn, .used_ms = now};
