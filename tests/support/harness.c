@@ -17,16 +17,30 @@
 
 uint16_t idem_test_free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0)
-        return 0;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t len = sizeof a;
-    uint16_t port = 0;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
+    /* The kernel may hand out a port again as soon as it is closed: the
+     * last ports given here are not given again, so that the ports of one
+     * topology, picked before any of its servers binds one, all differ. */
+    static uint16_t given[64];
+    static unsigned ngiven;
+    for (int tries = 0; tries < 16; tries++) {
+        int fd = socket(AF_INET, SOCK_STREAM, 0);
+        if (fd < 0)
+            return 0;
+        struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        socklen_t len = sizeof a;
+        uint16_t port = 0;
+        if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 && getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+            port = ntohs(a.sin_port);
+        close(fd);
+        bool seen = false;
+        for (unsigned i = 0; i < sizeof given / sizeof given[0]; i++)
+            seen |= port && given[i] == port;
+        if (!seen) {
+            given[ngiven++ % (sizeof given / sizeof given[0])] = port;
+            return port;
+        }
+    }
+    return 0;
 }
 
 pid_t idem_test_spawn(char *const argv[], const char *logfile)

@@ -72,6 +72,10 @@ int idem_test_redis_query(uint16_t port, const char *command, char *buf, size_t 
 /* Ask 127.0.0.1:port command every 50 ms until its reply contains want,
  * up to timeout_ms. true when it did. */
 bool idem_test_redis_wait_for(uint16_t port, const char *command, const char *want, int timeout_ms);
+/* Wait until the Redis (or sentinel) at 127.0.0.1:port is process pid,
+ * which this process started: false at timeout, or at once when pid has
+ * exited (another process took its port). */
+bool idem_test_wait_redis(pid_t pid, uint16_t port, int timeout_ms);
 int idem_test_start_postgres(idem_test_server *srv);
 int idem_test_restart_postgres(idem_test_server *srv, int i);
 /* SIGKILL the postmaster and its backends (its process group). */

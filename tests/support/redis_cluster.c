@@ -78,6 +78,19 @@ bool idem_test_redis_wait_for(uint16_t port, const char *command, const char *wa
     return false;
 }
 
+bool idem_test_wait_redis(pid_t pid, uint16_t port, int timeout_ms)
+{
+    char want[40], buf[8192];
+    snprintf(want, sizeof want, "process_id:%ld\r\n", (long)pid);
+    for (long t0 = now_ms(); now_ms() - t0 <= timeout_ms; usleep(10000)) {
+        if (waitpid(pid, NULL, WNOHANG) == pid)
+            return false;   /* it exited: most likely its port was taken */
+        if (idem_test_redis_query(port, "INFO server", buf, sizeof buf) > 0 && strstr(buf, want))
+            return true;
+    }
+    return false;
+}
+
 static int spawn_node(idem_test_server *srv, int i, const char *bin)
 {
     char port[8], bus[8], conf[600], *log = NULL;
@@ -98,24 +111,37 @@ static int spawn_node(idem_test_server *srv, int i, const char *bin)
     return srv->more_pids[i] > 0 ? 0 : -1;
 }
 
-int idem_test_start_redis_cluster(idem_test_server *srv)
+/* Print the last lines of a log file to stderr, for a CI log. */
+static void print_tail(const char *path)
 {
-    const char *bin = getenv("IDEM_TEST_REDIS_SERVER");
-    bin = bin && *bin ? bin : "redis-server";
-    srv->bin = strdup(bin);
-    srv->nmore = CLUSTER_NODES;
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return;
+    char buf[2048];
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, size > (long)sizeof buf - 1 ? size - (long)sizeof buf + 1 : 0, SEEK_SET);
+    buf[fread(buf, 1, sizeof buf - 1, f)] = '\0';
+    fclose(f);
+    fprintf(stderr, "--- %s (end) ---\n%s\n---\n", path, buf);
+}
+
+/* One try at the whole cluster on fresh ports. 0, or -1 with a message. */
+static int try_cluster(idem_test_server *srv, const char *bin)
+{
     for (int i = 0; i < CLUSTER_NODES; i++) {
         srv->more_ports[i] = idem_test_free_port();
+        srv->more_bus_ports[i] = 0;
         if (!srv->more_ports[i] || spawn_node(srv, i, bin)) {
             fprintf(stderr, "cannot start cluster node %d (%s)\n", i, bin);
             return -1;
         }
     }
     for (int i = 0; i < CLUSTER_NODES; i++)
-        if (!idem_test_wait_port(srv->more_ports[i], 10000)) {
-            fprintf(stderr, "cluster node on port %u did not listen; see %s/redis-%u.log "
+        if (!idem_test_wait_redis(srv->more_pids[i], srv->more_ports[i], 10000)) {
+            fprintf(stderr, "cluster node %d (pid %ld) did not serve on port %u; see %s/redis-%u.log "
                     "(is redis-server installed? apt-get install redis-server)\n",
-                    srv->more_ports[i], srv->dir, srv->more_ports[i]);
+                    i, (long)srv->more_pids[i], srv->more_ports[i], srv->dir, srv->more_ports[i]);
             return -1;
         }
     /* redis-cli --cluster create: the first three become masters, each of
@@ -137,7 +163,8 @@ int idem_test_start_redis_cluster(idem_test_server *srv)
     pid_t cli = idem_test_spawn(argv, log);
     int st = 0;
     if (cli < 0 || waitpid(cli, &st, 0) != cli || !WIFEXITED(st) || WEXITSTATUS(st) != 0) {
-        fprintf(stderr, "redis-cli --cluster create failed; see %s\n", log);
+        fprintf(stderr, "redis-cli --cluster create failed\n");
+        print_tail(log);
         free(log);
         return -1;
     }
@@ -155,6 +182,33 @@ int idem_test_start_redis_cluster(idem_test_server *srv)
             fprintf(stderr, "cluster replica %u never synced\n", srv->more_ports[i]);
             return -1;
         }
+    return 0;
+}
+
+int idem_test_start_redis_cluster(idem_test_server *srv)
+{
+    const char *bin = getenv("IDEM_TEST_REDIS_SERVER");
+    bin = bin && *bin ? bin : "redis-server";
+    srv->bin = strdup(bin);
+    srv->nmore = CLUSTER_NODES;
+    /* A port picked free may be taken by a test running beside this one
+     * before a node binds it: then the node exits, or another process
+     * answers on it. Each try checks that every node is the process it
+     * started, and a failed try starts over on other ports. */
+    for (int attempt = 1;; attempt++) {
+        if (srv->bin && try_cluster(srv, bin) == 0)
+            break;
+        for (int i = 0; i < CLUSTER_NODES; i++) {
+            idem_test_stop_pid(srv->more_pids[i], 3000);
+            srv->more_pids[i] = 0;
+            char conf[600];
+            snprintf(conf, sizeof conf, "%s/nodes-%u.conf", srv->dir, srv->more_ports[i]);
+            unlink(conf);
+        }
+        if (!srv->bin || attempt == 3)
+            return -1;
+        fprintf(stderr, "starting the cluster again on other ports (try %d of 3)\n", attempt + 1);
+    }
     if (asprintf(&srv->url, "redis+cluster://127.0.0.1:%u,127.0.0.1:%u,127.0.0.1:%u",
                  srv->more_ports[0], srv->more_ports[1], srv->more_ports[2]) < 0) {
         srv->url = NULL;
@@ -181,7 +235,7 @@ int idem_test_cluster_restart(idem_test_server *srv)
         if (!srv->more_pids[i] && spawn_node(srv, i, srv->bin))
             return -1;
     for (int i = 0; i < CLUSTER_NODES; i++)
-        if (!idem_test_wait_port(srv->more_ports[i], 10000))
+        if (!idem_test_wait_redis(srv->more_pids[i], srv->more_ports[i], 10000))
             return -1;
     return wait_cluster_ok(srv);
 }

@@ -18,7 +18,7 @@ static int spawn(idem_test_server *srv, int i, char **argv)
         return -1;
     srv->more_pids[i] = idem_test_spawn(argv, log);
     free(log);
-    if (srv->more_pids[i] <= 0 || !idem_test_wait_port(srv->more_ports[i], 10000)) {
+    if (srv->more_pids[i] <= 0 || !idem_test_wait_redis(srv->more_pids[i], srv->more_ports[i], 10000)) {
         fprintf(stderr, "sentinel set: process %d did not listen on %u; see %s/node-%d.log\n", i,
                 srv->more_ports[i], srv->dir, i);
         return -1;
@@ -54,12 +54,9 @@ int idem_test_sentinel_restart(idem_test_server *srv)
                                     SENTINEL_START_MS) ? 0 : -1;
 }
 
-int idem_test_start_redis_sentinel(idem_test_server *srv)
+/* One try at the whole set on fresh ports. 0, or -1 with a message. */
+static int try_sentinel(idem_test_server *srv, const char *bin)
 {
-    const char *bin = getenv("IDEM_TEST_REDIS_SERVER");
-    bin = bin && *bin ? bin : "redis-server";
-    srv->bin = strdup(bin);
-    srv->nmore = 5;
     for (int i = 0; i < 5; i++)
         if (!(srv->more_ports[i] = idem_test_free_port()))
             return -1;
@@ -101,6 +98,28 @@ int idem_test_start_redis_sentinel(idem_test_server *srv)
                     srv->more_ports[i]);
             return -1;
         }
+    return 0;
+}
+
+int idem_test_start_redis_sentinel(idem_test_server *srv)
+{
+    const char *bin = getenv("IDEM_TEST_REDIS_SERVER");
+    bin = bin && *bin ? bin : "redis-server";
+    srv->bin = strdup(bin);
+    srv->nmore = 5;
+    /* A port picked free may be taken by a test running beside this one
+     * before a process binds it: a failed try starts over on other ports. */
+    for (int attempt = 1;; attempt++) {
+        if (srv->bin && try_sentinel(srv, bin) == 0)
+            break;
+        for (int i = 0; i < 5; i++) {
+            idem_test_stop_pid(srv->more_pids[i], 3000);
+            srv->more_pids[i] = 0;
+        }
+        if (!srv->bin || attempt == 3)
+            return -1;
+        fprintf(stderr, "starting the sentinel set again on other ports (try %d of 3)\n", attempt + 1);
+    }
     if (asprintf(&srv->url, "redis+sentinel://127.0.0.1:%u,127.0.0.1:%u,127.0.0.1:%u/" MASTER_NAME,
                  srv->more_ports[2], srv->more_ports[3], srv->more_ports[4]) < 0) {
         srv->url = NULL;

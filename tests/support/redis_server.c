@@ -23,7 +23,7 @@ static int spawn_redis(idem_test_server *srv, int i)
         free(log);
         return -1;
     }
-    if (!idem_test_wait_port(srv->ports[i], REDIS_START_TIMEOUT_MS)) {
+    if (!idem_test_wait_redis(srv->pids[i], srv->ports[i], REDIS_START_TIMEOUT_MS)) {
         fprintf(stderr, "%s did not listen on 127.0.0.1:%s within %d ms; see %s "
                 "(is redis-server installed? apt-get install redis-server)\n",
                 srv->bin, port, REDIS_START_TIMEOUT_MS, log);
@@ -38,13 +38,21 @@ int idem_test_start_redis(idem_test_server *srv)
 {
     const char *bin = getenv("IDEM_TEST_REDIS_SERVER");
     srv->bin = strdup(bin && *bin ? bin : "redis-server");
-    srv->ports[0] = idem_test_free_port();
-    if (!srv->bin || !srv->ports[0]) {
-        fprintf(stderr, "cannot pick a port for redis-server\n");
-        return -1;
+    /* A port picked free may be taken by a test running beside this one
+     * before the server binds it: then try another. */
+    for (int attempt = 1;; attempt++) {
+        srv->ports[0] = idem_test_free_port();
+        if (!srv->bin || !srv->ports[0]) {
+            fprintf(stderr, "cannot pick a port for redis-server\n");
+            return -1;
+        }
+        if (spawn_redis(srv, 0) == 0)
+            break;
+        idem_test_stop_pid(srv->pids[0], 3000);
+        srv->pids[0] = 0;
+        if (attempt == 3)
+            return -1;
     }
-    if (spawn_redis(srv, 0))
-        return -1;
     if (asprintf(&srv->url, "redis://127.0.0.1:%u", (unsigned)srv->ports[0]) < 0) {
         srv->url = NULL;
         return -1;
