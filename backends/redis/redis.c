@@ -14,13 +14,17 @@
  * ROLE and resolved again after a failure or READONLY.
  *
  * One string per key, expiring by the server's clock (PX). Every operation
- * is one round trip: a Lua script, loaded once per server with SCRIPT LOAD
- * and called with EVALSHA. The claim script sets the key with NX and, when
- * that loses, returns the record already there with its PTTL. The commit,
- * release and extend scripts act only on a record that carries the claim's
- * token (fencing), by comparing bytes at the fixed offsets of the record
- * header. Scripts are constants; keys and records travel as KEYS and ARGV
- * with explicit lengths, so any byte is safe in them.
+ * is one round trip. The claim, the operation every request makes, is two
+ * plain commands pipelined, SET key record NX PX lease GET and PTTL key: the
+ * key is set, or the record already there comes back with the time left on
+ * it, for a fraction of what a script costs the server (rd_claim()). The
+ * commit, release and extend act only on a record that carries the claim's
+ * token (fencing), which takes a Lua script, loaded once per server with
+ * SCRIPT LOAD and called with EVALSHA: it compares bytes at the fixed
+ * offsets of the record header. Scripts are constants; keys and records
+ * travel as KEYS and ARGV with explicit lengths, so any byte is safe in
+ * them. A server older than 7.0, which refuses NX with GET, gets the claim
+ * as a script too.
  *
  * timeout_ms bounds an operation's command and its whole reply: hiredis
  * bounds each read by the socket's timeout, so the driver runs the reads
@@ -219,6 +223,7 @@ struct store {
     pthread_mutex_t learn_mu;
     uint64_t        learned_ms;  /* when it last did */
     atomic_bool     unsure;      /* a failure left no time to learn: do it first */
+    atomic_bool     claim_script; /* a server refused SET NX GET (before 7.0) */
     atomic_ulong    moved, asked, retried, learned; /* counts, for the curious */
 };
 
@@ -367,15 +372,20 @@ static bool conn_budget(conn *c, uint64_t deadline)
  * failed or the time ran out (c->timed_out): the connection is then
  * unusable. hiredis reads with a per-read socket timeout; the loop here is
  * what bounds the whole reply. */
-static redisReply *conn_reply(conn *c, uint64_t deadline)
+static bool conn_flush(conn *c, uint64_t deadline)
 {
-    redisContext *ctx = c->ctx;
     c->timed_out = c->partial = false;
     int done = 0;
-    while (!done) {
-        if (!conn_budget(c, deadline) || redisBufferWrite(ctx, &done) != REDIS_OK)
-            return NULL;
-    }
+    while (!done)
+        if (!conn_budget(c, deadline) || redisBufferWrite(c->ctx, &done) != REDIS_OK)
+            return false;
+    return true;
+}
+
+/* Read the next reply, by deadline (after conn_flush()). */
+static redisReply *conn_read_reply(conn *c, uint64_t deadline)
+{
+    redisContext *ctx = c->ctx;
     for (;;) {
         void *reply = NULL;
         if (redisGetReplyFromReader(ctx, &reply) != REDIS_OK)
@@ -386,6 +396,11 @@ static redisReply *conn_reply(conn *c, uint64_t deadline)
             return NULL;
         c->partial = true;
     }
+}
+
+static redisReply *conn_reply(conn *c, uint64_t deadline)
+{
+    return conn_flush(c, deadline) ? conn_read_reply(c, deadline) : NULL;
 }
 
 static redisReply *conn_command(conn *c, uint64_t deadline, int argc, const char **argv,
@@ -576,10 +591,18 @@ static node *node_get(store *s, const char *host, int port)
 typedef struct op {
     store          *s;
     node           *n;          /* where it is being sent */
-    int             id;         /* enum script_id, or -1 for a plain command */
+    int             id;         /* enum script_id: what it does; -1: removing a key */
+    bool            plain;      /* argv is a plain command, not EVALSHA of script id */
     int             argc;
     const char    **argv;       /* EVALSHA sha 1 key args..., or the plain command */
     size_t         *lens;
+    const char    **argv2;      /* a second plain command pipelined after it, or NULL */
+    size_t         *lens2;
+    int             argc2;
+    size_t          cap;        /* > 0: a string reply to the first command longer than
+                                 * this is not read (too_long), the connection is dropped */
+    long long       too_long;   /* the length of that string */
+    redisReply     *reply2;     /* the second command's answer */
     uint64_t        deadline;
     bool            wait;       /* follow a write with WAIT (wait_replicas) */
     bool            asking;     /* send ASKING first (cluster: ASK redirect) */
@@ -591,6 +614,8 @@ typedef struct op {
 /* Did the script's answer write something worth a WAIT? */
 static bool op_wrote(const op *o, const redisReply *r)
 {
+    if (o->plain)
+        return r->type == REDIS_REPLY_NIL; /* SET NX set the key (only the claim waits) */
     if (r->type != REDIS_REPLY_INTEGER)
         return false;
     return (o->id == SC_CLAIM && r->integer == 0) || (o->id == SC_COMMIT && r->integer >= 1);
@@ -600,18 +625,67 @@ static bool op_wrote(const op *o, const redisReply *r)
  * then WAIT when asked. Every script is safe to run twice (see the
  * operations), so a pooled connection the server closed is reported STALE
  * and idem_pool_run() tries once more on a new one. */
-/* Send the command (pipelined after ASKING when asked) and read its reply. */
+/* The length of the string reply that comes next on c, without reading it:
+ * -1 when the next reply is not a string, -2 when the connection failed.
+ * Reads until the reply's first line has come ("$1234\r\n"), and no
+ * further; hiredis has not parsed any of it yet. */
+static long long conn_peek_string(conn *c, uint64_t deadline)
+{
+    redisReader *rd = c->ctx->reader;
+    for (;;) {
+        const char *p = rd->buf + rd->pos;
+        size_t avail = rd->len - rd->pos;
+        if (avail && p[0] != '$')
+            return -1;
+        if (avail && memchr(p, '\n', avail))
+            return strtoll(p + 1, NULL, 10);
+        if (avail > 32)
+            return -1;
+        if (!conn_budget(c, deadline) || redisBufferRead(c->ctx) != REDIS_OK)
+            return -2;
+        c->partial = rd->len > rd->pos;
+    }
+}
+
+/* Send the command, and the second one when there is one, each after
+ * ASKING when asked, and read their replies: the first one's, NULL when the
+ * connection failed, the time ran out or the first reply was too long
+ * (o->too_long). */
 static redisReply *op_send(op *o, conn *c)
 {
-    if (!o->asking)
-        return conn_command(c, o->deadline, o->argc, o->argv, o->lens);
-    if (redisAppendCommand(c->ctx, "ASKING") != REDIS_OK)
+    int n = o->argv2 ? 2 : 1;
+    for (int i = 0; i < n; i++)
+        if ((o->asking && redisAppendCommand(c->ctx, "ASKING") != REDIS_OK) ||
+            redisAppendCommandArgv(c->ctx, i ? o->argc2 : o->argc, i ? o->argv2 : o->argv,
+                                   i ? o->lens2 : o->lens) != REDIS_OK)
+            return NULL;
+    if (!conn_flush(c, o->deadline))
         return NULL;
-    redisReply *a = conn_command(c, o->deadline, o->argc, o->argv, o->lens); /* ASKING's +OK */
-    if (!a)
-        return NULL;
-    freeReplyObject(a);
-    return conn_reply(c, o->deadline);
+    redisReply *first = NULL;
+    for (int i = 0; i < n; i++) {
+        redisReply *a = o->asking ? conn_read_reply(c, o->deadline) : NULL; /* ASKING's +OK */
+        if (o->asking && !a)
+            break;
+        freeReplyObject(a);
+        long long len = i == 0 && o->cap ? conn_peek_string(c, o->deadline) : -1;
+        if (len == -2)
+            break;
+        if (len > (long long)o->cap) {
+            o->too_long = len;
+            break;
+        }
+        redisReply *r = conn_read_reply(c, o->deadline);
+        if (!r)
+            break;
+        if (i == 0)
+            first = r;
+        else
+            o->reply2 = r;
+    }
+    if (first && (n == 1 || o->reply2))
+        return first;
+    freeReplyObject(first);
+    return NULL;
 }
 
 static int op_run(void *connp, void *arg, idem_conn_state *state)
@@ -621,7 +695,12 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
     store *s = o->s;
     const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
     redisReply *r = op_send(o, c);
-    if (r && o->id >= 0 && reply_is(r, "NOSCRIPT")) {
+    if (!r && o->too_long > 0) {
+        /* Its bytes are still coming: the connection cannot be used again. */
+        *state = IDEM_CONN_BROKEN;
+        return IDEM_OK;
+    }
+    if (r && !o->plain && reply_is(r, "NOSCRIPT")) {
         /* The server lost its script cache (restart, failover, SCRIPT
          * FLUSH), or never had it (another cluster node): EVAL runs the
          * script and caches it. */
@@ -651,6 +730,8 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         redisReply *w = conn_command(c, mono_ms() + s->wait_timeout_ms + s->command_ms, 3, argv, lens);
         if (!w) {
             freeReplyObject(r);
+            freeReplyObject(o->reply2);
+            o->reply2 = NULL;
             *state = IDEM_CONN_BROKEN;
             o->maybe_ran = true;
             return conn_error(s, o->n->where, c, "waiting for replicas (WAIT)");
@@ -967,6 +1048,9 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
         o->asking = ask != NULL;
         ask = NULL;
         o->reply = NULL;
+        freeReplyObject(o->reply2);
+        o->reply2 = NULL;
+        o->too_long = 0;
         int rc = idem_pool_run(n->pool, op_run, o);
         if (rc) {
             /* The server is gone or stuck: in a cluster or under sentinels
@@ -988,8 +1072,8 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
             continue;
         }
         redisReply *r = o->reply;
-        if (r->type != REDIS_REPLY_ERROR)
-            return IDEM_OK;
+        if (!r || r->type != REDIS_REPLY_ERROR)
+            return IDEM_OK; /* NULL: a string too long to read (o->too_long) */
         bool moved = s->topo == TOPO_CLUSTER && reply_is(r, "MOVED ");
         bool asked = s->topo == TOPO_CLUSTER && reply_is(r, "ASK ");
         bool again = s->topo == TOPO_CLUSTER && (reply_is(r, "TRYAGAIN") || reply_is(r, "CLUSTERDOWN"));
@@ -1023,6 +1107,8 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
             backoff(o->deadline, 10u << (hop < 5 ? hop : 5));
             continue;
         }
+        if (o->plain && o->id == SC_CLAIM)
+            return IDEM_OK; /* rd_claim() reads what the server refused */
         rc = reply_error(n->where, r, what);
         freeReplyObject(r);
         o->reply = NULL;
@@ -1375,6 +1461,35 @@ static void format_ms(char *buf, size_t len, uint64_t ms, size_t *out_len)
     *out_len = (size_t)n;
 }
 
+/* A key that is taken by the string v (pttl: its PTTL): IDEM_OK and the
+ * record in *existing. */
+static int taken_by(const redisReply *v, long long pttl, void **existing, size_t *existing_len,
+                    uint32_t *remaining_ms)
+{
+    int rc = idem_record_dup("redis", v->str, v->len, existing, existing_len);
+    if (rc)
+        return rc;
+    /* -1: no expiry (not a record of ours), so the core reads the deadline. */
+    *remaining_ms = pttl < 0 ? UINT32_MAX : pttl >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)pttl;
+    return IDEM_OK;
+}
+
+static int foreign_type(const char *where, const char *what, const char *type)
+{
+    return idem_driver_error(IDEM_ECORRUPT, where, what, "the key holds a Redis %s, which "
+                             "libidempotency did not write (its records are strings); delete it, "
+                             "or give this layer a key_prefix of its own", type);
+}
+
+static int foreign_length(const store *s, const char *where, const char *what, long long len)
+{
+    return idem_driver_error(IDEM_ECORRUPT, where, what, "the key holds a %lld-byte string, "
+                             "longer than any record of this store (max_record_bytes=%zu in the "
+                             "store URL), so libidempotency did not write it and did not read it; "
+                             "delete it, or give this layer a key_prefix of its own", len,
+                             s->max_record);
+}
+
 /* A key that is taken, from the answer of the claim or read script:
  * IDEM_OK and the record in *existing, or IDEM_ECORRUPT for a value that
  * cannot be a record (another type, too long to read). */
@@ -1388,25 +1503,148 @@ static int taken(store *s, const char *where, enum script_id id, redisReply *r, 
          r->element[2]->type != REDIS_REPLY_STRING))
         return unexpected(where, id, r);
     if (r->elements == 3)
-        return idem_driver_error(IDEM_ECORRUPT, where, script_what[id], "the key holds a Redis "
-                                 "%s, which libidempotency did not write (its records are "
-                                 "strings); delete it, or give this layer a key_prefix of its own",
-                                 r->element[2]->str);
+        return foreign_type(where, script_what[id], r->element[2]->str);
     if (r->element[0]->type == REDIS_REPLY_INTEGER)
-        return idem_driver_error(IDEM_ECORRUPT, where, script_what[id], "the key holds a "
-                                 "%lld-byte string, longer than any record of this store "
-                                 "(max_record_bytes=%zu in the store URL), so libidempotency did "
-                                 "not write it and did not read it; delete it, or give this "
-                                 "layer a key_prefix of its own", r->element[0]->integer,
-                                 s->max_record);
-    const redisReply *v = r->element[0];
-    int rc = idem_record_dup("redis", v->str, v->len, existing, existing_len);
+        return foreign_length(s, where, script_what[id], r->element[0]->integer);
+    return taken_by(r->element[0], r->element[1]->integer, existing, existing_len, remaining_ms);
+}
+
+/* Send a plain command about key, with PTTL key pipelined after it when
+ * pttl is set, and a string reply longer than any record left unread
+ * (o->too_long). IDEM_OK with the replies in o->reply and o->reply2, for the
+ * caller to free; o->reply may be an error reply of the server's. */
+static int plain_op(store *s, op *o, const void *key, size_t key_len, int argc, const char **argv,
+                    size_t *lens, bool pttl)
+{
+    const char *argv2[2] = {"PTTL", key};
+    size_t lens2[2] = {4, key_len};
+    *o = (op){.s = s, .id = SC_CLAIM, .plain = true, .argc = argc, .argv = argv, .lens = lens,
+              .argv2 = pttl ? argv2 : NULL, .argc2 = 2, .lens2 = lens2, .cap = s->max_record,
+              .wait = argc == 7 && s->wait_replicas > 0};
+    int rc = op_exec(s, o, key, key_len);
+    o->argv2 = NULL; /* on this stack frame */
+    if (rc) {
+        freeReplyObject(o->reply2);
+        o->reply2 = NULL;
+    }
+    return rc;
+}
+
+/* What the claim, or the read after a refused one, found under the key:
+ * claimed (the value is this claim's record: a try whose reply was lost),
+ * or the record of another in *existing, or IDEM_ECORRUPT for a value that
+ * cannot be a record. r is a string, nil or an error reply. */
+static int plain_found(store *s, const op *o, const void *key, size_t key_len, const void *record,
+                       size_t record_len, bool *claimed, void **existing, size_t *existing_len,
+                       uint32_t *remaining_ms)
+{
+    const char *where = o->n->where, *what = script_what[SC_CLAIM];
+    const redisReply *r = o->reply, *t = o->reply2;
+    if (!r)
+        return foreign_length(s, where, what, o->too_long);
+    if (r->type == REDIS_REPLY_STRING) {
+        if (r->len == record_len && memcmp(r->str, record, record_len) == 0) {
+            *claimed = true;
+            return IDEM_OK;
+        }
+        return taken_by(r, t && t->type == REDIS_REPLY_INTEGER ? t->integer : -1, existing,
+                        existing_len, remaining_ms);
+    }
+    if (r->type == REDIS_REPLY_ERROR && !reply_is(r, "WRONGTYPE"))
+        return reply_error(where, r, what);
+    if (r->type != REDIS_REPLY_ERROR)
+        return idem_driver_error(IDEM_EBACKEND, where, what, "unexpected reply of type %d to "
+                                 "%s; is this a Redis server (or a proxy that rewrites replies)?",
+                                 r->type, o->argv[0]);
+    /* A hash, a list...: which one, for the message. */
+    const char *argv[2] = {"TYPE", key};
+    size_t lens[2] = {4, key_len};
+    op ty;
+    int rc = plain_op(s, &ty, key, key_len, 2, argv, lens, false);
+    if (rc == IDEM_OK)
+        rc = foreign_type(where, what, ty.reply && ty.reply->type == REDIS_REPLY_STATUS
+                                       ? ty.reply->str : "value of another type");
+    freeReplyObject(ty.reply);
+    return rc;
+}
+
+/* The claim as plain commands, one round trip: SET key record NX PX lease
+ * GET sets the key when it is free (nil) or leaves it and answers the
+ * string there, and PTTL key gives the time left on whatever is there.
+ * A server that refuses the write (OOM at maxmemory, MISCONF) may still
+ * hold the record a replay needs: it is read (GET, PTTL), and the refusal
+ * is the answer only when nothing is there. 1: this server does not take
+ * NX with GET (before 7.0): claim with the script. */
+static int claim_plain(store *s, const void *key, size_t key_len, const void *record,
+                       size_t record_len, uint32_t lease_ms, bool *claimed, void **existing,
+                       size_t *existing_len, uint32_t *remaining_ms, op_result *res)
+{
+    char lease[24];
+    size_t lease_len;
+    format_ms(lease, sizeof lease, lease_ms, &lease_len);
+    const char *argv[7] = {"SET", key, record, "NX", "PX", lease, "GET"};
+    size_t lens[7] = {3, key_len, record_len, 2, 2, lease_len, 3};
+    op o;
+    int rc = plain_op(s, &o, key, key_len, 7, argv, lens, true);
+    res->where = o.n ? o.n->where : "redis";
+    res->maybe_ran = o.maybe_ran;
+    res->acked = o.acked;
     if (rc)
         return rc;
-    long long pttl = r->element[1]->integer;
-    /* -1: no expiry (not a record of ours), so the core reads the deadline. */
-    *remaining_ms = pttl < 0 ? UINT32_MAX : pttl >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)pttl;
-    return IDEM_OK;
+    redisReply *r = o.reply;
+    if (r && r->type == REDIS_REPLY_NIL) {
+        *claimed = true;
+    } else if (r && r->type == REDIS_REPLY_ERROR && !reply_is(r, "WRONGTYPE")) {
+        if (strstr(r->str, "syntax error")) {
+            atomic_store(&s->claim_script, true);
+            rc = 1;
+        } else {
+            const char *gargv[2] = {"GET", key};
+            size_t glens[2] = {3, key_len};
+            op g;
+            rc = plain_op(s, &g, key, key_len, 2, gargv, glens, true);
+            if (rc == IDEM_OK && g.reply && g.reply->type == REDIS_REPLY_NIL)
+                rc = reply_error(res->where, r, script_what[SC_CLAIM]);
+            else if (rc == IDEM_OK)
+                rc = plain_found(s, &g, key, key_len, record, record_len, claimed, existing,
+                                 existing_len, remaining_ms);
+            freeReplyObject(g.reply);
+            freeReplyObject(g.reply2);
+        }
+    } else {
+        rc = plain_found(s, &o, key, key_len, record, record_len, claimed, existing, existing_len,
+                         remaining_ms);
+    }
+    freeReplyObject(o.reply);
+    freeReplyObject(o.reply2);
+    return rc;
+}
+
+/* The claim as a script (a server before 7.0): the same answers. */
+static int claim_script(store *s, const void *key, size_t key_len, const void *record,
+                        size_t record_len, uint32_t lease_ms, bool *claimed, void **existing,
+                        size_t *existing_len, uint32_t *remaining_ms, op_result *res)
+{
+    char lease[24], max[24];
+    size_t lease_len, max_len;
+    format_ms(lease, sizeof lease, lease_ms, &lease_len);
+    format_ms(max, sizeof max, s->max_record, &max_len);
+    const char *args[3] = {record, lease, max};
+    size_t lens[3] = {record_len, lease_len, max_len};
+    redisReply *r;
+    int rc = run_script(s, SC_CLAIM, key, key_len, 3, args, lens, &r, res);
+    if (rc)
+        return rc;
+    *claimed = r->type == REDIS_REPLY_INTEGER && r->integer == 0;
+    /* Our own record: a claim retried after its reply was lost. */
+    if (!*claimed && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
+        r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len == record_len &&
+        memcmp(r->element[0]->str, record, record_len) == 0)
+        *claimed = true;
+    if (!*claimed)
+        rc = taken(s, res->where, SC_CLAIM, r, existing, existing_len, remaining_ms);
+    freeReplyObject(r);
+    return rc;
 }
 
 static int rd_claim(void *state, const void *key, size_t key_len, const void *record,
@@ -1414,28 +1652,19 @@ static int rd_claim(void *state, const void *key, size_t key_len, const void *re
                     uint32_t *remaining_ms)
 {
     store *s = state;
-    char lease[24], max[24];
-    size_t lease_len, max_len;
-    format_ms(lease, sizeof lease, lease_ms, &lease_len);
-    format_ms(max, sizeof max, s->max_record, &max_len);
-    const char *args[3] = {record, lease, max};
-    size_t lens[3] = {record_len, lease_len, max_len};
     *existing = NULL;
     *existing_len = 0;
-    redisReply *r;
-    op_result res;
-    int rc = run_script(s, SC_CLAIM, key, key_len, 3, args, lens, &r, &res);
+    bool claimed = false;
+    op_result res = {.where = "redis", .acked = -1};
+    int rc = 1;
+    if (!atomic_load(&s->claim_script))
+        rc = claim_plain(s, key, key_len, record, record_len, lease_ms, &claimed, existing,
+                         existing_len, remaining_ms, &res);
+    if (rc == 1)
+        rc = claim_script(s, key, key_len, record, record_len, lease_ms, &claimed, existing,
+                          existing_len, remaining_ms, &res);
     if (rc)
         return rc;
-    bool claimed = r->type == REDIS_REPLY_INTEGER && r->integer == 0;
-    /* Our own record: a claim retried after its reply was lost. */
-    if (!claimed && r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
-        r->element[0]->type == REDIS_REPLY_STRING && r->element[0]->len == record_len &&
-        memcmp(r->element[0]->str, record, record_len) == 0)
-        claimed = true;
-    if (!claimed)
-        rc = taken(s, res.where, SC_CLAIM, r, existing, existing_len, remaining_ms);
-    freeReplyObject(r);
     if (claimed && s->wait_replicas && res.acked < (long long)s->wait_replicas) {
         /* Not on enough replicas: a failover now could lose the claim and
          * let a duplicate run. Give it up; nothing runs. */
