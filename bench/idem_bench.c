@@ -81,7 +81,7 @@
 #define LEASE_MS      600000u      /* long enough that prepared claims outlive a run */
 #define TTL_S         3600u
 #define REC_MAX       (IDEM_RECORD_COMPLETED_OVERHEAD + BODY_LEN)
-#define MAX_THREADS   4
+#define MAX_THREADS   16 /* 16t runs only when --conc names it */
 #define MAX_PROCS     2
 #define PROC_LAT_CAP  (1u << 20)   /* latency samples one child process keeps per round */
 #define KEY_LEN       26           /* every key of every path and side */
@@ -939,6 +939,34 @@ static uint64_t rt_read(backend *b, uint64_t *write_tx)
     return 0;
 }
 
+/* The store server's CPU time so far, in seconds: Redis (one server) only,
+ * from INFO cpu, its main thread where the server reports it (every command
+ * and script runs there), else the whole process. -1 for other stores. */
+static double srv_cpu_read(backend *b)
+{
+#ifdef IDEM_BENCH_HAVE_HIREDIS
+    if (strcmp(b->name, "redis") == 0) {
+        redisReply *r = redisCommand(b->admin, "INFO cpu");
+        double v = -1;
+        if (r && r->type == REDIS_REPLY_STRING) {
+            const char *u = strstr(r->str, "used_cpu_user_main_thread:");
+            const char *y = strstr(r->str, "used_cpu_sys_main_thread:");
+            if (!u || !y) {
+                u = strstr(r->str, "used_cpu_user:");
+                y = strstr(r->str, "used_cpu_sys:");
+            }
+            if (u && y)
+                v = strtod(strchr(u, ':') + 1, NULL) + strtod(strchr(y, ':') + 1, NULL);
+        }
+        if (r)
+            freeReplyObject(r);
+        return v;
+    }
+#endif
+    (void)b;
+    return -1;
+}
+
 /* What reading the counter itself adds to the next reading. */
 static uint64_t rt_self(const backend *b)
 {
@@ -970,6 +998,7 @@ typedef struct side {
     uint64_t      ops, errors;
     double        seconds;
     uint64_t      rt, write_tx;
+    double        srv_s;   /* the server's CPU seconds over the rounds, or < 0: not known */
     samples       lat;
 } side;
 
@@ -1224,6 +1253,7 @@ static void run_round(const config *cfg, side *sd, unsigned round, double second
         }
         rt0 = tx0 = 0;
         rt1 = tx1 = 0;
+        sd->srv_s = -1; /* not measured across processes */
         for (int p = 0; p < cfg->procs; p++) {
             int status;
             waitpid(pids[p], &status, 0);
@@ -1246,9 +1276,12 @@ static void run_round(const config *cfg, side *sd, unsigned round, double second
                              .round = round, .seconds = seconds,
                              .rng = 0x9E3779B97F4A7C15ull * (uint64_t)(t + 1) ^ round};
         }
+        double cpu0 = srv_cpu_read(b);
         rt0 = rt_read(b, &tx0);
         run_threads(ws, cfg->threads);
         rt1 = rt_read(b, &tx1) - rt_self(b);
+        double cpu1 = srv_cpu_read(b);
+        sd->srv_s = cpu0 < 0 || cpu1 < 0 || sd->srv_s < 0 ? -1 : sd->srv_s + (cpu1 - cpu0);
         for (int t = 0; t < cfg->threads; t++) {
             sd->ops += ws[t].ops;
             sd->errors += ws[t].errors;
@@ -1323,6 +1356,7 @@ typedef struct result {
     double ops_s[2];          /* [0] library, [1] raw */
     double p50[2], p99[2], p999[2];
     double rt_op[2], tx_op[2];
+    double srv_us[2];         /* the server's CPU µs per operation, or < 0: not known */
     uint64_t ops[2], errors[2];
 } result;
 
@@ -1351,6 +1385,7 @@ static void finish_side(const config *cfg, side *sd, result *r, int i)
     r->p999[i] = quantile_us(&sd->lat, 0.999);
     r->rt_op[i] = sd->ops ? (double)sd->rt / (double)sd->ops : 0;
     r->tx_op[i] = sd->ops ? (double)sd->write_tx / (double)sd->ops : 0;
+    r->srv_us[i] = sd->srv_s >= 0 && sd->ops ? sd->srv_s * 1e6 / (double)sd->ops : -1;
     free(sd->lat.v);
     sd->lat = (samples){0};
 }
@@ -1381,7 +1416,8 @@ static void run_config(backend *b, idem_layer *layer, enum path p, int threads, 
     config cfg = {.b = b, .path = p, .threads = threads, .procs = procs, .id = ++g_config_id};
     char conc[16];
     snprintf(conc, sizeof conc, procs > 1 ? "%dp" : "%dt", procs > 1 ? procs : threads);
-    if (!listed(g_only_paths, path_names[p]) || !listed(g_only_conc, conc))
+    if (!listed(g_only_paths, path_names[p]) || !listed(g_only_conc, conc) ||
+        (threads == 16 && !g_only_conc))
         return;
     if (p == P_CACHED)
         layer = g_cached_layer;
@@ -1646,6 +1682,21 @@ static void print_table(FILE *f)
                         results[i].tx_op[1]);
         fputc('\n', f);
     }
+    bool any_srv = false;
+    for (size_t i = 0; i < nresults; i++)
+        any_srv |= results[i].srv_us[0] >= 0 && results[i].srv_us[1] > 0;
+    if (any_srv) {
+        fprintf(f, "\n| store | path | conc | lib server µs/op | raw server µs/op | lib/raw |\n"
+                   "|---|---|---|--:|--:|--:|\n");
+        for (size_t i = 0; i < nresults; i++) {
+            const result *r = &results[i];
+            if (r->srv_us[0] >= 0 && r->srv_us[1] > 0)
+                fprintf(f, "| %s | %s | %s | %.2f | %.2f | %.2f |\n", r->backend, r->path, r->conc,
+                        r->srv_us[0], r->srv_us[1], r->srv_us[0] / r->srv_us[1]);
+        }
+        fprintf(f, "\nServer µs/op: the Redis server's CPU time (INFO cpu, main thread) per "
+                   "operation, scripts and I/O included.\n");
+    }
     fprintf(f, "\n| store | bytes per record (100-byte response) | method |\n|---|--:|---|\n");
     for (size_t i = 0; i < nmemrows; i++)
         fprintf(f, "| %s | %.0f | %s |\n", memrows[i].backend, memrows[i].bytes_per_record, memrows[i].method);
@@ -1659,22 +1710,26 @@ static void write_csv(const char *path)
     FILE *f = fopen(path, "w");
     if (!f)
         die("cannot write %s: %s", path, strerror(errno));
-    fprintf(f, "backend,path,conc,side,ops_per_s,p50_us,p99_us,p999_us,rt_per_op,write_tx_per_op,ops,errors\n");
+    fprintf(f, "backend,path,conc,side,ops_per_s,p50_us,p99_us,p999_us,rt_per_op,write_tx_per_op,ops,errors,"
+               "server_us_per_op\n");
     for (size_t i = 0; i < nresults; i++) {
         result *r = &results[i];
         for (int s = 0; s < 2; s++) {
             if (!(s ? r->has_raw : r->has_lib))
                 continue;
-            fprintf(f, "%s,%s,%s,%s,%.1f,%.2f,%.2f,%.2f,%.3f,%.3f,%llu,%llu\n", r->backend, r->path, r->conc,
-                    s ? "raw" : "lib", r->ops_s[s], r->p50[s], r->p99[s], r->p999[s], r->rt_op[s], r->tx_op[s],
-                    (unsigned long long)r->ops[s], (unsigned long long)r->errors[s]);
+            char srv[32] = "";
+            if (r->srv_us[s] >= 0)
+                snprintf(srv, sizeof srv, "%.3f", r->srv_us[s]);
+            fprintf(f, "%s,%s,%s,%s,%.1f,%.2f,%.2f,%.2f,%.3f,%.3f,%llu,%llu,%s\n", r->backend, r->path,
+                    r->conc, s ? "raw" : "lib", r->ops_s[s], r->p50[s], r->p99[s], r->p999[s], r->rt_op[s],
+                    r->tx_op[s], (unsigned long long)r->ops[s], (unsigned long long)r->errors[s], srv);
         }
     }
     for (size_t i = 0; i < nmemrows; i++)
-        fprintf(f, "%s,memory,-,lib,%.1f,,,,,,,\n", memrows[i].backend, memrows[i].bytes_per_record);
+        fprintf(f, "%s,memory,-,lib,%.1f,,,,,,,,\n", memrows[i].backend, memrows[i].bytes_per_record);
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    fprintf(f, "all,peak_rss_kib,-,-,%ld,,,,,,,\n", ru.ru_maxrss);
+    fprintf(f, "all,peak_rss_kib,-,-,%ld,,,,,,,,\n", ru.ru_maxrss);
     fclose(f);
 }
 
@@ -1726,7 +1781,7 @@ static void usage(FILE *f)
             "  --csv FILE    also write the figures as CSV (default idem_bench.csv)\n"
             "  --only LIST   measure only these stores (sqlite, redis, memcached, postgresql, redis-cluster)\n"
             "  --paths LIST  only these paths (new, replay, in-progress, mix, cached-replay)\n"
-            "  --conc LIST   only these concurrencies (1t, 4t, 2p)\n"
+            "  --conc LIST   only these concurrencies (1t, 4t, 2p; 16t only when named)\n"
             "  --url S=URL   use a running server for store S instead of starting one\n");
 }
 
