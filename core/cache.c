@@ -19,7 +19,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "internal.h"
 
@@ -50,18 +49,6 @@ struct idem_cache {
     unsigned nshards;   /* a power of two */
     shard    shards[];
 };
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-uint64_t idem__cache_now_ms(void)
-{
-    return mono_ms();
-}
 
 /* FNV-1a, 64 bits: store keys are short and not chosen against us by a
  * party who sees the shard layout; a collision costs only a longer chain. */
@@ -193,7 +180,7 @@ const idem_cache_entry *idem__cache_get(idem_cache *c, const void *key, size_t k
         return NULL;
     uint64_t h = hash_key(key, key_len);
     shard *s = shard_of(c, h);
-    uint64_t now = mono_ms();
+    uint64_t now = idem__mono_ms();
     pthread_mutex_lock(&s->mu);
     idem_cache_entry **pp = find(s, h, key, key_len), *e = *pp;
     if (e && e->expires_ms <= now) {
@@ -225,7 +212,7 @@ void idem__cache_release(const idem_cache_entry *e)
 void idem__cache_put(idem_cache *c, const void *key, size_t key_len, const void *rec, size_t rec_len,
                      uint64_t expires_ms)
 {
-    if (!c || expires_ms <= mono_ms())
+    if (!c || expires_ms <= idem__mono_ms())
         return;
     uint64_t h = hash_key(key, key_len);
     shard *s = shard_of(c, h);

@@ -106,6 +106,8 @@ bool idem__header_value_ok(const char *value, size_t len);
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN]);
 
 /* ---- lease.c: a layer's keeper (deferred frees, renewals) ---- */
+/* Milliseconds of CLOCK_MONOTONIC: the clock of leases, deadlines and the
+ * local cache's expiry. */
 uint64_t idem__mono_ms(void);
 
 typedef struct idem_keeper idem_keeper;
@@ -172,7 +174,7 @@ const idem_cache_entry *idem__cache_get(idem_cache *cache, const void *key, size
 /* The encoded COMPLETED record an entry holds. */
 const uint8_t *idem__cache_entry_record(const idem_cache_entry *e, size_t *len);
 void idem__cache_release(const idem_cache_entry *e);
-/* Keep a copy of a COMPLETED record until expires_ms (idem__cache_now_ms()
+/* Keep a copy of a COMPLETED record until expires_ms (idem__mono_ms()
  * clock): never later than the store would expire it. Least recently used
  * entries make room; one that cannot fit, or no memory, is simply not
  * cached. NULL cache: no-op. */
@@ -182,8 +184,6 @@ void idem__cache_put(idem_cache *cache, const void *key, size_t key_len, const v
 void idem__cache_drop(idem_cache *cache, const void *key, size_t key_len);
 /* Bytes counted in the cache, and *entries (may be NULL). */
 size_t idem__cache_bytes(idem_cache *cache, size_t *entries);
-/* Milliseconds of CLOCK_MONOTONIC, the clock of expires_ms. */
-uint64_t idem__cache_now_ms(void);
 /* The layer's cache, NULL when cache_bytes is 0 (layer.c). */
 idem_cache *idem__layer_cache(const idem_layer *l);
 

@@ -60,11 +60,6 @@ static void count(counter *c)
     atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
 }
 
-static uint64_t mono_ms(void)
-{
-    return idem__mono_ms();
-}
-
 static void sleep_ms(uint64_t ms)
 {
     struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000L};
@@ -574,7 +569,7 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     if (hit)
         return reply_cached(l, &rec, hit, reply);
 
-    uint64_t sent = mono_ms();
+    uint64_t sent = idem__mono_ms();
     uint64_t lease_end = sent + l->opts.lease_ms;
     rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
     uint8_t enc[IDEM_RECORD_HEADER_LEN];
@@ -629,7 +624,7 @@ static int give_up(idem_layer *l, const uint8_t *key, size_t key_len, const uint
 static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, size_t key_len,
                      uint64_t sent, uint64_t lease_end, idem_claim **out)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem__mono_ms();
     uint32_t lease = l->opts.lease_ms;
     if (now - sent > lease / 2) {
         bool later;
@@ -702,19 +697,19 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
     /* A store error is retried until the lease is nearly over (or the
      * commit deadline): giving the key up would let a retry repeat a
      * handler that succeeded. */
-    uint64_t start = mono_ms(), stop = c->lease_end;
+    uint64_t start = idem__mono_ms(), stop = c->lease_end;
     if (l->opts.commit_timeout_ms && start + l->opts.commit_timeout_ms < stop)
         stop = start + l->opts.commit_timeout_ms;
     idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
-    uint64_t sent = mono_ms(); /* the record expires ttl_s after the store took it: later than this */
+    uint64_t sent = idem__mono_ms(); /* the record expires ttl_s after the store took it: later than this */
     for (;;) {
         rc = l->store->ops->commit(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len,
                                    (uint64_t)l->opts.ttl_s * 1000u);
         if (rc != IDEM_EBACKEND)
             break;
         count(&l->backend_errors);
-        uint64_t now = mono_ms();
+        uint64_t now = idem__mono_ms();
         if (now + backoff >= stop)
             break;
         sleep_ms(backoff);
@@ -792,7 +787,7 @@ static int extend_locked(idem_claim *c, uint32_t lease_ms)
     if (rc)
         return rc;
     idem_record next = c->rec;
-    uint64_t lease_end = mono_ms() + lease_ms;
+    uint64_t lease_end = idem__mono_ms() + lease_ms;
     next.deadline_ms = idem_now_ms() + lease_ms;
     uint8_t enc[IDEM_RECORD_HEADER_LEN]; /* a STARTED record is the header alone, as in idem_begin() */
     idem__record_write(&next, enc);
@@ -840,7 +835,7 @@ uint32_t idem_response_lease_left_ms(const idem_response *resp)
         return 0;
     idem_claim *c = resp->claim;
     pthread_mutex_lock(&c->mu);
-    uint64_t now = mono_ms();
+    uint64_t now = idem__mono_ms();
     uint64_t left = c->lost || c->lease_end <= now ? 0 : c->lease_end - now;
     pthread_mutex_unlock(&c->mu);
     return left > UINT32_MAX ? UINT32_MAX : (uint32_t)left;
@@ -855,7 +850,7 @@ static bool auto_renew(void *arg, uint64_t *next_due)
     uint64_t third = lease / 3 ? lease / 3 : 1;
     pthread_mutex_lock(&c->mu);
     int rc = extend_locked(c, lease);
-    uint64_t now = mono_ms(), end = c->lease_end;
+    uint64_t now = idem__mono_ms(), end = c->lease_end;
     bool lost = c->lost;
     pthread_mutex_unlock(&c->mu);
     if (rc == IDEM_OK) {
@@ -902,7 +897,7 @@ int idem_run_scoped(idem_layer *l, const void *scope, size_t scope_len, const id
     if (herr != 0) {
         /* The handler's own message (from idem_response_set, say) outlives
          * the abort, which adds to it only when the key could not be freed. */
-        idem__durations_add(&l->durations, mono_ms() - c->started);
+        idem__durations_add(&l->durations, idem__mono_ms() - c->started);
         char *why = strdup(idem_last_error());
         int arc = idem_abort(c);
         if (arc == IDEM_EBACKEND || arc == IDEM_ENOMEM)
