@@ -1747,7 +1747,7 @@ static int rd_remove(void *state, const void *key, size_t key_len, bool *deleted
     store *s = state;
     const char *argv[2] = {"DEL", key};
     size_t lens[2] = {3, key_len};
-    op o = {.s = s, .id = -1, .argc = 2, .argv = argv, .lens = lens};
+    op o = {.s = s, .id = -1, .plain = true, .argc = 2, .argv = argv, .lens = lens};
     int rc = op_exec(s, &o, key, key_len);
     if (rc)
         return rc;
