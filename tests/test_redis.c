@@ -817,8 +817,23 @@ typedef struct proxy {
     int         lfd;
     uint16_t    port, upstream;
     atomic_bool drop_reply, stop;
+    /* Play a server before 7.0, which refuses SET with both NX and GET:
+     * the last argument of a SET (after PX's number) becomes GXT, which
+     * Redis answers with "ERR syntax error". Counts the SETs so spoilt. */
+    atomic_bool  old_set;
+    atomic_uint  old_sets;
     pthread_t   thread;
 } proxy;
+
+static void spoil_set_get(proxy *p, char *buf, size_t len)
+{
+    static const char pat[] = "\r\n$3\r\nGET\r\n";
+    for (char *at = buf; (at = memmem(at, len - (size_t)(at - buf), pat, sizeof pat - 1)); at++)
+        if (at > buf && at[-1] >= '0' && at[-1] <= '9') {
+            at[7] = 'X';
+            atomic_fetch_add(&p->old_sets, 1);
+        }
+}
 
 enum { PROXY_PAIRS = 8 };
 
@@ -870,6 +885,8 @@ static void *proxy_run(void *arg)
             bool dead = false;
             if (cli[i] >= 0 && fc->revents) {
                 ssize_t got = read(cli[i], buf, sizeof buf);
+                if (got > 0 && atomic_load(&p->old_set))
+                    spoil_set_get(p, buf, (size_t)got);
                 if (got <= 0 || write(up[i], buf, (size_t)got) != got) {
                     dead = true;
                 } else if (atomic_exchange(&p->drop_reply, false)) {
@@ -917,6 +934,37 @@ static void proxy_stop(proxy *p)
     atomic_store(&p->stop, true);
     pthread_join(p->thread, NULL);
     close(p->lfd);
+}
+
+Test(redis, server_before_7_that_refuses_set_nx_get_is_claimed_with_the_script)
+{
+    proxy p;
+    proxy_start(&p, srv.ports[0]);
+    atomic_store(&p.old_set, true);
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", p.port);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 10000);
+    handler_arg a = {.body = "once"};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "old-server", 10, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(atomic_load(&p.old_sets), 1, "the first claim tried SET NX GET");
+    cr_assert_eq(run_key(l, "old-server", 10, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_str_eq((char *)r.body, "once");
+    idem_request req = {.key = "old-busy", .key_len = 8};
+    idem_claim *c, *dup;
+    cr_assert_eq(idem_begin(l, &req, &c, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(idem_begin(l, &req, &dup, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert_eq(idem_abort(c), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(atomic_load(&a.calls), 1);
+    cr_assert_eq(atomic_load(&p.old_sets), 1, "later claims go straight to the script");
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+    proxy_stop(&p);
 }
 
 Test(redis, abort_whose_reply_was_lost_after_the_server_freed_the_key_is_ok)
