@@ -433,9 +433,14 @@ Test(conformance, body_at_the_limit_is_stored_and_one_byte_over_is_refused_when_
 
 /* ---- docs/contract.md sections 2 to 4 (states, fencing, leases), transition by transition ---- */
 
+/* A lease these tests wait out. Long enough that a claim on a loaded
+ * machine (an fsync behind other builds) comes back within half of it,
+ * which the layer requires before it runs a handler. */
+#define LEASE_SHORT_MS 1000
+
 Test(conformance, expired_lease_is_taken_over_and_the_old_holder_gets_lost)
 {
-    idem_options o = test_options(300);
+    idem_options o = test_options(LEASE_SHORT_MS);
     idem_layer *l;
     open_layer_with(&l, &o);
     idem_request req = req_str("lease");
@@ -443,7 +448,7 @@ Test(conformance, expired_lease_is_taken_over_and_the_old_holder_gets_lost)
     idem_reply r = {0};
     cr_assert_eq(idem_begin(l, &req, &old, &r), IDEM_OK);
     cr_assert_not_null(old);
-    sleep_ms(600);
+    sleep_ms(2 * LEASE_SHORT_MS);
     cr_assert_eq(idem_begin(l, &req, &fresh, &r), IDEM_OK, "%s", idem_last_error());
     cr_assert_not_null(fresh, "an expired lease counts as absent (outcome %d)", r.outcome);
 
@@ -463,14 +468,14 @@ Test(conformance, expired_lease_is_taken_over_and_the_old_holder_gets_lost)
 
 Test(conformance, old_holder_abort_after_takeover_changes_nothing)
 {
-    idem_options o = test_options(300);
+    idem_options o = test_options(LEASE_SHORT_MS);
     idem_layer *l;
     open_layer_with(&l, &o);
     idem_request req = req_str("lease-abort");
     idem_claim *old, *fresh;
     idem_reply r = {0};
     cr_assert_eq(idem_begin(l, &req, &old, &r), IDEM_OK);
-    sleep_ms(600);
+    sleep_ms(2 * LEASE_SHORT_MS);
     cr_assert_eq(idem_begin(l, &req, &fresh, &r), IDEM_OK);
     cr_assert_not_null(fresh);
     cr_assert_eq(idem_abort(old), IDEM_ELOST);
@@ -495,7 +500,7 @@ Test(conformance, abort_frees_the_key_for_the_next_claim)
 
 Test(conformance, extend_keeps_a_long_handler_in_possession_of_its_key)
 {
-    idem_options o = test_options(400);
+    idem_options o = test_options(LEASE_SHORT_MS);
     idem_layer *l;
     open_layer_with(&l, &o);
     idem_request req = req_str("extend");
@@ -503,7 +508,7 @@ Test(conformance, extend_keeps_a_long_handler_in_possession_of_its_key)
     idem_reply r = {0};
     cr_assert_eq(idem_begin(l, &req, &c, &r), IDEM_OK);
     cr_assert_eq(idem_extend(c, 5000), IDEM_OK, "%s", idem_last_error());
-    sleep_ms(900);
+    sleep_ms(2 * LEASE_SHORT_MS + 200);
     job j = {.status = 200};
     cr_assert_eq(run_ok(l, req, &j, &r), IDEM_IN_PROGRESS, "the extended lease still holds");
     cr_assert(r.retry_after_ms > 2000, "retry_after_ms %u follows the extended lease", r.retry_after_ms);
@@ -516,14 +521,14 @@ Test(conformance, extend_keeps_a_long_handler_in_possession_of_its_key)
 
 Test(conformance, extend_after_takeover_is_lost_and_commit_then_frees_the_claim)
 {
-    idem_options o = test_options(300);
+    idem_options o = test_options(LEASE_SHORT_MS);
     idem_layer *l;
     open_layer_with(&l, &o);
     idem_request req = req_str("extend-lost");
     idem_claim *old, *fresh;
     idem_reply r = {0};
     cr_assert_eq(idem_begin(l, &req, &old, &r), IDEM_OK);
-    sleep_ms(600);
+    sleep_ms(2 * LEASE_SHORT_MS);
     cr_assert_eq(idem_begin(l, &req, &fresh, &r), IDEM_OK);
     cr_assert_not_null(fresh);
     cr_assert_eq(idem_extend(old, 5000), IDEM_ELOST);
@@ -555,14 +560,14 @@ Test(conformance, completed_record_expires_after_ttl_and_the_key_runs_again)
 
 Test(conformance, lease_and_ttl_are_separate_settings)
 {
-    idem_options o = test_options(300);
+    idem_options o = test_options(LEASE_SHORT_MS);
     o.ttl_s = 60;
     idem_layer *l;
     open_layer_with(&l, &o);
     job j = {.status = 200, .body = "kept", .len = 4};
     idem_reply r = {0};
     cr_assert_eq(run_ok(l, req_str("sep"), &j, &r), IDEM_EXECUTED);
-    sleep_ms(700); /* well past the lease */
+    sleep_ms(2 * LEASE_SHORT_MS); /* well past the lease */
     cr_assert_eq(run_ok(l, req_str("sep"), &j, &r), IDEM_REPLAYED, "a response lives for ttl_s, not lease_ms");
     idem_reply_clear(&r);
     idem_layer_free(l);
