@@ -98,7 +98,9 @@
 enum script_id { SC_CLAIM, SC_COMMIT, SC_RELEASE, SC_EXTEND, SC_READ, SC_COUNT };
 
 static const char *const script_src[SC_COUNT] = {
-    /* KEYS[1] key, ARGV[1] record, ARGV[2] lease ms, ARGV[3] the longest
+    /* The claim for a server before 7.0, which refuses SET with both NX
+     * and GET (rd_claim() sends those two commands to later ones).
+     * KEYS[1] key, ARGV[1] record, ARGV[2] lease ms, ARGV[3] the longest
      * record this store holds.
      * 0: claimed. {record, pttl}: the key was taken.
      * {n, pttl}: taken by a string of n bytes, too long to be a record: it
@@ -113,14 +115,11 @@ static const char *const script_src[SC_COUNT] = {
         "  return {'', redis.call('PTTL', KEYS[1]), redis.call('TYPE', KEYS[1])['ok']}\n"
         "end\n"
         "if n > tonumber(ARGV[3]) then return {n, redis.call('PTTL', KEYS[1])} end\n"
-        "local v = redis.pcall('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2], 'GET')\n"
-        "if v == false then return 0 end\n"
-        "if type(v) == 'table' then\n"
-        "  local e = v\n"
-        "  v = redis.call('GET', KEYS[1])\n"
-        "  if v == false then return e end\n"
-        "end\n"
-        "return {v, redis.call('PTTL', KEYS[1])}\n",
+        "local v = redis.call('GET', KEYS[1])\n"
+        "if v then return {v, redis.call('PTTL', KEYS[1])} end\n"
+        "local e = redis.pcall('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])\n"
+        "if type(e) == 'table' and e.err then return e end\n"
+        "return 0\n",
     /* KEYS[1] key, ARGV[1] token, ARGV[2] record, ARGV[3] ttl ms.
      * 1: stored. 2: this token had already committed. 0: lost. */
     [SC_COMMIT] =
@@ -696,8 +695,18 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
     const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
     redisReply *r = op_send(o, c);
     if (!r && o->too_long > 0) {
-        /* Its bytes are still coming: the connection cannot be used again. */
-        *state = IDEM_CONN_BROKEN;
+        /* Its bytes are still coming: this connection's socket cannot be
+         * used again, but the server is well. Swap in a new one, so the
+         * pool keeps the other idle connections. */
+        conn *fresh;
+        if (conn_open(s, o->n, &fresh) == IDEM_OK) {
+            redisContext *old = c->ctx;
+            *c = *fresh;
+            fresh->ctx = old;
+            conn_free(fresh);
+        } else {
+            *state = IDEM_CONN_BROKEN;
+        }
         return IDEM_OK;
     }
     if (r && !o->plain && reply_is(r, "NOSCRIPT")) {
@@ -1028,7 +1037,8 @@ static void backoff(uint64_t deadline, unsigned ms)
  */
 static int op_exec(store *s, op *o, const void *key, size_t key_len)
 {
-    o->deadline = mono_ms() + s->command_ms;
+    if (!o->deadline) /* else the deadline of the operation this one continues */
+        o->deadline = mono_ms() + s->command_ms;
     o->acked = -1;
     unsigned slot = s->topo == TOPO_CLUSTER ? key_slot(key, key_len) : 0;
     const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
@@ -1514,13 +1524,13 @@ static int taken(store *s, const char *where, enum script_id id, redisReply *r, 
  * (o->too_long). IDEM_OK with the replies in o->reply and o->reply2, for the
  * caller to free; o->reply may be an error reply of the server's. */
 static int plain_op(store *s, op *o, const void *key, size_t key_len, int argc, const char **argv,
-                    size_t *lens, bool pttl)
+                    size_t *lens, bool pttl, uint64_t deadline)
 {
     const char *argv2[2] = {"PTTL", key};
     size_t lens2[2] = {4, key_len};
     *o = (op){.s = s, .id = SC_CLAIM, .plain = true, .argc = argc, .argv = argv, .lens = lens,
               .argv2 = pttl ? argv2 : NULL, .argc2 = 2, .lens2 = lens2, .cap = s->max_record,
-              .wait = argc == 7 && s->wait_replicas > 0};
+              .wait = argc == 7 && s->wait_replicas > 0, .deadline = deadline};
     int rc = op_exec(s, o, key, key_len);
     o->argv2 = NULL; /* on this stack frame */
     if (rc) {
@@ -1560,12 +1570,26 @@ static int plain_found(store *s, const op *o, const void *key, size_t key_len, c
     const char *argv[2] = {"TYPE", key};
     size_t lens[2] = {4, key_len};
     op ty;
-    int rc = plain_op(s, &ty, key, key_len, 2, argv, lens, false);
-    if (rc == IDEM_OK)
-        rc = foreign_type(where, what, ty.reply && ty.reply->type == REDIS_REPLY_STATUS
-                                       ? ty.reply->str : "value of another type");
+    int rc = plain_op(s, &ty, key, key_len, 2, argv, lens, false, o->deadline);
+    const redisReply *t2 = ty.reply;
+    if (rc == IDEM_OK && t2 && t2->type == REDIS_REPLY_ERROR)
+        rc = reply_error(where, t2, what);
+    else if (rc == IDEM_OK && t2 && t2->type == REDIS_REPLY_STATUS && strcmp(t2->str, "none") != 0 &&
+             strcmp(t2->str, "string") != 0)
+        rc = foreign_type(where, what, t2->str);
+    else if (rc == IDEM_OK) /* gone or replaced since: nothing ran, a retry claims it */
+        rc = idem_driver_error(IDEM_EBACKEND, where, what, "the key changed while it was being "
+                               "claimed; nothing ran: retry");
     freeReplyObject(ty.reply);
     return rc;
+}
+
+/* The server refused a write but may serve reads: at maxmemory, after a
+ * failed save, as a replica, short of replicas (min-replicas-to-write). */
+static bool refused_write(const redisReply *r)
+{
+    return reply_is(r, "OOM") || reply_is(r, "MISCONF") || reply_is(r, "READONLY") ||
+           reply_is(r, "NOREPLICAS");
 }
 
 /* The claim as plain commands, one round trip: SET key record NX PX lease
@@ -1585,7 +1609,7 @@ static int claim_plain(store *s, const void *key, size_t key_len, const void *re
     const char *argv[7] = {"SET", key, record, "NX", "PX", lease, "GET"};
     size_t lens[7] = {3, key_len, record_len, 2, 2, lease_len, 3};
     op o;
-    int rc = plain_op(s, &o, key, key_len, 7, argv, lens, true);
+    int rc = plain_op(s, &o, key, key_len, 7, argv, lens, true, 0);
     res->where = o.n ? o.n->where : "redis";
     res->maybe_ran = o.maybe_ran;
     res->acked = o.acked;
@@ -1594,15 +1618,17 @@ static int claim_plain(store *s, const void *key, size_t key_len, const void *re
     redisReply *r = o.reply;
     if (r && r->type == REDIS_REPLY_NIL) {
         *claimed = true;
+    } else if (r && r->type == REDIS_REPLY_ERROR && strcmp(r->str, "ERR syntax error") == 0) {
+        atomic_store(&s->claim_script, true);
+        rc = 1;
     } else if (r && r->type == REDIS_REPLY_ERROR && !reply_is(r, "WRONGTYPE")) {
-        if (strstr(r->str, "syntax error")) {
-            atomic_store(&s->claim_script, true);
-            rc = 1;
+        if (!refused_write(r)) {
+            rc = reply_error(res->where, r, script_what[SC_CLAIM]);
         } else {
             const char *gargv[2] = {"GET", key};
             size_t glens[2] = {3, key_len};
             op g;
-            rc = plain_op(s, &g, key, key_len, 2, gargv, glens, true);
+            rc = plain_op(s, &g, key, key_len, 2, gargv, glens, true, o.deadline);
             if (rc == IDEM_OK && g.reply && g.reply->type == REDIS_REPLY_NIL)
                 rc = reply_error(res->where, r, script_what[SC_CLAIM]);
             else if (rc == IDEM_OK)
@@ -1868,9 +1894,9 @@ static int rd_check(void *state, idem_findings *out)
     bool have_policy = k.have_policy, have_maxmem = k.have_maxmem, have_aof = k.have_aof,
          have_fsync = k.have_fsync, have_save = k.have_save;
 
-    rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "%s: each claim, commit, abort and extend is one "
-                           "atomic script on the server, fenced by the claim's token; leases and TTLs "
-                           "run on the server's clock", k.n->where);
+    rc = idem_findings_add(out, IDEM_FINDING_PROMISE, "%s: each claim is one atomic SET NX on the "
+                           "server, and each commit, abort and extend one atomic script fenced by the "
+                           "claim's token; leases and TTLs run on the server's clock", k.n->where);
     if (rc == IDEM_OK && !have_policy)
         rc = idem_findings_add(out, IDEM_FINDING_NOTE, "cannot read maxmemory-policy (CONFIG GET: %s): "
                                "make sure it is noeviction in the provider's settings", policy);
