@@ -161,21 +161,23 @@ Test(postgresql, both_schemes_open_the_driver_and_the_table_is_made_once_and_mar
 Test(postgresql, stores_opening_at_once_make_the_table_once)
 {
     server(NULL);
-    enum { N = 6 };
-    pid_t pids[N];
-    char url[600];
-    snprintf(url, sizeof url, "%s?table=made_at_once", srv.url);
-    for (int i = 0; i < N; i++) {
-        pids[i] = fork();
-        if (pids[i] == 0) {
-            idem_store *s;
-            _exit(idem_store_open(&s, url) == IDEM_OK ? 0 : (fprintf(stderr, "%s\n", idem_last_error()), 1));
+    enum { ROUNDS = 8, N = 8 };
+    for (int round = 0; round < ROUNDS; round++) {
+        pid_t pids[N];
+        char url[600];
+        snprintf(url, sizeof url, "%s?table=made_at_once_%d", srv.url, round);
+        for (int i = 0; i < N; i++) {
+            pids[i] = fork();
+            if (pids[i] == 0) {
+                idem_store *s;
+                _exit(idem_store_open(&s, url) == IDEM_OK ? 0 : (fprintf(stderr, "%s\n", idem_last_error()), 1));
+            }
         }
-    }
-    for (int i = 0; i < N; i++) {
-        int st;
-        waitpid(pids[i], &st, 0);
-        cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "opener %d failed", i);
+        for (int i = 0; i < N; i++) {
+            int st;
+            waitpid(pids[i], &st, 0);
+            cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "round %d: opener %d failed", round, i);
+        }
     }
 }
 

@@ -160,11 +160,16 @@ static const char schema_sql[] =
 static const char schema_finish_sql[] =
     "CREATE INDEX ON @T (expires_at); COMMENT ON TABLE @T IS '" SCHEMA_MARK "'; COMMIT";
 
-/* How the table under the name looks: ours, missing, or not ours. */
+/* How the table under the name looks: ours, missing, or not ours.  to_regclass
+ * looks the name up in the catalog cache, which can already see a table that
+ * another store's transaction has just committed while this statement's
+ * snapshot cannot yet see its comment; so whether the table exists is read from
+ * pg_class in the same snapshot as the comment, and a table made just now counts
+ * as missing (the creating path then finds it under the lock). */
 static const char schema_check_sql[] =
     "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on', "
     "c.oid IS NOT NULL, obj_description(c.oid, 'pg_class') "
-    "FROM (SELECT to_regclass($1)::oid AS oid) AS c";
+    "FROM (SELECT (SELECT oid FROM pg_class WHERE oid = to_regclass($1)) AS oid) AS c";
 
 /* ---- the store ---- */
 
