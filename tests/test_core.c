@@ -2350,6 +2350,23 @@ Test(core, retry_after_is_estimated_from_recent_handler_durations_within_the_lea
     idem_reply_clear(&r);
 }
 
+Test(core, the_retry_estimate_is_kept_until_another_handler_finishes)
+{
+    idem_durations d = {0};
+    uint32_t p95 = 0;
+    for (int i = 0; i < IDEM_DURATIONS_MIN - 1; i++)
+        idem__durations_add(&d, 10);
+    cr_assert_not(idem__durations_p95(&d, &p95), "an estimate from too few handlers");
+    idem__durations_add(&d, 10);
+    cr_assert(idem__durations_p95(&d, &p95) && p95 == 10, "p95 %u", p95);
+    cr_assert(idem__durations_p95(&d, &p95) && p95 == 10, "p95 %u, asked again", p95);
+    idem__durations_add(&d, 20);
+    cr_assert(idem__durations_p95(&d, &p95) && p95 == 20, "p95 %u after a slower handler", p95);
+    for (int i = 0; i < IDEM_DURATIONS; i++)
+        idem__durations_add(&d, 5);
+    cr_assert(idem__durations_p95(&d, &p95) && p95 == 5, "p95 %u after the slow ones left", p95);
+}
+
 Test(core, layer_free_with_keys_still_to_free_neither_hangs_nor_leaks)
 {
     start(60000);
