@@ -1235,7 +1235,28 @@ Test(redis, read_returns_the_record_and_its_ttl_and_remove_deletes_whatever_is_t
 
 /* ---- wait_replicas ---- */
 
-Test(redis, claim_no_replica_acknowledged_is_given_up_and_nothing_runs)
+/* The settings check's warning about unacknowledged commits, or NULL
+ * (returned in static storage). */
+static const char *unacked_finding(idem_store *st)
+{
+    static char text[1024];
+    idem_findings *f;
+    cr_assert_eq(idem_store_check(st, &f), IDEM_OK, "%s", idem_last_error());
+    const char *found = NULL;
+    for (size_t i = 0; i < idem_findings_count(f); i++) {
+        idem_finding_level level;
+        const char *t = idem_findings_get(f, i, &level);
+        if (strstr(t, "replica") && strstr(t, "within wait_timeout_ms")) {
+            cr_assert_eq(level, IDEM_FINDING_WARNING, "%s", t);
+            snprintf(text, sizeof text, "%s", t);
+            found = text;
+        }
+    }
+    idem_findings_free(f);
+    return found;
+}
+
+Test(redis, claim_no_replica_acknowledged_is_given_up_and_an_unacknowledged_commit_is_counted)
 {
     char url[128];
     snprintf(url, sizeof url, "%s?wait_replicas=1&wait_timeout_ms=50", srv.url);
@@ -1274,6 +1295,26 @@ Test(redis, claim_no_replica_acknowledged_is_given_up_and_nothing_runs)
     cr_assert_eq(e->integer, 1, "an acknowledged commit is on the replica when the call returns");
     freeReplyObject(e);
     idem_reply_clear(&r);
+    cr_assert_null(unacked_finding(st2), "every commit was acknowledged");
+
+    /* A commit the replica cannot acknowledge (it is stopped) is the
+     * handler's response all the same, and counted; the check reports it. */
+    snprintf(url, sizeof url, "%s?wait_replicas=1&wait_timeout_ms=200", srv.url);
+    idem_store *st3 = open_store(url);
+    idem_layer *l3 = layer_on(st3, 0);
+    idem_request req = {.key = "behind", .key_len = 6};
+    idem_claim *claim;
+    cr_assert_eq(idem_begin(l3, &req, &claim, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(claim);
+    cr_assert_eq(kill(rep.pids[0], SIGSTOP), 0);
+    int committed = idem_commit(claim, 201, "made", 4);
+    cr_assert_eq(kill(rep.pids[0], SIGCONT), 0);
+    cr_assert_eq(committed, IDEM_OK, "%s", idem_last_error());
+    const char *found = unacked_finding(st3);
+    cr_assert(found && strstr(found, "1 commit through this store reached fewer than 1 replica"),
+              "%s", found ? found : "no finding about the commit");
+    idem_layer_free(l3);
+    idem_store_close(st3);
     idem_layer_free(l2);
     idem_store_close(st2);
     redisFree(rc);

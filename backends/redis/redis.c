@@ -206,6 +206,7 @@ struct store {
     unsigned        connect_ms, command_ms;
     size_t          max_record;  /* the longest value read back as a record */
     unsigned        wait_replicas, wait_timeout_ms;
+    atomic_ullong   commits_unacked; /* commits fewer than wait_replicas acknowledged */
     char            sha[SC_COUNT][41]; /* SHA1 hex of each script, fixed at open */
     pthread_mutex_t mu;          /* guards nodes */
     node           *nodes;       /* every node used so far */
@@ -1188,6 +1189,8 @@ static int run_fenced(store *s, enum script_id id, const void *key, size_t key_l
         rc = unexpected(res.where, id, r);
     else
         rc = r->integer == 0 ? IDEM_ELOST : IDEM_OK;
+    if (rc == IDEM_OK && id == SC_COMMIT && res.acked >= 0 && res.acked < (long long)s->wait_replicas)
+        atomic_fetch_add_explicit(&s->commits_unacked, 1, memory_order_relaxed);
     freeReplyObject(r);
     return rc;
 }
@@ -1712,7 +1715,8 @@ static int rd_claim(void *state, const void *key, size_t key_len, const void *re
 /* Run twice (a retry after a lost reply), commit finds its own COMPLETED
  * record and answers OK, as backend.h asks. With wait_replicas, a commit
  * that too few replicas acknowledged is still IDEM_OK: the response is
- * stored on the master, and the handler's effect has happened. */
+ * stored on the master, and the handler's effect has happened. It is
+ * counted, and the settings check reports the count. */
 static int rd_commit(void *state, const void *key, size_t key_len, const uint8_t *token,
                      const void *record, size_t record_len, uint64_t ttl_ms)
 {
@@ -1946,5 +1950,14 @@ static int rd_check(void *state, idem_findings *out)
         rc = idem_findings_add(out, IDEM_FINDING_NOTE, "role %s with %s replica%s: replication is "
                                "asynchronous, so a failover can lose the last claims and responses",
                                role, nrep[0] ? nrep : "0", strcmp(nrep, "1") == 0 ? "" : "s");
+    unsigned long long unacked = atomic_load_explicit(&s->commits_unacked, memory_order_relaxed);
+    if (rc == IDEM_OK && unacked)
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "%llu commit%s through this store reached "
+                               "fewer than %u replica%s within wait_timeout_ms (%u ms): their responses "
+                               "are stored on the master, but a failover before a replica catches up "
+                               "loses them, and their retries run again; see that the replicas are "
+                               "connected and keeping up (INFO replication), or raise wait_timeout_ms",
+                               unacked, unacked == 1 ? "" : "s", s->wait_replicas,
+                               s->wait_replicas == 1 ? "" : "s", s->wait_timeout_ms);
     return rc;
 }
