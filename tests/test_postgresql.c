@@ -173,12 +173,63 @@ Test(postgresql, stores_opening_at_once_make_the_table_once)
                 _exit(idem_store_open(&s, url) == IDEM_OK ? 0 : (fprintf(stderr, "%s\n", idem_last_error()), 1));
             }
         }
+        int failed = -1;
         for (int i = 0; i < N; i++) {
             int st;
             waitpid(pids[i], &st, 0);
-            cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "round %d: opener %d failed", round, i);
+            if (!WIFEXITED(st) || WEXITSTATUS(st) != 0)
+                failed = i;
         }
+        cr_assert_eq(failed, -1, "round %d: opener %d failed", round, failed);
+        /* made once: one table, its two indexes (a second CREATE INDEX would add one), marked */
+        PGconn *c = raw();
+        char sql[256];
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_class WHERE relname = 'made_at_once_%d'", round);
+        cr_assert_eq(raw_long(c, sql), 1);
+        snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_index WHERE indrelid = 'made_at_once_%d'::regclass",
+                 round);
+        cr_assert_eq(raw_long(c, sql), 2, "the primary key and expires_at, each once");
+        snprintf(sql, sizeof sql, "SELECT obj_description('made_at_once_%d'::regclass, 'pg_class')", round);
+        PGresult *r = PQexec(c, sql);
+        cr_assert_str_eq(PQgetvalue(r, 0, 0), "libidempotency records, schema version 1");
+        PQclear(r);
+        PQfinish(c);
     }
+}
+
+/* A store opens while another is making the table: it waits for the other's
+ * advisory lock, and then finds the table made, so a user with no right to
+ * create tables opens it too (it is never asked to create one). */
+Test(postgresql, a_user_who_may_not_create_tables_opens_one_being_made)
+{
+    server(NULL);
+    PGconn *c = raw();
+    raw_exec(c, "CREATE ROLE clerk LOGIN");
+    raw_exec(c, "BEGIN");
+    raw_exec(c, "SELECT pg_advisory_xact_lock(hashtext('libidempotency'), hashtext('\"being_made\"'))");
+    raw_exec(c, "CREATE TABLE being_made (key bytea PRIMARY KEY, token bytea, state text, "
+                "value bytea NOT NULL, expires_at timestamptz NOT NULL)");
+    raw_exec(c, "CREATE INDEX ON being_made (expires_at)");
+    raw_exec(c, "COMMENT ON TABLE being_made IS 'libidempotency records, schema version 1'");
+    raw_exec(c, "GRANT SELECT, INSERT, UPDATE, DELETE ON being_made TO clerk");
+    char url[600];
+    snprintf(url, sizeof url, "postgresql://clerk@127.0.0.1:%u/postgres?table=being_made", srv.ports[0]);
+    pid_t pid = fork();
+    if (pid == 0) {
+        idem_store *st;
+        _exit(idem_store_open(&st, url) == IDEM_OK ? 0 : (fprintf(stderr, "%s\n", idem_last_error()), 1));
+    }
+    /* the opener waits on the lock (pg_locks shows it) before the table is committed */
+    uint64_t t0 = mono_ms();
+    while (raw_long(c, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted") == 0) {
+        cr_assert(mono_ms() - t0 < 10000, "the opener never waited for the lock");
+        sleep_ms(20);
+    }
+    raw_exec(c, "COMMIT");
+    int st;
+    waitpid(pid, &st, 0);
+    cr_assert(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the clerk's store did not open");
+    PQfinish(c);
 }
 
 Test(postgresql, a_table_of_that_name_that_is_not_ours_is_refused)

@@ -1087,7 +1087,9 @@ static void note_exists(void *arg, const PGresult *res)
 
 /* Make the table when it is missing, under an advisory lock so that stores
  * opening at once do not race (concurrent CREATE TABLE IF NOT EXISTS can
- * fail), and mark it as ours only when this call created it. */
+ * fail), and mark it as ours only when this call created it. Under the lock
+ * the table is looked for again: a store that made it meanwhile has
+ * committed, and a user who may not create tables is not asked to. */
 static int schema_create(store *s, PGconn *pg, uint64_t deadline)
 {
     char *create = with_table(s, schema_sql), *finish = with_table(s, schema_finish_sql);
@@ -1103,6 +1105,11 @@ static int schema_create(store *s, PGconn *pg, uint64_t deadline)
     if (rc == IDEM_OK)
         rc = run_simple(s, pg, lock, deadline, s->connect_ms, "creating the table");
     if (rc == IDEM_OK) {
+        char *mark = NULL;
+        rc = schema_look(s, pg, deadline, &existed, &mark);
+        free(mark);
+    }
+    if (rc == IDEM_OK && !existed) {
         PQnoticeReceiver old = PQsetNoticeReceiver(pg, note_exists, &existed);
         rc = run_simple(s, pg, create, deadline, s->connect_ms, "creating the table");
         PQsetNoticeReceiver(pg, old, NULL);
