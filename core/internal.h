@@ -148,9 +148,10 @@ void idem__keeper_unwatch(idem_keeper *k, idem_renewal *r);
 #define IDEM_DURATIONS     64
 #define IDEM_DURATIONS_MIN 4
 typedef struct idem_durations {
-    atomic_uint         next;
+    atomic_uint         next;       /* slots handed out */
     _Atomic uint32_t    ms[IDEM_DURATIONS];
-    _Atomic uint64_t    p95_at;     /* next << 32 | the p95 computed then */
+    atomic_uint         done;       /* slots written */
+    _Atomic uint64_t    p95_at;     /* done << 32 | the p95 computed then */
 } idem_durations;
 void idem__durations_add(idem_durations *d, uint64_t ms);
 /* The 95th percentile of the recent ones; false until IDEM_DURATIONS_MIN. */

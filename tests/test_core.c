@@ -2359,9 +2359,10 @@ Test(core, the_retry_estimate_is_kept_until_another_handler_finishes)
     cr_assert_not(idem__durations_p95(&d, &p95), "an estimate from too few handlers");
     idem__durations_add(&d, 10);
     cr_assert(idem__durations_p95(&d, &p95) && p95 == 10, "p95 %u", p95);
+    atomic_store(&d.ms[0], 1000); /* behind its back: a figure kept is not sorted again */
     cr_assert(idem__durations_p95(&d, &p95) && p95 == 10, "p95 %u, asked again", p95);
     idem__durations_add(&d, 20);
-    cr_assert(idem__durations_p95(&d, &p95) && p95 == 20, "p95 %u after a slower handler", p95);
+    cr_assert(idem__durations_p95(&d, &p95) && p95 == 1000, "p95 %u after another handler", p95);
     for (int i = 0; i < IDEM_DURATIONS; i++)
         idem__durations_add(&d, 5);
     cr_assert(idem__durations_p95(&d, &p95) && p95 == 5, "p95 %u after the slow ones left", p95);
