@@ -1189,7 +1189,7 @@ static int run_fenced(store *s, enum script_id id, const void *key, size_t key_l
         rc = unexpected(res.where, id, r);
     else
         rc = r->integer == 0 ? IDEM_ELOST : IDEM_OK;
-    if (rc == IDEM_OK && id == SC_COMMIT && res.acked >= 0 && res.acked < (long long)s->wait_replicas)
+    if (rc == IDEM_OK && id == SC_COMMIT && s->wait_replicas && res.acked < (long long)s->wait_replicas)
         atomic_fetch_add_explicit(&s->commits_unacked, 1, memory_order_relaxed);
     freeReplyObject(r);
     return rc;
@@ -1952,12 +1952,14 @@ static int rd_check(void *state, idem_findings *out)
                                role, nrep[0] ? nrep : "0", strcmp(nrep, "1") == 0 ? "" : "s");
     unsigned long long unacked = atomic_load_explicit(&s->commits_unacked, memory_order_relaxed);
     if (rc == IDEM_OK && unacked)
-        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "%llu commit%s through this store reached "
-                               "fewer than %u replica%s within wait_timeout_ms (%u ms): their responses "
+        rc = idem_findings_add(out, IDEM_FINDING_WARNING, "%llu commit%s through this store %s "
+                               "acknowledged by fewer than %u replica%s within wait_timeout_ms (%u ms), "
+                               "since it was opened: their responses "
                                "are stored on the master, but a failover before a replica catches up "
                                "loses them, and their retries run again; see that the replicas are "
                                "connected and keeping up (INFO replication), or raise wait_timeout_ms",
-                               unacked, unacked == 1 ? "" : "s", s->wait_replicas,
+                               unacked, unacked == 1 ? "" : "s", unacked == 1 ? "was" : "were",
+                               s->wait_replicas,
                                s->wait_replicas == 1 ? "" : "s", s->wait_timeout_ms);
     return rc;
 }
