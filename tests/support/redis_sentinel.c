@@ -27,16 +27,31 @@ static int spawn(idem_test_server *srv, int i, char **argv)
     return 0;
 }
 
-/* Start the master (0) or the replica (1). */
-static int spawn_data(idem_test_server *srv, int i)
+/* Start data server i (0 or 1): the master when i is m, else its replica. */
+static int spawn_data(idem_test_server *srv, int i, int m)
 {
     char port[8], master[8];
     snprintf(port, sizeof port, "%u", (unsigned)srv->more_ports[i]);
-    snprintf(master, sizeof master, "%u", (unsigned)srv->more_ports[0]);
+    snprintf(master, sizeof master, "%u", (unsigned)srv->more_ports[m]);
     char *argv[] = {srv->bin, "--port", port, "--bind", "127.0.0.1", "--save", "",
-                    "--appendonly", "no", "--dir", srv->dir, i ? "--replicaof" : NULL, "127.0.0.1",
+                    "--appendonly", "no", "--dir", srv->dir, i != m ? "--replicaof" : NULL, "127.0.0.1",
                     master, NULL};
     return spawn(srv, i, argv);
+}
+
+/* The data server the sentinels name as master now (0 or 1; 0 when none
+ * answers): a failover may have moved it to the replica. */
+static int named_master(const idem_test_server *srv)
+{
+    static char buf[8192];
+    for (int i = 2; i < 5; i++) {
+        const char *a;
+        unsigned port;
+        if (idem_test_redis_query(srv->more_ports[i], "INFO sentinel", buf, sizeof buf) > 0 &&
+            (a = strstr(buf, "address=")) && sscanf(a, "address=%*[^:]:%u", &port) == 1)
+            return port == srv->more_ports[1];
+    }
+    return 0;
 }
 
 /* Settled: every sentinel names the same master, sees its replica and
@@ -68,10 +83,13 @@ static bool settled(const idem_test_server *srv)
 int idem_test_sentinel_restart(idem_test_server *srv);
 int idem_test_sentinel_restart(idem_test_server *srv)
 {
-    /* Both data servers come back as they started; the sentinels take the
-     * master back, or promote the replica if it came back first. */
+    /* The data servers come back in the roles the sentinels give them:
+     * started as they first were, after a failover had promoted the replica,
+     * two masters would wait on the sentinels, whose next failover can be
+     * 2 x failover-timeout away. */
+    int m = named_master(srv);
     for (int i = 0; i < 2; i++)
-        if (!srv->more_pids[i] && spawn_data(srv, i))
+        if (!srv->more_pids[i] && spawn_data(srv, i, m))
             return -1;
     for (int waited = 0; !settled(srv); waited += 100) {
         if (waited >= SENTINEL_START_MS) {
@@ -92,7 +110,7 @@ static int try_sentinel(idem_test_server *srv, const char *bin)
     char port[5][8];
     for (int i = 0; i < 5; i++)
         snprintf(port[i], sizeof port[i], "%u", (unsigned)srv->more_ports[i]);
-    if (!srv->bin || spawn_data(srv, 0) || spawn_data(srv, 1))
+    if (!srv->bin || spawn_data(srv, 0, 0) || spawn_data(srv, 1, 0))
         return -1;
     for (int i = 2; i < 5; i++) {
         char *conf;
