@@ -240,7 +240,12 @@ static int job_handler(void *arg, idem_response *resp)
     return idem_response_set(resp, 200, j->body, strlen(j->body)) == IDEM_OK ? 0 : 1;
 }
 
-/* Read one byte from fd within timeout_ms. */
+/* Service comes back within this after the store is restarted (valgrind
+ * and a loaded machine included; it takes well under a second otherwise). */
+#define RESUME_MS 30000
+
+/* Read one byte from fd within timeout_ms; false at once when the writer
+ * closed its end without writing. */
 static bool wait_byte(int fd, long timeout_ms)
 {
     long end = now_ms() + timeout_ms;
@@ -248,8 +253,11 @@ static bool wait_byte(int fd, long timeout_ms)
     fcntl(fd, F_SETFL, fl | O_NONBLOCK);
     char c;
     while (now_ms() < end) {
-        if (read(fd, &c, 1) == 1)
+        ssize_t n = read(fd, &c, 1);
+        if (n == 1)
             return true;
+        if (n == 0)
+            return false;
         sleep_ms(5);
     }
     return false;
@@ -607,15 +615,19 @@ static void close_on_exec_all(void)
     closedir(d);
 }
 
+/* The processes are recorded before any assertion, so that the tests after
+ * a failed restart still find (and stop) what it started. */
 static void restart_store(void)
 {
     close_on_exec_all();
+    int failed = -1;
     for (int i = 0; i < 2; i++)
-        if (srv.ports[i])
-            cr_assert_eq(idem_test_server_restart(&srv, i), 0, "cannot restart %s server %d", kind, i);
-    if (srv.nmore)
-        cr_assert_eq(idem_test_topology_restart(&srv), 0, "cannot restart the %s servers", kind);
+        if (srv.ports[i] && idem_test_server_restart(&srv, i) != 0)
+            failed = i;
+    int topology = srv.nmore ? idem_test_topology_restart(&srv) : 0;
     save_pids();
+    cr_assert_eq(failed, -1, "cannot restart %s server %d", kind, failed);
+    cr_assert_eq(topology, 0, "cannot restart the %s servers", kind);
 }
 
 Test(faults, store_down_gives_ebackend_at_once_and_service_resumes_after_restart)
@@ -645,7 +657,7 @@ Test(faults, store_down_gives_ebackend_at_once_and_service_resumes_after_restart
     restart_store();
     idem_request req = req_str("while-down");
     int rc = IDEM_EBACKEND;
-    for (int i = 0; i < 50 && rc == IDEM_EBACKEND; i++) {
+    for (long end = now_ms() + RESUME_MS; rc == IDEM_EBACKEND && now_ms() < end;) {
         rc = idem_run(l, &req, job_handler, &j, &r);
         if (rc == IDEM_EBACKEND)
             sleep_ms(100);
@@ -658,17 +670,24 @@ Test(faults, store_down_gives_ebackend_at_once_and_service_resumes_after_restart
     idem_layer_free(l);
 }
 
+/* Kills the store delay_ms after the handler started (it writes to the
+ * pipe whose read end is started_fd), and restarts it down_ms later. */
 typedef struct killer {
     long delay_ms, down_ms;
+    int  started_fd;
+    bool killed;
 } killer;
 
 static void *kill_and_restart(void *arg)
 {
     killer *k = arg;
+    if (!wait_byte(k->started_fd, RESUME_MS))
+        return NULL; /* the handler never ran: the test says so */
     sleep_ms(k->delay_ms);
     kill_store();
     sleep_ms(k->down_ms);
     restart_store();
+    k->killed = true;
     return NULL;
 }
 
@@ -678,15 +697,21 @@ Test(faults, store_killed_while_the_handler_runs_never_doubles_the_execution)
     /* The handler runs 300 ms; the store dies 100 ms in and comes back
      * 400 ms later, inside the 5 s lease, while the commit is retried. */
     idem_layer *l = new_layer(store, 5000);
-    job j = {.body = "once", .sleep_ms = 300, .notify_fd = -1};
+    int started[2];
+    cr_assert_eq(pipe(started), 0);
+    job j = {.body = "once", .sleep_ms = 300, .notify_fd = started[1]};
     idem_request req = req_str("killed-under-handler");
     idem_reply r = {0};
-    killer k = {.delay_ms = 100, .down_ms = 400};
+    killer k = {.delay_ms = 100, .down_ms = 400, .started_fd = started[0]};
     pthread_t t;
     pthread_create(&t, NULL, kill_and_restart, &k);
     int rc = idem_run(l, &req, job_handler, &j, &r);
+    close(started[1]); /* if the handler never ran, the killer stops waiting */
     pthread_join(t, NULL);
-    cr_assert_eq(atomic_load(&j.calls), 1);
+    close(started[0]);
+    cr_assert_eq(atomic_load(&j.calls), 1, "the handler did not run: %s (%s)", idem_error_name(rc),
+                 idem_last_error());
+    cr_assert(k.killed, "the store was not killed under the handler");
     cr_assert(rc == IDEM_OK || rc == IDEM_ELOST || rc == IDEM_EBACKEND,
               "store died under the handler: %s (%s)", idem_error_name(rc), idem_last_error());
     cr_assert_eq(r.outcome, IDEM_EXECUTED, "the reply holds the handler's response whatever the commit did");
@@ -700,7 +725,7 @@ Test(faults, store_killed_while_the_handler_runs_never_doubles_the_execution)
      * record lives. */
     job again = {.body = "again", .notify_fd = -1};
     rc = IDEM_EBACKEND;
-    for (int i = 0; i < 50 && rc == IDEM_EBACKEND; i++) {
+    for (long end = now_ms() + RESUME_MS; rc == IDEM_EBACKEND && now_ms() < end;) {
         rc = idem_run(l, &req, job_handler, &again, &r);
         if (rc == IDEM_EBACKEND)
             sleep_ms(100);
@@ -727,7 +752,7 @@ Test(faults, claim_from_before_a_store_restart_cannot_commit_over_a_new_claim)
     kill_store();
     restart_store();
     int rc = IDEM_EBACKEND;
-    for (int i = 0; i < 50 && rc == IDEM_EBACKEND; i++) {
+    for (long end = now_ms() + RESUME_MS; rc == IDEM_EBACKEND && now_ms() < end;) {
         rc = idem_begin(l, &req, &fresh, &r);
         if (rc == IDEM_EBACKEND)
             sleep_ms(100);
