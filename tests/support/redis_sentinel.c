@@ -83,10 +83,10 @@ static bool settled(const idem_test_server *srv)
 int idem_test_sentinel_restart(idem_test_server *srv);
 int idem_test_sentinel_restart(idem_test_server *srv)
 {
-    /* The data servers come back in the roles the sentinels give them:
-     * started as they first were, after a failover had promoted the replica,
-     * two masters would wait on the sentinels, whose next failover can be
-     * 2 x failover-timeout away. */
+    /* The data servers come back in the roles the sentinels give them.
+     * Started as they first were after a failover had promoted the replica,
+     * the server the sentinels name would say role:slave, and they would set
+     * that right only at their next failover, up to 2 x failover-timeout on. */
     int m = named_master(srv);
     for (int i = 0; i < 2; i++)
         if (!srv->more_pids[i] && spawn_data(srv, i, m))
