@@ -3,7 +3,6 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
 #include <time.h>
 
 #include "internal.h"
@@ -58,13 +57,6 @@ struct idem_claim {
 static void count(counter *c)
 {
     atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
-}
-
-static void sleep_ms(uint64_t ms)
-{
-    struct timespec ts = {.tv_sec = (time_t)(ms / 1000), .tv_nsec = (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
 }
 
 /* ---- options and layers ---- */
@@ -146,7 +138,7 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     l->opts.key_prefix = l->prefix;
     l->prefix_len = plen;
     l->max_body = o.max_response_len;
-    size_t cap = store->max_record_len;
+    size_t cap = idem__store_max_record_len(store);
     if (cap != SIZE_MAX) {
         cap = cap > IDEM_RECORD_COMPLETED_OVERHEAD ? cap - IDEM_RECORD_COMPLETED_OVERHEAD : 0;
         if (cap < l->max_body) {
@@ -239,7 +231,7 @@ static int check_response(const idem_layer *l, int status, const void *body, siz
  * in one record of the store. */
 static int check_fields_fit(const idem_layer *l, size_t fields_len, size_t len)
 {
-    size_t cap = l->store->max_record_len;
+    size_t cap = idem__store_max_record_len(l->store);
     if (fields_len == 0 || cap == SIZE_MAX || IDEM_RECORD_FIELDS_OVERHEAD + fields_len + len <= cap)
         return IDEM_OK;
     return idem_error_set(IDEM_ETOOBIG, "a %zu-byte body with %zu bytes of header fields is over the "
@@ -299,67 +291,8 @@ int idem_response_set(idem_response *resp, int status, const void *body, size_t 
 
 /* ---- claims ---- */
 
-/* Counts fork()s, so that a child notices what it inherited. */
-static atomic_uint fork_generation;
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
-static void after_fork_in_child(void)
-{
-    atomic_fetch_add(&fork_generation, 1);
-}
 
-static void register_atfork(void)
-{
-    (void)pthread_atfork(NULL, NULL, after_fork_in_child);
-}
-
-unsigned idem__fork_generation(void)
-{
-    (void)pthread_once(&atfork_once, register_atfork);
-    return atomic_load_explicit(&fork_generation, memory_order_relaxed);
-}
-
-/* A store's connections belong to the process that opened it. */
-static int check_process(const idem_store *s)
-{
-    if (s->fork_generation == idem__fork_generation())
-        return IDEM_OK;
-    return idem_error_set(IDEM_EINVAL, "this %s store was opened before fork(); its connections belong "
-                          "to the parent: open a store in each process after forking", s->ops->name);
-}
-
-/* Claim tokens come from getrandom() through a per-thread buffer, so a
- * request costs no system call. A child process after fork() starts with a
- * copy of its parent's buffer: the fork generation makes it refill, so two
- * processes never hand out the same bytes. */
-#define RANDOM_POOL 512
-
-static _Thread_local uint8_t  random_pool[RANDOM_POOL];
-static _Thread_local size_t   random_left;
-static _Thread_local unsigned random_pool_generation;
-
-int idem__random_bytes(uint8_t *buf, size_t len)
-{
-    unsigned gen = idem__fork_generation();
-    if (random_pool_generation != gen || random_left < len) {
-        size_t got = 0;
-        while (got < RANDOM_POOL) {
-            ssize_t n = getrandom(random_pool + got, RANDOM_POOL - got, 0);
-            if (n < 0 && errno != EINTR) {
-                random_left = 0;
-                return idem_error_set(IDEM_EBACKEND, "getrandom failed: %s", strerror(errno));
-            }
-            got += n > 0 ? (size_t)n : 0;
-        }
-        random_left = RANDOM_POOL;
-        random_pool_generation = gen;
-    }
-    uint8_t *take = random_pool + RANDOM_POOL - random_left;
-    memcpy(buf, take, len);
-    memset(take, 0, len); /* a token is never handed out twice, nor left behind */
-    random_left -= len;
-    return IDEM_OK;
-}
 
 static int check_request(const idem_layer *l, const idem_request *req)
 {
@@ -420,7 +353,7 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
         return idem_error_set(IDEM_ECORRUPT,
                               "%s store holds a %zu-byte value under this key that libidempotency did "
                               "not write; delete it, or give this layer a key_prefix of its own",
-                              l->store->ops->name, len);
+                              idem__store_name(l->store), len);
     if (mine->has_fingerprint && old.has_fingerprint &&
         memcmp(mine->digest, old.digest, IDEM_DIGEST_LEN) != 0) {
         count(&l->mismatched);
@@ -493,11 +426,11 @@ int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, co
         n = l->prefix_len;
     }
     /* A table of version 1 was promised keys of at most 1279 bytes. */
-    if (l->store->ops->version < 2 && n + key_len > IDEM_V1_MAX_STORE_KEY_LEN)
+    if (idem__store_version(l->store) < 2 && n + key_len > IDEM_V1_MAX_STORE_KEY_LEN)
         return idem_error_set(IDEM_EINVAL, "the store key of this scoped request is %zu bytes; the %s "
                               "driver (table version 1) takes at most %d: rebuild it against this "
                               "<idempotency/backend.h>, or use a shorter key_prefix", n + key_len,
-                              l->store->ops->name, IDEM_V1_MAX_STORE_KEY_LEN);
+                              idem__store_name(l->store), IDEM_V1_MAX_STORE_KEY_LEN);
     memcpy(out + n, key, key_len);
     *out_len = n + key_len;
     return IDEM_OK;
@@ -547,7 +480,7 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     if (rc == IDEM_OK)
         rc = check_scope(scope, scope_len);
     if (rc == IDEM_OK)
-        rc = check_process(l->store);
+        rc = idem__store_check_process(l->store);
     if (rc)
         return rc;
 
@@ -577,8 +510,8 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     void *existing = NULL;
     size_t existing_len = 0;
     uint32_t remaining = UINT32_MAX;
-    rc = l->store->ops->claim(l->store->state, key, key_len, enc, sizeof enc, l->opts.lease_ms,
-                              &existing, &existing_len, &remaining);
+    rc = idem__store_claim(l->store, key, key_len, enc, sizeof enc, l->opts.lease_ms, &existing,
+                           &existing_len, &remaining);
     if (rc != IDEM_EBACKEND)
         idem__keeper_poke(l->keeper); /* the store answers: free what waits for it */
     if (rc == IDEM_OK && existing) {
@@ -606,7 +539,7 @@ static int give_up(idem_layer *l, const uint8_t *key, size_t key_len, const uint
                    uint64_t lease_end, bool *later)
 {
     *later = false;
-    int rc = l->store->ops->release(l->store->state, key, key_len, token);
+    int rc = idem__store_release(l->store, key, key_len, token);
     if (rc == IDEM_EBACKEND || rc == IDEM_ENOMEM) {
         if (rc == IDEM_EBACKEND)
             count(&l->backend_errors);
@@ -631,7 +564,7 @@ static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, 
         int rrc = give_up(l, key, key_len, rec->token, lease_end, &later);
         return idem_error_set(IDEM_EBACKEND, "%s store took %llu ms to answer a claim, more than half of "
                               "its %u ms lease: nothing ran, and the key %s; retry (if this goes on, the "
-                              "store is overloaded, or raise lease_ms)", l->store->ops->name,
+                              "store is overloaded, or raise lease_ms)", idem__store_name(l->store),
                               (unsigned long long)(now - sent), lease,
                               rrc == IDEM_OK || rrc == IDEM_ELOST ? "was given up"
                               : later ? "is freed as soon as the store answers again"
@@ -677,7 +610,7 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
     if (rc == IDEM_OK)
         rc = check_fields_fit(l, fields_len, len);
     if (rc == IDEM_OK)
-        rc = check_process(l->store);
+        rc = idem__store_check_process(l->store);
     if (rc)
         return rc;
 
@@ -704,15 +637,15 @@ static int commit_claim(idem_claim *c, int status, const idem_header *headers, s
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
     uint64_t sent = idem__mono_ms(); /* the record expires ttl_s after the store took it: later than this */
     for (;;) {
-        rc = l->store->ops->commit(l->store->state, c->key, c->key_len, c->rec.token, enc, enc_len,
-                                   (uint64_t)l->opts.ttl_s * 1000u);
+        rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
+                                (uint64_t)l->opts.ttl_s * 1000u);
         if (rc != IDEM_EBACKEND)
             break;
         count(&l->backend_errors);
         uint64_t now = idem__mono_ms();
         if (now + backoff >= stop)
             break;
-        sleep_ms(backoff);
+        idem__sleep_ms(backoff);
         backoff = backoff * 2 > COMMIT_BACKOFF_MAX_MS ? COMMIT_BACKOFF_MAX_MS : backoff * 2;
     }
     /* After an earlier commit that may have landed, the store may hold that
@@ -759,7 +692,7 @@ int idem_abort(idem_claim *c)
     if (!c)
         return idem_error_set(IDEM_EINVAL, "idem_abort: claim is NULL");
     idem_layer *l = c->layer;
-    int rc = c->lost ? IDEM_ELOST : check_process(l->store);
+    int rc = c->lost ? IDEM_ELOST : idem__store_check_process(l->store);
     bool later = false;
     if (rc == IDEM_OK)
         rc = give_up(l, c->key, c->key_len, c->rec.token, c->lease_end, &later);
@@ -783,7 +716,7 @@ static int extend_locked(idem_claim *c, uint32_t lease_ms)
     if (c->lost)
         return idem_error_set(IDEM_ELOST, "the claim was already taken over");
     idem_layer *l = c->layer;
-    int rc = check_process(l->store);
+    int rc = idem__store_check_process(l->store);
     if (rc)
         return rc;
     idem_record next = c->rec;
@@ -791,7 +724,7 @@ static int extend_locked(idem_claim *c, uint32_t lease_ms)
     next.deadline_ms = idem_now_ms() + lease_ms;
     uint8_t enc[IDEM_RECORD_HEADER_LEN]; /* a STARTED record is the header alone, as in idem_begin() */
     idem__record_write(&next, enc);
-    rc = l->store->ops->extend(l->store->state, c->key, c->key_len, c->rec.token, enc, sizeof enc, lease_ms);
+    rc = idem__store_extend(l->store, c->key, c->key_len, c->rec.token, enc, sizeof enc, lease_ms);
     if (rc == IDEM_OK) {
         c->rec.deadline_ms = next.deadline_ms;
         c->lease_end = lease_end;

@@ -65,13 +65,6 @@ static uint64_t get_be64(const uint8_t *p)
     return v;
 }
 
-uint64_t idem_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* ---- header fields ---- */
 
 /* tchar of RFC 9110, section 5.6.2. */

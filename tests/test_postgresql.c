@@ -639,15 +639,15 @@ Test(postgresql, claim_sent_again_finds_its_own_record_and_counts_as_claimed_rea
     void *ex = NULL;
     size_t exlen = 0;
     uint32_t left = 0;
-    cr_assert_eq(s->ops->claim(s->state, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
     cr_assert_null(ex);
-    cr_assert_eq(s->ops->claim(s->state, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
     cr_assert_null(ex, "our own live STARTED record: claimed");
     idem_record other = rec;
     other.token[0] = 9;
     uint8_t enc2[IDEM_RECORD_HEADER_LEN];
     idem__record_write(&other, enc2);
-    cr_assert_eq(s->ops->claim(s->state, "k\0x", 3, enc2, sizeof enc2, 5000, &ex, &exlen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, "k\0x", 3, enc2, sizeof enc2, 5000, &ex, &exlen, &left), IDEM_OK);
     cr_assert_not_null(ex);
     cr_assert_eq(exlen, sizeof enc);
     cr_assert_arr_eq(ex, enc, sizeof enc);
@@ -656,18 +656,18 @@ Test(postgresql, claim_sent_again_finds_its_own_record_and_counts_as_claimed_rea
 
     void *got = NULL;
     size_t glen = 0;
-    cr_assert_eq(s->ops->read(s->state, "k\0x", 3, &got, &glen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_read(s, "k\0x", 3, &got, &glen, &left), IDEM_OK);
     cr_assert_not_null(got);
     cr_assert_arr_eq(got, enc, sizeof enc);
     free(got);
     bool deleted = false;
-    cr_assert_eq(s->ops->remove(s->state, "k\0x", 3, &deleted), IDEM_OK);
+    cr_assert_eq(idem__store_remove(s, "k\0x", 3, &deleted), IDEM_OK);
     cr_assert(deleted);
-    cr_assert_eq(s->ops->remove(s->state, "k\0x", 3, &deleted), IDEM_OK);
+    cr_assert_eq(idem__store_remove(s, "k\0x", 3, &deleted), IDEM_OK);
     cr_assert_not(deleted);
-    cr_assert_eq(s->ops->read(s->state, "k\0x", 3, &got, &glen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_read(s, "k\0x", 3, &got, &glen, &left), IDEM_OK);
     cr_assert_null(got);
-    cr_assert_eq(s->ops->release(s->state, "k\0x", 3, rec.token), IDEM_ELOST);
+    cr_assert_eq(idem__store_release(s, "k\0x", 3, rec.token), IDEM_ELOST);
     idem_store_close(s);
 }
 
@@ -703,7 +703,7 @@ Test(postgresql, large_response_round_trips_and_the_limit_is_a_gigabyte)
 {
     server(NULL);
     idem_store *s = open_ok(srv.url);
-    cr_assert(s->max_record_len >= ((size_t)1 << 30) - ((size_t)2 << 20) && s->max_record_len < (size_t)1 << 30);
+    cr_assert(idem__store_max_record_len(s) >= ((size_t)1 << 30) - ((size_t)2 << 20) && idem__store_max_record_len(s) < (size_t)1 << 30);
     idem_options o;
     idem_options_init(&o);
     o.max_response_len = 8u << 20;

@@ -198,13 +198,6 @@ typedef struct store {
     _Atomic uint64_t next_cleanup_ms;
 } store;
 
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* ---- messages ---- */
 
 /* libpq's text on one line, without a trailing newline, and without the
@@ -345,7 +338,7 @@ static int await_result(const store *s, PGconn *pg, uint64_t deadline, unsigned 
             return conn_error(s, pg, what);
         if (flushed == 0 && !PQisBusy(pg))
             return IDEM_OK;
-        uint64_t now = mono_ms();
+        uint64_t now = idem_mono_ms();
         if (now >= deadline)
             return idem_driver_error(IDEM_EBACKEND, s->where, what,
                                      "no reply within %u ms; the server may be frozen or unreachable "
@@ -444,7 +437,7 @@ static int connect_raw(store *s, PGconn **out, uint64_t deadline)
             PQfinish(pg);
             return rc;
         }
-        uint64_t now = mono_ms();
+        uint64_t now = idem_mono_ms();
         if (now >= deadline) {
             PQfinish(pg);
             return idem_driver_error(IDEM_EBACKEND, s->where, what,
@@ -473,7 +466,7 @@ static int connect_raw(store *s, PGconn **out, uint64_t deadline)
 static int pool_connect(void *ctx, void **conn)
 {
     store *s = ctx;
-    uint64_t deadline = mono_ms() + s->connect_ms;
+    uint64_t deadline = idem_mono_ms() + s->connect_ms;
     PGconn *pg;
     int rc = connect_raw(s, &pg, deadline);
     if (rc)
@@ -545,7 +538,7 @@ static int exec_stmt(store *s, PGconn *pg, enum stmt_id id, int nparams, const c
         return conn_error(s, pg, what);
     }
     PGresult *res;
-    int rc = collect(s, pg, mono_ms() + timeout, timeout, what, &res);
+    int rc = collect(s, pg, idem_mono_ms() + timeout, timeout, what, &res);
     if (rc) {
         *state = IDEM_CONN_BROKEN;
         return rc;
@@ -568,7 +561,7 @@ static bool is_serialization_failure(const PGresult *res)
  * failure is left for the next time, unless the connection broke. */
 static void maybe_cleanup(store *s, PGconn *pg, idem_conn_state *state)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     uint64_t due = atomic_load_explicit(&s->next_cleanup_ms, memory_order_relaxed);
     if (now < due ||
         !atomic_compare_exchange_strong(&s->next_cleanup_ms, &due, now + CLEANUP_INTERVAL_MS))
@@ -608,7 +601,7 @@ static int op_fn(void *conn, void *arg, idem_conn_state *state)
             return conn_error(s, pg, stmt_what[o->id]);
         }
         unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
-        int rc = collect(s, pg, mono_ms() + timeout, timeout, stmt_what[o->id], &res);
+        int rc = collect(s, pg, idem_mono_ms() + timeout, timeout, stmt_what[o->id], &res);
         if (rc) {
             *state = IDEM_CONN_BROKEN;
             return rc;
@@ -1167,9 +1160,9 @@ static int pg_open(void **state, const idem_url *url)
      * and not at the first request; then keep one prepared connection. */
     PGconn *pg = NULL;
     if (rc == IDEM_OK)
-        rc = connect_raw(s, &pg, mono_ms() + s->connect_ms);
+        rc = connect_raw(s, &pg, idem_mono_ms() + s->connect_ms);
     if (rc == IDEM_OK) {
-        rc = schema_ensure(s, pg, mono_ms() + s->connect_ms);
+        rc = schema_ensure(s, pg, idem_mono_ms() + s->connect_ms);
         PQfinish(pg);
     }
     if (rc == IDEM_OK) {

@@ -341,19 +341,12 @@ static struct timeval tv_ms(uint64_t ms)
     return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
 }
 
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* Before one read or write: fit the socket's timeout to the time left
  * until deadline, so that no read or write, and so no reply however it
  * trickles in, outlasts it. false when the time is up. */
 static bool conn_budget(conn *c, uint64_t deadline)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     if (now >= deadline) {
         c->timed_out = true;
         return false;
@@ -458,7 +451,7 @@ static int conn_setup(store *s, const char *where, conn *c)
         sent[n++] = ROLE;
     }
     int ret = IDEM_OK;
-    uint64_t deadline = mono_ms() + s->command_ms;
+    uint64_t deadline = idem_mono_ms() + s->command_ms;
     for (int i = 0; i < n; i++) {
         const char *what = sent[i] == AUTH ? "authenticating"
                          : sent[i] == SELECT ? "selecting the database" : "checking the role";
@@ -737,7 +730,7 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         snprintf(t, sizeof t, "%u", s->wait_timeout_ms);
         const char *argv[3] = {"WAIT", n, t};
         size_t lens[3] = {4, strlen(n), strlen(t)};
-        redisReply *w = conn_command(c, mono_ms() + s->wait_timeout_ms + s->command_ms, 3, argv, lens);
+        redisReply *w = conn_command(c, idem_mono_ms() + s->wait_timeout_ms + s->command_ms, 3, argv, lens);
         if (!w) {
             freeReplyObject(r);
             freeReplyObject(o->reply2);
@@ -950,7 +943,7 @@ static int check_run(void *connp, void *arg, idem_conn_state *state)
 static int resolve_master(store *s, uint64_t deadline)
 {
     int rc = IDEM_EBACKEND;
-    for (size_t i = 0; i < s->nsentinels && (i == 0 || mono_ms() < deadline); i++) {
+    for (size_t i = 0; i < s->nsentinels && (i == 0 || idem_mono_ms() < deadline); i++) {
         node *m = NULL;
         rc = sentinel_ask(s, &s->sentinels[i], deadline, &m);
         ask_arg a = {.n = m, .deadline = deadline};
@@ -979,7 +972,7 @@ static int refresh_slots(store *s, uint64_t deadline)
     node *first = s->nodes;
     pthread_mutex_unlock(&s->mu);
     int rc = IDEM_EBACKEND;
-    for (node *n = first; n && (n == first || mono_ms() < deadline); n = n->next) {
+    for (node *n = first; n && (n == first || idem_mono_ms() < deadline); n = n->next) {
         ask_arg a = {.n = n, .deadline = deadline};
         rc = idem_pool_run(n->pool, slots_run, &a);
         if (rc == IDEM_OK || rc == IDEM_ENOMEM)
@@ -994,11 +987,11 @@ static int refresh_slots(store *s, uint64_t deadline)
 static int learn(store *s, bool force, uint64_t deadline)
 {
     pthread_mutex_lock(&s->learn_mu);
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     int rc = IDEM_OK;
     if (force || now - s->learned_ms >= LEARN_INTERVAL_MS) {
         rc = s->topo == TOPO_CLUSTER ? refresh_slots(s, deadline) : resolve_master(s, deadline);
-        s->learned_ms = mono_ms();
+        s->learned_ms = idem_mono_ms();
         atomic_store(&s->unsure, rc != IDEM_OK);
         atomic_fetch_add(&s->learned, 1);
     }
@@ -1015,7 +1008,7 @@ static node *route(store *s, unsigned slot)
 /* Sleep ms, but not past deadline. */
 static void backoff(uint64_t deadline, unsigned ms)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     if (now + ms > deadline)
         ms = now < deadline ? (unsigned)(deadline - now) : 0;
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
@@ -1039,7 +1032,7 @@ static void backoff(uint64_t deadline, unsigned ms)
 static int op_exec(store *s, op *o, const void *key, size_t key_len)
 {
     if (!o->deadline) /* else the deadline of the operation this one continues */
-        o->deadline = mono_ms() + s->command_ms;
+        o->deadline = idem_mono_ms() + s->command_ms;
     o->acked = -1;
     unsigned slot = s->topo == TOPO_CLUSTER ? key_slot(key, key_len) : 0;
     const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
@@ -1047,7 +1040,7 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
     if (s->topo != TOPO_SINGLE && atomic_load(&s->unsure))
         (void)learn(s, false, o->deadline);
     for (int hop = 0;; hop++) {
-        bool last = hop + 1 >= MAX_HOPS || mono_ms() >= o->deadline;
+        bool last = hop + 1 >= MAX_HOPS || idem_mono_ms() >= o->deadline;
         node *n = ask ? ask : route(s, slot);
         if (!n && s->topo != TOPO_SINGLE && learn(s, false, o->deadline) == IDEM_OK)
             n = route(s, slot);
@@ -1068,7 +1061,7 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
              * another may have taken over. */
             if (rc != IDEM_EBACKEND || s->topo == TOPO_SINGLE)
                 return rc;
-            if (last || mono_ms() >= o->deadline) {
+            if (last || idem_mono_ms() >= o->deadline) {
                 atomic_store(&s->unsure, true);
                 return rc;
             }
@@ -1405,7 +1398,7 @@ static int load_scripts_run(void *connp, void *arg, idem_conn_state *state)
         }
     }
     int ret = IDEM_OK;
-    uint64_t deadline = mono_ms() + s->command_ms;
+    uint64_t deadline = idem_mono_ms() + s->command_ms;
     for (int i = 0; i < SC_COUNT; i++) {
         redisReply *r = conn_reply(c, deadline);
         if (!r) {
@@ -1441,7 +1434,7 @@ static int rd_open(void **state, const idem_url *url)
     /* Connect now, so a wrong address or password fails here and not at
      * the first request; the connection stays in the pool. */
     if (rc == IDEM_OK && s->topo != TOPO_SINGLE)
-        rc = learn(s, true, mono_ms() + s->command_ms);
+        rc = learn(s, true, idem_mono_ms() + s->command_ms);
     if (rc == IDEM_OK && s->topo == TOPO_CLUSTER) {
         first = NULL;
         for (unsigned k = 0; k < CLUSTER_SLOTS && !first; k++)

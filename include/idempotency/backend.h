@@ -87,6 +87,10 @@ IDEM_API int idem_record_peek(const void *rec, size_t len, idem_record_info *out
  * clock of the deadline above. */
 IDEM_API uint64_t idem_now_ms(void);
 
+/* Milliseconds of CLOCK_MONOTONIC (since 0.3): the clock a driver measures
+ * its timeouts and budgets by, never a deadline stored in a record. */
+IDEM_API uint64_t idem_mono_ms(void);
+
 /* Encode a record as the core writes it, without a request: for a driver's
  * own tests and for tools. state IDEM_STATE_STARTED: the claim of token with
  * lease deadline deadline_ms (Unix epoch ms, not 0); status and body are
