@@ -120,7 +120,22 @@ int idem__headers_from_record(const idem_record *rec, idem_header **out);
 bool idem__header_name_ok(const char *name, size_t len);
 bool idem__header_value_ok(const char *value, size_t len);
 
-/* SHA-256 of a fingerprint. IDEM_OK or IDEM_ENOMEM/IDEM_EBACKEND (libcrypto failed). */
+/* tchar of RFC 9110, section 5.6.2. */
+bool idem__is_tchar(unsigned char c);
+
+/* ---- digest.c: SHA-256 ---- */
+/* One digest in steps, on the calling thread's context: begin, add, end.
+ * A failure in add is remembered and reported by end, which is IDEM_OK or
+ * IDEM_ENOMEM with a message. One digest at a time per thread. */
+typedef struct idem_hash idem_hash;
+#define IDEM_HASH_ABSENT UINT64_MAX
+idem_hash *idem__hash_begin(void);
+void idem__hash_add(idem_hash *h, const void *data, size_t len);
+/* A field: len as 8 bytes big-endian, then the bytes (IDEM_HASH_ABSENT:
+ * the length alone, for a value that is not there). */
+void idem__hash_add_field(idem_hash *h, const void *data, uint64_t len);
+int  idem__hash_end(idem_hash *h, uint8_t out[IDEM_DIGEST_LEN]);
+/* SHA-256 of data. IDEM_OK or IDEM_ENOMEM. */
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN]);
 
 /* ---- lease.c: a layer's keeper (deferred frees, renewals) ---- */
@@ -171,7 +186,7 @@ void idem__durations_add(idem_durations *d, uint64_t ms);
 /* The 95th percentile of the recent ones; false until IDEM_DURATIONS_MIN. */
 bool idem__durations_p95(idem_durations *d, uint32_t *out);
 
-/* ---- record.c: libcrypto ---- */
+/* ---- digest.c: libcrypto ---- */
 /* Set OpenSSL up and fetch SHA-256 (again, after a failure). IDEM_OK or
  * IDEM_ENOMEM with a message. Thread-safe. */
 int idem__crypto_init(void);

@@ -1,14 +1,6 @@
 /* The versioned record encoding (layout in <idempotency/backend.h>). */
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-#include <openssl/crypto.h>
-#include <openssl/err.h>
-#include <openssl/provider.h>
-#include <openssl/evp.h>
 
 #include "internal.h"
 
@@ -68,7 +60,7 @@ static uint64_t get_be64(const uint8_t *p)
 /* ---- header fields ---- */
 
 /* tchar of RFC 9110, section 5.6.2. */
-static bool is_tchar(unsigned char c)
+bool idem__is_tchar(unsigned char c)
 {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
            (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
@@ -79,7 +71,7 @@ bool idem__header_name_ok(const char *name, size_t len)
     if (len == 0 || len > MAX_NAME_LEN)
         return false;
     for (size_t i = 0; i < len; i++)
-        if (!is_tchar((unsigned char)name[i]))
+        if (!idem__is_tchar((unsigned char)name[i]))
             return false;
     return true;
 }
@@ -371,86 +363,5 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
     rec->status = (int)status;
     rec->body = p + body_at;
     rec->body_len = body_len;
-    return IDEM_OK;
-}
-
-/* OpenSSL 3 looks the algorithm up on every EVP_sha256() use and allocates
- * a context in every EVP_Digest(): fetch it once, and keep one context per
- * thread (freed when the thread exits).
- *
- * The digest comes from a library context of our own, not OpenSSL's
- * default one: OpenSSL 3.0 sets its default context up on first use and
- * crashes when an allocation fails in the middle of that, and it remembers
- * some failures for the life of the process. A context of our own fails
- * cleanly, and a failed fetch is not remembered: the context is dropped and
- * the next use (the next idem_layer_new() or fingerprint) starts again. */
-static _Atomic(EVP_MD *) sha256;
-static OSSL_LIB_CTX      *crypto_ctx;
-static pthread_mutex_t    sha256_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_key_t      ctx_key;
-static pthread_once_t     ctx_key_once = PTHREAD_ONCE_INIT;
-static _Thread_local EVP_MD_CTX *thread_ctx;
-
-static void ctx_free(void *ctx)
-{
-    EVP_MD_CTX_free(ctx);
-}
-
-static void ctx_key_make(void)
-{
-    (void)pthread_key_create(&ctx_key, ctx_free);
-}
-
-static EVP_MD *sha256_get(void)
-{
-    EVP_MD *md = atomic_load_explicit(&sha256, memory_order_acquire);
-    if (md)
-        return md;
-    pthread_mutex_lock(&sha256_mu);
-    md = atomic_load_explicit(&sha256, memory_order_relaxed);
-    if (!md) {
-        if (!crypto_ctx)
-            crypto_ctx = OSSL_LIB_CTX_new();
-        if (crypto_ctx && (md = EVP_MD_fetch(crypto_ctx, "SHA256", NULL)) != NULL) {
-            atomic_store_explicit(&sha256, md, memory_order_release);
-        } else {
-            ERR_clear_error();
-            OSSL_LIB_CTX_free(crypto_ctx);
-            crypto_ctx = NULL;
-        }
-    }
-    pthread_mutex_unlock(&sha256_mu);
-    return md;
-}
-
-int idem__crypto_init(void)
-{
-    if (!sha256_get())
-        return idem_error_set(IDEM_ENOMEM, "setting up libcrypto's SHA-256 failed (out of memory?); "
-                              "try again");
-    return IDEM_OK;
-}
-
-int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
-{
-    unsigned int n = 0;
-    (void)pthread_once(&ctx_key_once, ctx_key_make);
-    EVP_MD *md = sha256_get();
-    if (!thread_ctx && (thread_ctx = EVP_MD_CTX_new()) != NULL)
-        (void)pthread_setspecific(ctx_key, thread_ctx);
-    if (!md || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, md, NULL) ||
-        !EVP_DigestUpdate(thread_ctx, data, len) || !EVP_DigestFinal_ex(thread_ctx, out, &n) ||
-        n != IDEM_DIGEST_LEN) {
-        /* a context that failed half-way is not reused: the next digest
-         * starts from a new one */
-        ERR_clear_error(); /* our failure is not left in the caller's OpenSSL error queue */
-        if (thread_ctx) {
-            EVP_MD_CTX_free(thread_ctx);
-            thread_ctx = NULL;
-            (void)pthread_setspecific(ctx_key, NULL);
-        }
-        return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto "
-                              "(out of memory?); try again");
-    }
     return IDEM_OK;
 }
