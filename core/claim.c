@@ -6,6 +6,7 @@
 
 #define COMMIT_BACKOFF_FIRST_MS 5
 #define COMMIT_BACKOFF_MAX_MS   1000
+#define TAKEOVER_ROUNDS         3     /* takeovers lost to other claimants before answering 409 */
 
 static int check_request(const idem_layer *l, const idem_request *req)
 {
@@ -67,6 +68,22 @@ static uint32_t retry_hint(idem_layer *l, uint32_t left)
     return hint ? hint : 1;
 }
 
+/* The time left on the lease of a STARTED record the store says expires in
+ * remaining_ms (UINT32_MAX: it cannot tell, and the record's own deadline
+ * is read by this host's clock). A record with a checkpoint is kept
+ * kept_ms past its lease. */
+static uint32_t lease_left(const idem_record *old, uint32_t remaining_ms)
+{
+    uint64_t left;
+    if (remaining_ms != UINT32_MAX) {
+        left = remaining_ms > old->kept_ms ? remaining_ms - old->kept_ms : 0;
+    } else {
+        uint64_t now = idem_now_ms();
+        left = old->deadline_ms > now ? old->deadline_ms - now : 0;
+    }
+    return left > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)left;
+}
+
 /* Turn the record that beat our claim into a reply. */
 static int reply_existing(idem_layer *l, const idem_record *mine, const void *buf, size_t len,
                           uint32_t remaining_ms, idem_reply *reply)
@@ -85,11 +102,7 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
         return IDEM_OK;
     }
     if (old.state == IDEM_STATE_STARTED) {
-        if (remaining_ms == UINT32_MAX) {
-            uint64_t now = idem_now_ms();
-            uint64_t left = old.deadline_ms > now ? old.deadline_ms - now : 0;
-            remaining_ms = left > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)left;
-        }
+        remaining_ms = lease_left(&old, remaining_ms);
         idem__count(&l->in_progress);
         reply->outcome = IDEM_IN_PROGRESS;
         reply->status = 409;
@@ -123,13 +136,48 @@ static int reply_cached(idem_layer *l, const idem_record *mine, const idem_cache
     return rc;
 }
 
+/* How long the store keeps a STARTED record with a checkpoint after a lease
+ * of lease_ms: the layer's ttl_s, within what a driver's expiry can say. */
+static uint32_t kept_ms(const idem_layer *l, uint32_t lease_ms)
+{
+    uint64_t kept = (uint64_t)l->opts.ttl_s * 1000u, room = UINT32_MAX - (uint64_t)lease_ms;
+    return (uint32_t)(kept < room ? kept : room);
+}
+
+/* Write rec, a STARTED record of token's claim (its own, or one taking the
+ * key over from token), with its lease ending lease_ms from now: the
+ * store's extend, fenced by token. A record with a checkpoint is kept past
+ * the lease, for the next holder. rec's deadline and kept time are set. */
+static int put_started(idem_layer *l, const uint8_t *key, size_t key_len, const uint8_t *token,
+                       idem_record *rec, uint32_t lease_ms)
+{
+    rec->deadline_ms = idem_now_ms() + lease_ms;
+    rec->kept_ms = rec->cp_name_len ? kept_ms(l, lease_ms) : 0;
+    uint8_t small[IDEM_RECORD_HEADER_LEN], *enc = small;
+    size_t len = idem__record_len(rec);
+    if (len > sizeof small && !(enc = malloc(len)))
+        return idem_error_set(IDEM_ENOMEM, "out of memory encoding a %zu-byte checkpoint", len);
+    idem__record_write(rec, enc);
+    int rc = idem__store_extend(l->store, key, key_len, token, enc, len, lease_ms + rec->kept_ms);
+    if (enc != small)
+        free(enc);
+    return rc;
+}
+
 /* Give up a claim we hold: free it now, or later if the store cannot be
- * told. Returns what the release returned, and says in *later whether the
- * key was queued to be freed later. */
-static int give_up(idem_layer *l, const uint8_t *key, size_t key_len, const uint8_t *token,
+ * told. A claim with a checkpoint is not freed but ended: its lease ends
+ * now and the record stays, for the next holder to resume from. Returns
+ * what the store returned, and says in *later whether the key was queued
+ * to be freed later. */
+static int give_up(idem_layer *l, const uint8_t *key, size_t key_len, const idem_record *rec,
                    uint64_t lease_end, bool *later)
 {
     *later = false;
+    const uint8_t *token = rec->token;
+    if (rec->cp_name_len) {
+        idem_record ended = *rec;
+        return put_started(l, key, key_len, token, &ended, 0);
+    }
     int rc = idem__store_release(l->store, key, key_len, token);
     if (rc == IDEM_EBACKEND || rc == IDEM_ENOMEM) {
         if (rc == IDEM_EBACKEND)
@@ -137,6 +185,31 @@ static int give_up(idem_layer *l, const uint8_t *key, size_t key_len, const uint
         *later = idem__keeper_defer_release(l->keeper, key, key_len, token, lease_end, false) == IDEM_OK;
     }
     return rc;
+}
+
+/* The checkpoint's name and data in one new block; NULL without memory. */
+static uint8_t *checkpoint_copy(const char *name, size_t name_len, const void *data, size_t len)
+{
+    uint8_t *cp = malloc(name_len + len + 1);
+    if (cp) {
+        memcpy(cp, name, name_len);
+        cp[name_len] = '\0';
+        if (len)
+            memcpy(cp + name_len + 1, data, len);
+    }
+    return cp;
+}
+
+/* Make cp (from checkpoint_copy() of c->rec's checkpoint, or NULL for
+ * none) the claim's own copy. */
+static void checkpoint_adopt(idem_claim *c, uint8_t *cp)
+{
+    free(c->cp);
+    c->cp = cp;
+    if (cp) {
+        c->rec.cp_name = (const char *)cp;
+        c->rec.cp_data = cp + c->rec.cp_name_len + 1;
+    }
 }
 
 /* The claim landed. It is only good for the time left on its lease counted
@@ -152,7 +225,7 @@ static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, 
     uint32_t lease = l->opts.lease_ms;
     if (now - sent > lease / 2) {
         bool later;
-        int rrc = give_up(l, key, key_len, rec->token, lease_end, &later);
+        int rrc = give_up(l, key, key_len, rec, lease_end, &later);
         return idem_error_set(IDEM_EBACKEND, "%s store took %llu ms to answer a claim, more than half of "
                               "its %u ms lease: nothing ran, and the key %s; retry (if this goes on, the "
                               "store is overloaded, or raise lease_ms)", idem__store_name(l->store),
@@ -162,9 +235,15 @@ static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, 
                                       : "stays claimed until that lease ends");
     }
     idem_claim *c = malloc(sizeof *c + key_len);
+    uint8_t *cp = NULL;
+    if (c && rec->cp_name_len && !(cp = checkpoint_copy(rec->cp_name, rec->cp_name_len, rec->cp_data,
+                                                        rec->cp_len))) {
+        free(c);
+        c = NULL;
+    }
     if (!c) {
         bool later;
-        int rrc = give_up(l, key, key_len, rec->token, lease_end, &later);
+        int rrc = give_up(l, key, key_len, rec, lease_end, &later);
         return idem_error_set(IDEM_ENOMEM, "out of memory holding a claim; nothing ran, and the key %s",
                               rrc == IDEM_OK || rrc == IDEM_ELOST ? "was given up"
                               : later ? "is freed as soon as the store answers again"
@@ -172,10 +251,43 @@ static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, 
     }
     *c = (idem_claim){.layer = l, .rec = *rec, .lease_end = lease_end, .started = sent,
                       .key_len = key_len};
+    checkpoint_adopt(c, cp);
     pthread_mutex_init(&c->mu, NULL);
     memcpy(c->key, key, key_len);
     *out = c;
     return IDEM_OK;
+}
+
+/* Is the record that beat our claim a STARTED one with a checkpoint, whose
+ * lease has ended, for the same request? Then the claim takes it over. */
+static bool resumable(const idem_layer *l, const idem_record *mine, const void *buf, size_t len,
+                      uint32_t remaining_ms, idem_record *old)
+{
+    return idem__store_version(l->store) >= 3 && idem__record_decode(buf, len, old) == IDEM_OK &&
+           old->state == IDEM_STATE_STARTED && old->cp_name_len > 0 &&
+           lease_left(old, remaining_ms) == 0 &&
+           !(mine->has_fingerprint && old->has_fingerprint &&
+             memcmp(mine->digest, old->digest, IDEM_DIGEST_LEN) != 0);
+}
+
+/* Take over old, a checkpointed claim whose lease has ended: write our
+ * claim (rec, carrying old's checkpoint) in its place, fenced by old's
+ * token. IDEM_ELOST: another claimant was first. */
+static int take_over(idem_layer *l, idem_record *rec, const idem_record *old, const uint8_t *key,
+                     size_t key_len, uint64_t sent, idem_claim **out)
+{
+    rec->cp_name = old->cp_name;
+    rec->cp_name_len = old->cp_name_len;
+    rec->cp_data = old->cp_data;
+    rec->cp_len = old->cp_len;
+    int rc = put_started(l, key, key_len, old->token, rec, l->opts.lease_ms);
+    if (rc == IDEM_OK)
+        return claim_won(l, rec, key, key_len, sent, sent + l->opts.lease_ms, out);
+    if (rc == IDEM_EBACKEND)
+        idem__error_append(rc, "taking over a key whose holder left a checkpoint failed: nothing ran, "
+                           "and the key stays as it was until the lease this try wrote, if it landed, "
+                           "ends; retry");
+    return rc;
 }
 
 int idem_begin(idem_layer *l, const idem_request *req, idem_claim **out, idem_reply *reply)
@@ -218,39 +330,52 @@ int idem_begin_scoped(idem_layer *l, const void *scope, size_t scope_len, const 
     if (hit)
         return reply_cached(l, &rec, hit, reply);
 
-    uint64_t sent = idem__mono_ms();
-    uint64_t lease_end = sent + l->opts.lease_ms;
-    rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
-    uint8_t enc[IDEM_RECORD_HEADER_LEN];
-    idem__record_write(&rec, enc);
-    void *existing = NULL;
-    size_t existing_len = 0;
-    uint32_t remaining = UINT32_MAX;
-    rc = idem__store_claim(l->store, key, key_len, enc, sizeof enc, l->opts.lease_ms, &existing,
-                           &existing_len, &remaining);
-    if (rc != IDEM_EBACKEND)
-        idem__keeper_poke(l->keeper); /* the store answers: free what waits for it */
-    if (rc == IDEM_OK && existing) {
-        rc = reply_existing(l, &rec, existing, existing_len, remaining, reply);
-        if (rc == IDEM_OK && reply->outcome == IDEM_REPLAYED && remaining != UINT32_MAX)
-            idem__cache_put(l->cache, key, key_len, existing, existing_len,
-                            lease_end - l->opts.lease_ms + remaining); /* the TTL the store reported */
-        free(existing);
-    } else if (rc == IDEM_OK) {
-        rc = claim_won(l, &rec, key, key_len, sent, lease_end, out);
-    } else if (rc == IDEM_EBACKEND) {
-        /* The claim may have landed (a timeout, a lost reply): free it,
-         * fenced by its token, once the store answers again. */
-        if (idem__keeper_defer_release(l->keeper, key, key_len, rec.token, lease_end, true) == IDEM_OK)
-            idem__error_append(rc, "nothing ran; if the claim reached the store, this layer frees the key as "
-                             "soon as the store answers again");
+    /* A key whose holder left a checkpoint is taken over in a second round
+     * trip; losing that race to another claimant means claiming again. */
+    for (int round = 0;; round++) {
+        uint64_t sent = idem__mono_ms();
+        uint64_t lease_end = sent + l->opts.lease_ms;
+        rec.deadline_ms = idem_now_ms() + l->opts.lease_ms;
+        uint8_t enc[IDEM_RECORD_HEADER_LEN];
+        idem__record_write(&rec, enc);
+        void *existing;
+        size_t existing_len;
+        uint32_t remaining;
+        rc = idem__store_claim(l->store, key, key_len, enc, sizeof enc, l->opts.lease_ms, &existing,
+                               &existing_len, &remaining);
+        if (rc != IDEM_EBACKEND)
+            idem__keeper_poke(l->keeper); /* the store answers: free what waits for it */
+        if (rc == IDEM_OK && existing) {
+            idem_record old;
+            if (round < TAKEOVER_ROUNDS && resumable(l, &rec, existing, existing_len, remaining, &old)) {
+                rc = take_over(l, &rec, &old, key, key_len, sent, out);
+                free(existing);
+                if (rc == IDEM_ELOST)
+                    continue; /* another claimant took it first: see what it left */
+                return backend_failed(l, rc);
+            }
+            rc = reply_existing(l, &rec, existing, existing_len, remaining, reply);
+            if (rc == IDEM_OK && reply->outcome == IDEM_REPLAYED && remaining != UINT32_MAX)
+                idem__cache_put(l->cache, key, key_len, existing, existing_len,
+                                sent + remaining); /* the TTL the store reported */
+            free(existing);
+        } else if (rc == IDEM_OK) {
+            rc = claim_won(l, &rec, key, key_len, sent, lease_end, out);
+        } else if (rc == IDEM_EBACKEND) {
+            /* The claim may have landed (a timeout, a lost reply): free it,
+             * fenced by its token, once the store answers again. */
+            if (idem__keeper_defer_release(l->keeper, key, key_len, rec.token, lease_end, true) == IDEM_OK)
+                idem__error_append(rc, "nothing ran; if the claim reached the store, this layer frees "
+                                   "the key as soon as the store answers again");
+        }
+        return backend_failed(l, rc);
     }
-    return backend_failed(l, rc);
 }
 
 void idem__claim_free(idem_claim *c)
 {
     pthread_mutex_destroy(&c->mu);
+    free(c->cp);
     free(c);
 }
 
@@ -356,7 +481,7 @@ int idem_abort(idem_claim *c)
     int rc = c->lost ? IDEM_ELOST : idem__store_check_process(l->store);
     bool later = false;
     if (rc == IDEM_OK)
-        rc = give_up(l, c->key, c->key_len, c->rec.token, c->lease_end, &later);
+        rc = give_up(l, c->key, c->key_len, &c->rec, c->lease_end, &later);
     if (rc == IDEM_ELOST) {
         if (!c->lost)
             idem__count(&l->lost);
@@ -374,23 +499,45 @@ int idem_abort(idem_claim *c)
 /* Renew c's lease; c->mu held. */
 int idem__claim_extend_locked(idem_claim *c, uint32_t lease_ms)
 {
+    return idem__claim_put_locked(c, NULL, 0, NULL, 0, lease_ms);
+}
+
+int idem__claim_put_locked(idem_claim *c, const char *name, size_t name_len, const void *data, size_t len,
+                           uint32_t lease_ms)
+{
     if (c->lost)
         return idem_error_set(IDEM_ELOST, "the claim was already taken over");
     idem_layer *l = c->layer;
     int rc = idem__store_check_process(l->store);
     if (rc)
         return rc;
+    if (atomic_load(&c->settling))
+        return IDEM_OK; /* idem_run_tx() is committing: the lease no longer matters */
     idem_record next = c->rec;
+    uint8_t *cp = NULL;
+    if (name) {
+        if (!(cp = checkpoint_copy(name, name_len, data, len)))
+            return idem_error_set(IDEM_ENOMEM, "out of memory keeping a %zu-byte checkpoint", len);
+        next.cp_name = (const char *)cp;
+        next.cp_name_len = name_len;
+        next.cp_data = cp + name_len + 1;
+        next.cp_len = len;
+    }
     uint64_t lease_end = idem__mono_ms() + lease_ms;
-    next.deadline_ms = idem_now_ms() + lease_ms;
-    uint8_t enc[IDEM_RECORD_HEADER_LEN]; /* a STARTED record is the header alone, as in idem_begin() */
-    idem__record_write(&next, enc);
-    rc = idem__store_extend(l->store, c->key, c->key_len, c->rec.token, enc, sizeof enc, lease_ms);
+    rc = put_started(l, c->key, c->key_len, c->rec.token, &next, lease_ms);
     if (rc == IDEM_OK) {
-        c->rec.deadline_ms = next.deadline_ms;
+        c->rec = next;
         c->lease_end = lease_end;
-        idem__count(&l->extended);
-    } else if (rc == IDEM_ELOST) {
+        if (name)
+            checkpoint_adopt(c, cp);
+        else
+            idem__count(&l->extended);
+        return IDEM_OK;
+    }
+    free(cp);
+    if (rc == IDEM_ELOST && atomic_load(&c->settling))
+        return rc; /* the transaction committed meanwhile: not a loss */
+    if (rc == IDEM_ELOST) {
         c->lost = true;
         idem__count(&l->lost);
         idem_error_set(rc, LOST_WHY "; commit or abort it to free it");

@@ -93,12 +93,22 @@ typedef struct idem_record {
     const idem_header *headers;
     const uint8_t     *fields;               /* points into the encoded bytes */
     size_t             fields_len;
+    /* STARTED with a checkpoint (format 3 when cp_name_len > 0): the step's
+     * name and data, and how long the store keeps the record after its
+     * lease ends, so that the next holder finds the checkpoint. */
+    const char        *cp_name;              /* not NUL-terminated */
+    size_t             cp_name_len;
+    const uint8_t     *cp_data;
+    size_t             cp_len;
+    uint32_t           kept_ms;
 } idem_record;
 
 /* Bytes a COMPLETED record adds to its body: format 1 (no header fields),
  * and format 2 before its encoded fields. */
 #define IDEM_RECORD_COMPLETED_OVERHEAD (IDEM_RECORD_HEADER_LEN + 8)
 #define IDEM_RECORD_FIELDS_OVERHEAD    (IDEM_RECORD_HEADER_LEN + 16)
+/* Bytes a STARTED record with a checkpoint adds before its name and data. */
+#define IDEM_RECORD_CHECKPOINT_OVERHEAD (IDEM_RECORD_HEADER_LEN + 12)
 
 /* The encoded length of rec, and its encoding into p (that many bytes). */
 size_t idem__record_len(const idem_record *rec);

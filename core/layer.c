@@ -70,18 +70,19 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     if (rc)
         return rc;
     idem_layer *l = calloc(1, sizeof *l);
-    if (!l || !(l->prefix = strdup(o.key_prefix))) {
-        free(l);
+    if (!l || !(l->prefix = strdup(o.key_prefix)) ||
+        (o.subkey_secret && !(l->secret = strdup(o.subkey_secret)))) {
+        idem_layer_free(l);
         return idem_error_set(IDEM_ENOMEM, "out of memory making a layer");
     }
     if ((rc = layer_keeper_new(l, store, o.auto_extend))) {
-        free(l->prefix);
-        free(l);
+        idem_layer_free(l);
         return rc;
     }
     l->store = store;
     l->opts = o;
     l->opts.key_prefix = l->prefix;
+    l->opts.subkey_secret = l->secret;
     l->prefix_len = plen;
     l->max_body = o.max_response_len;
     size_t cap = idem__store_max_record_len(store);
@@ -95,9 +96,7 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
     if (l->max_body > UINT32_MAX)
         l->max_body = UINT32_MAX;
     if (o.cache_bytes && idem__cache_new(&l->cache, o.cache_bytes) != IDEM_OK) {
-        idem__keeper_free(l->keeper);
-        free(l->prefix);
-        free(l);
+        idem_layer_free(l);
         return idem_error_set(IDEM_ENOMEM, "out of memory making a layer's cache");
     }
     *out = l;
@@ -111,6 +110,7 @@ void idem_layer_free(idem_layer *layer)
     idem__keeper_free(layer->keeper);
     idem__cache_free(layer->cache);
     free(layer->prefix);
+    free(layer->secret);
     free(layer);
 }
 

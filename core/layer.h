@@ -21,6 +21,7 @@ struct idem_layer {
     idem_store  *store;
     idem_options opts;
     char        *prefix;
+    char        *secret;        /* opts.subkey_secret's copy, or NULL */
     size_t       prefix_len;
     size_t       max_body;      /* min(max_response_len, what the store holds) */
     bool         store_limits;  /* the store's limit is the smaller one */
@@ -52,6 +53,8 @@ struct idem_claim {
     uint64_t    started;        /* monotonic ms when the claim was sent */
     pthread_mutex_t mu;         /* lease_end, lost and rec against the auto_extend thread */
     idem_renewal renewal;
+    uint8_t    *cp;             /* rec's checkpoint: name, NUL, data (malloc'd); NULL: none */
+    _Atomic bool settling;      /* run_tx is committing: renewals stand aside */
     size_t      key_len;
     uint8_t     key[];          /* prefix + user key */
 };
@@ -85,5 +88,11 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
 void idem__claim_free(idem_claim *c);
 /* Renew c's lease, c->mu held. */
 int idem__claim_extend_locked(idem_claim *c, uint32_t lease_ms);
+/* Write c's STARTED record anew, fenced by its token, with a lease of
+ * lease_ms from now, and the checkpoint (name, data) in place of c's own
+ * (name NULL: keep c's); c->mu held. The store's extend: IDEM_OK, IDEM_ELOST
+ * (c is marked lost), IDEM_EBACKEND, IDEM_ENOMEM, IDEM_ETOOBIG. */
+int idem__claim_put_locked(idem_claim *c, const char *name, size_t name_len, const void *data, size_t len,
+                           uint32_t lease_ms);
 
 #endif

@@ -6,6 +6,7 @@
 
 #define RECORD_VERSION       1   /* STARTED records, and COMPLETED ones without header fields */
 #define RECORD_VERSION_FIELDS 2  /* COMPLETED records with header fields (since 0.2) */
+#define RECORD_VERSION_CHECKPOINT 3 /* STARTED records with a checkpoint (since 0.3) */
 #define FLAG_FINGERPRINT     0x01u
 #define OFF_FLAGS            6
 #define OFF_ZERO             7
@@ -15,6 +16,10 @@
 #define OFF_NFIELDS          (IDEM_RECORD_HEADER_LEN + 8)   /* format 2 */
 #define OFF_FIELDS_ZERO      (IDEM_RECORD_HEADER_LEN + 10)
 #define OFF_FIELDS_LEN       (IDEM_RECORD_HEADER_LEN + 12)
+#define OFF_CP_KEPT          IDEM_RECORD_HEADER_LEN          /* format 3 */
+#define OFF_CP_NAME_LEN      (IDEM_RECORD_HEADER_LEN + 4)
+#define OFF_CP_ZERO          (IDEM_RECORD_HEADER_LEN + 6)
+#define OFF_CP_DATA_LEN      (IDEM_RECORD_HEADER_LEN + 8)
 #define MAX_NAME_LEN         255
 #define MIN_STATUS           100
 #define MAX_STATUS           999
@@ -206,7 +211,8 @@ static bool fields_ok(const uint8_t *p, size_t len, size_t n)
 size_t idem__record_len(const idem_record *rec)
 {
     if (rec->state != IDEM_STATE_COMPLETED)
-        return IDEM_RECORD_HEADER_LEN;
+        return rec->cp_name_len ? IDEM_RECORD_CHECKPOINT_OVERHEAD + rec->cp_name_len + rec->cp_len
+                                : IDEM_RECORD_HEADER_LEN;
     if (rec->nheaders == 0)
         return IDEM_RECORD_COMPLETED_OVERHEAD + rec->body_len;
     return IDEM_RECORD_FIELDS_OVERHEAD + fields_len(rec) + rec->body_len;
@@ -226,6 +232,17 @@ void idem__record_write(const idem_record *rec, uint8_t *p)
         memcpy(p + OFF_DIGEST, rec->digest, IDEM_DIGEST_LEN);
     else
         memset(p + OFF_DIGEST, 0, IDEM_DIGEST_LEN);
+    if (!completed && rec->cp_name_len) {
+        /* Format 3: 0.2 readers refuse it as IDEM_ECORRUPT, never misread it. */
+        p[4] = RECORD_VERSION_CHECKPOINT;
+        put_be32(p + OFF_CP_KEPT, rec->kept_ms);
+        put_be16(p + OFF_CP_NAME_LEN, (uint16_t)rec->cp_name_len);
+        put_be16(p + OFF_CP_ZERO, 0);
+        put_be32(p + OFF_CP_DATA_LEN, (uint32_t)rec->cp_len);
+        memcpy(p + IDEM_RECORD_CHECKPOINT_OVERHEAD, rec->cp_name, rec->cp_name_len);
+        if (rec->cp_len)
+            memcpy(p + IDEM_RECORD_CHECKPOINT_OVERHEAD + rec->cp_name_len, rec->cp_data, rec->cp_len);
+    }
     if (completed) {
         put_be32(p + OFF_STATUS, (uint32_t)rec->status);
         put_be32(p + OFF_BODY_LEN, (uint32_t)rec->body_len);
@@ -306,12 +323,13 @@ int idem_record_peek(const void *buf, size_t len, idem_record_info *out)
 {
     const uint8_t *p = buf;
     if (!p || !out || len < IDEM_RECORD_HEADER_LEN || memcmp(p, magic, sizeof magic) != 0 ||
-        (p[4] != RECORD_VERSION && p[4] != RECORD_VERSION_FIELDS))
+        p[4] < RECORD_VERSION || p[4] > RECORD_VERSION_CHECKPOINT)
         return IDEM_ECORRUPT;
     int state = p[IDEM_RECORD_STATE_OFFSET];
-    bool v2 = p[4] == RECORD_VERSION_FIELDS;
-    if (state == IDEM_STATE_STARTED ? v2 || len != IDEM_RECORD_HEADER_LEN
-        : state == IDEM_STATE_COMPLETED ? len < (v2 ? IDEM_RECORD_FIELDS_OVERHEAD
+    bool v2 = p[4] == RECORD_VERSION_FIELDS, v3 = p[4] == RECORD_VERSION_CHECKPOINT;
+    if (state == IDEM_STATE_STARTED ? v2 || (v3 ? len < IDEM_RECORD_CHECKPOINT_OVERHEAD + 1
+                                                : len != IDEM_RECORD_HEADER_LEN)
+        : state == IDEM_STATE_COMPLETED ? v3 || len < (v2 ? IDEM_RECORD_FIELDS_OVERHEAD
                                                     : IDEM_RECORD_COMPLETED_OVERHEAD)
         : true)
         return IDEM_ECORRUPT;
@@ -339,8 +357,23 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
         for (int i = 0; i < IDEM_DIGEST_LEN; i++)
             if (rec->digest[i])
                 return IDEM_ECORRUPT;
-    if (info.state == IDEM_STATE_STARTED)
-        return info.deadline_ms != 0 ? IDEM_OK : IDEM_ECORRUPT;
+    if (info.state == IDEM_STATE_STARTED) {
+        if (info.deadline_ms == 0)
+            return IDEM_ECORRUPT;
+        if (p[4] != RECORD_VERSION_CHECKPOINT)
+            return IDEM_OK;
+        size_t nl = get_be16(p + OFF_CP_NAME_LEN), dl = get_be32(p + OFF_CP_DATA_LEN);
+        if (nl == 0 || nl > IDEM_CHECKPOINT_NAME_MAX || dl > IDEM_CHECKPOINT_MAX ||
+            get_be16(p + OFF_CP_ZERO) != 0 || len != IDEM_RECORD_CHECKPOINT_OVERHEAD + nl + dl ||
+            memchr(p + IDEM_RECORD_CHECKPOINT_OVERHEAD, '\0', nl))
+            return IDEM_ECORRUPT;
+        rec->kept_ms = get_be32(p + OFF_CP_KEPT);
+        rec->cp_name = (const char *)p + IDEM_RECORD_CHECKPOINT_OVERHEAD;
+        rec->cp_name_len = nl;
+        rec->cp_data = p + IDEM_RECORD_CHECKPOINT_OVERHEAD + nl;
+        rec->cp_len = dl;
+        return IDEM_OK;
+    }
     if (info.deadline_ms != 0)
         return IDEM_ECORRUPT;
     uint32_t status = get_be32(p + OFF_STATUS);

@@ -125,9 +125,10 @@ static const char *const stmt_sql[ST_COUNT] = {
     [ST_RELEASE] =
         "(bytea, bytea) AS DELETE FROM @T "
         "WHERE key = $1 AND token = $2 AND state = 'S' AND expires_at > clock_timestamp()",
-    /* $1 key, $2 token, $3 record, $4 lease ms; rows updated. */
+    /* $1 key, $2 token, $3 record, $4 lease ms; rows updated. The token
+     * comes from the record: a takeover writes another one. */
     [ST_EXTEND] =
-        "(bytea, bytea, bytea, bigint) AS UPDATE @T SET value = $3, "
+        "(bytea, bytea, bytea, bigint) AS UPDATE @T SET token = substring($3 FROM 9 FOR 16), value = $3, "
         "expires_at = clock_timestamp() + " MS("$4") " "
         "WHERE key = $1 AND token = $2 AND state = 'S' AND expires_at > clock_timestamp()",
     /* $1 key -> the live record and the ms left on it, or no row. */

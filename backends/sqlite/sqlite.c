@@ -57,7 +57,9 @@ static const char *const stmt_sql[S_COUNT] = {
     [S_STATE] = "SELECT state FROM idem_records WHERE key = ?1 AND token = ?2 AND expires_at > ?3",
     [S_RELEASE] = "DELETE FROM idem_records "
                   "WHERE key = ?1 AND token = ?2 AND state = 'S' AND expires_at > idem_now_ms()",
-    [S_EXTEND] = "UPDATE idem_records SET value = ?1, expires_at = idem_now_ms() + ?2 "
+    /* The token comes from the record: a takeover writes another one. */
+    [S_EXTEND] = "UPDATE idem_records SET token = substr(?1, 9, 16), value = ?1, "
+                 "expires_at = idem_now_ms() + ?2 "
                  "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > idem_now_ms()",
     [S_CLEANUP] = "DELETE FROM idem_records WHERE key IN "
                   "(SELECT key FROM idem_records WHERE expires_at <= ?1 LIMIT " CLEANUP_BATCH ")",
