@@ -129,11 +129,11 @@ static void usage_error(const char *fmt, ...)
     exit(EXIT_USAGE);
 }
 
-/* A word of the command line that may be a store URL, which may hold a
- * password: the messages about a misplaced word never repeat it. */
+/* A word of the command line that looks like a store URL, which may hold
+ * a password: the messages about a misplaced word never repeat it. */
 static bool may_be_url(const char *word)
 {
-    return strstr(word, "://") != NULL || strchr(word, '@') != NULL;
+    return strstr(word, "://") != NULL;
 }
 
 /* ---- bytes on the command line and on the terminal ---- */
@@ -347,7 +347,10 @@ static void parse_args(int argc, char **argv, args *a)
         } else if (a->npos < 3) {
             a->pos[a->npos++] = s;
         } else {
-            usage_error("too many arguments (%s)", may_be_url(s) ? "a URL, not repeated here" : s);
+            if (may_be_url(s))
+                usage_error("%s", "too many arguments (the extra one looks like a store URL, so it is "
+                                  "not repeated here)");
+            usage_error("too many arguments (%s)", s);
         }
     }
     if (!a->cmd)
