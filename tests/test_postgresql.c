@@ -272,6 +272,47 @@ Test(postgresql, table_names_and_parameters_are_checked)
     cr_assert_eq(idem_store_open(&s, "postgresql://127.0.0.1:1/a/b"), IDEM_EINVAL);
 }
 
+/* A table in pg_temp lives in one connection only, while the store keeps a
+ * pool of them (and every process its own): no two requests would share
+ * their records. Any other pg_ schema is the system's. Both are refused by
+ * name, before anything is sent, and the message says why. */
+Test(postgresql, a_temporary_or_system_schema_table_is_refused_with_why)
+{
+    server(NULL);
+    static const char *const temp[] = {"pg_temp.keys", "pg_temp_3.keys", "pg_toast_temp_3.keys"};
+    for (size_t i = 0; i < sizeof temp / sizeof temp[0]; i++) {
+        char url[600];
+        snprintf(url, sizeof url, "%s?table=%s", srv.url, temp[i]);
+        idem_store *s = NULL;
+        int rc = idem_store_open(&s, url);
+        if (rc == IDEM_OK)
+            idem_store_close(s);
+        cr_assert_eq(rc, IDEM_EINVAL, "table=%s: %s: %s", temp[i], idem_error_name(rc), idem_last_error());
+        cr_assert(strstr(idem_last_error(), "temporary") && strstr(idem_last_error(), "connection"),
+                  "table=%s: the message does not say why: %s", temp[i], idem_last_error());
+    }
+    static const char *const system[] = {"pg_catalog.keys", "pg_toast.keys", "information_schema.keys"};
+    for (size_t i = 0; i < sizeof system / sizeof system[0]; i++) {
+        char url[600];
+        snprintf(url, sizeof url, "%s?table=%s", srv.url, system[i]);
+        idem_store *s = NULL;
+        int rc = idem_store_open(&s, url);
+        if (rc == IDEM_OK)
+            idem_store_close(s);
+        cr_assert_eq(rc, IDEM_EINVAL, "table=%s: %s: %s", system[i], idem_error_name(rc),
+                     idem_last_error());
+        cr_assert(strstr(idem_last_error(), "system"), "table=%s: the message does not say why: %s",
+                  system[i], idem_last_error());
+    }
+    /* A schema whose name merely contains pg_ is the user's. */
+    PGconn *c = raw();
+    raw_exec(c, "CREATE SCHEMA app_pg_temp");
+    PQfinish(c);
+    char url[600];
+    snprintf(url, sizeof url, "%s?table=app_pg_temp.keys", srv.url);
+    idem_store_close(open_ok(url));
+}
+
 Test(postgresql, schema_qualified_table_is_used)
 {
     server(NULL);

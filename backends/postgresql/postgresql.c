@@ -867,6 +867,26 @@ static int parse_table(store *s, const char *name)
                               "63 lower-case letters, digits and '_' (not starting with a digit), "
                               "optionally after a schema name and a '.': table=idempotency_keys or "
                               "table=app.idempotency_keys");
+    /* pg_temp (an alias of the session's pg_temp_N, with its pg_toast_temp_N)
+     * holds tables that exist in one connection only: the one that made the
+     * table would see it, every other connection of the pool, and of every
+     * other process, would not, and no two of them would share a key. Left
+     * to the server, that shows up as a table missing from the next
+     * connection, which reads like a table dropped meanwhile. */
+    size_t schema_len = dot ? (size_t)(dot - name) : 0;
+    if (schema_len >= 7 && (strncmp(name, "pg_temp", 7) == 0 || strncmp(name, "pg_toast_temp", 13) == 0))
+        return idem_error_set(IDEM_EINVAL, DRIVER " URL parameter table=%s names a temporary table, "
+                              "which exists only in the connection that made it; this store keeps a "
+                              "pool of connections (and every process its own), which must all see "
+                              "the same table: name one in an ordinary schema, e.g. "
+                              "table=idempotency_keys or table=app.idempotency_keys", name);
+    /* Names that start with pg_ are reserved for the system's schemas. */
+    if ((schema_len >= 3 && strncmp(name, "pg_", 3) == 0) ||
+        (schema_len == 18 && strncmp(name, "information_schema", 18) == 0))
+        return idem_error_set(IDEM_EINVAL, DRIVER " URL parameter table=%s names a table in the "
+                              "system schema %.*s, which belongs to PostgreSQL: name one in a schema "
+                              "of your own, e.g. table=app.idempotency_keys (or table=idempotency_keys "
+                              "for the first schema of the search_path)", name, (int)schema_len, name);
     int n = dot ? asprintf(&s->table, "\"%.*s\".\"%s\"", (int)(dot - name), name, dot + 1)
                 : asprintf(&s->table, "\"%s\"", name);
     if (n < 0) {

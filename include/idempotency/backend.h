@@ -184,7 +184,10 @@ IDEM_API int idem_driver_error(int err, const char *where, const char *what, con
 
 /* IDEM_OK when every query parameter of url is named in known (a
  * NULL-terminated list); else IDEM_EINVAL with a message that names the
- * driver, the unknown parameter and the known ones. */
+ * driver, the unknown parameter and the known ones. A known parameter whose
+ * name ends in "password" holds a secret: an unknown parameter after it may
+ * be the rest of a password that held an unescaped '&', so the message then
+ * says the URL is malformed without naming it. */
 IDEM_API int idem_url_check_params(const idem_url *url, const char *driver, const char *const *known);
 
 /* Copy len bytes of src into a new buffer that the core frees: how a driver
