@@ -58,6 +58,10 @@ static int backend_failed(idem_layer *l, int rc)
  * seen. Never 0, never past the holder's lease. */
 static uint32_t retry_hint(idem_layer *l, uint32_t left)
 {
+    /* A left read off the holder's deadline is the holder's clock, which
+     * may run ahead: never wait longer than a lease. */
+    if (left > l->opts.lease_ms)
+        left = l->opts.lease_ms;
     uint32_t p95, hint = left;
     if (idem__durations_p95(&l->durations, &p95)) {
         uint32_t ran = l->opts.lease_ms > left ? l->opts.lease_ms - left : 0;
