@@ -876,10 +876,13 @@ static int mc_extend(void *state, const void *key, size_t key_len, const uint8_t
     char ekey[MAX_KEY + 1];
     op o = {.what = "extending a lease", .ekey = ekey, .token = token, .record = record,
             .record_len = record_len};
+    /* Until the lease's deadline, and no sooner than lease_ms from now:
+     * a record with a checkpoint is kept past its lease (backend.h). */
     idem_record_info info;
-    o.deadline_ms = idem_record_peek(record, record_len, &info) == IDEM_OK && info.deadline_ms
+    uint64_t until = idem_now_ms() + lease_ms;
+    o.deadline_ms = idem_record_peek(record, record_len, &info) == IDEM_OK && info.deadline_ms > until
                         ? info.deadline_ms
-                        : idem_now_ms() + lease_ms;
+                        : until;
     int rc = encode_key(key, key_len, ekey, &o.eklen);
     return rc ? rc : with_conn(state, &o, do_extend);
 }

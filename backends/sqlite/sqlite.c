@@ -712,6 +712,98 @@ static size_t sq_max_record_len(void *state)
     return ((store *)state)->max_len;
 }
 
+/* ---- transactions: a handler's work in this database ---- */
+
+/* The write turn and SQLite's write lock are taken when the transaction
+ * opens (BEGIN IMMEDIATE): a transaction that read first and wrote later
+ * could find its snapshot stale at its first write. Duplicates are still
+ * answered at once, as a claim reads before it writes; other writers wait,
+ * as for any write transaction on SQLite. */
+static int sq_tx_begin(void *state, void **tx, void **db)
+{
+    store *s = state;
+    conn *c;
+    int rc = acquire(s, &c);
+    if (rc)
+        return rc;
+    if ((rc = begin_write(s, c, "opening a transaction"))) {
+        release_conn(s, c);
+        return rc;
+    }
+    if (sqlite3_exec(c->db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+        c->failed = sqlite3_extended_errcode(c->db);
+        rc = fail(s, c->db, "opening a transaction");
+        end_write(s);
+        release_conn(s, c);
+        return rc;
+    }
+    *tx = c;
+    *db = c->db;
+    return IDEM_OK;
+}
+
+static void sq_tx_end(void *state, void *tx)
+{
+    store *s = state;
+    conn *c = tx;
+    if (!sqlite3_get_autocommit(c->db) && sqlite3_exec(c->db, "ROLLBACK", NULL, NULL, NULL) != SQLITE_OK)
+        c->failed = SQLITE_IOERR; /* a connection that cannot roll back is replaced */
+    end_write(s);
+    release_conn(s, c);
+}
+
+/* A conflict that a new transaction may not meet: its snapshot went stale. */
+static int tx_outcome(int code)
+{
+    return code == SQLITE_BUSY_SNAPSHOT ? IDEM_TX_RETRY : IDEM_TX_ROLLED_BACK;
+}
+
+/* On any connection to the file: the caller's own, or tx_begin's. The
+ * statement is prepared each time (a caller's connection has none of
+ * ours) and binds the time, as a caller's connection lacks idem_now_ms(). */
+static int sq_tx_write(void *state, void *conn_db, const void *key, size_t key_len, const uint8_t *token,
+                       const void *record, size_t record_len, uint64_t expiry_ms, int *outcome)
+{
+    static const char sql[] = "UPDATE idem_records SET state = ?1, value = ?2, expires_at = ?3 "
+                              "WHERE key = ?4 AND token = ?5 AND state = 'S'";
+    static const char what[] = "committing the work with its record";
+    store *s = state;
+    sqlite3 *db = conn_db;
+    idem_record_info info;
+    *outcome = IDEM_TX_ROLLED_BACK;
+    if (idem_record_peek(record, record_len, &info) != IDEM_OK)
+        return idem_error_set(IDEM_EINVAL, "sqlite: the record to write is not one of the core's");
+    if (sqlite3_get_autocommit(db))
+        return sq_error(s, IDEM_EINVAL, what, "no transaction is open on this connection: it was ended "
+                        "before the response could be written in it");
+    sqlite3_stmt *st = NULL;
+    int rc = sqlite3_prepare_v2(db, sql, -1, &st, NULL), ret = IDEM_OK, changes = 0;
+    if (rc == SQLITE_OK) {
+        sqlite3_bind_text(st, 1, info.state == IDEM_STATE_STARTED ? "S" : "C", 1, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 2, record, (int)record_len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 3, (sqlite3_int64)(idem_now_ms() + expiry_ms));
+        sqlite3_bind_blob(st, 4, key, (int)key_len, SQLITE_STATIC);
+        sqlite3_bind_blob(st, 5, token, IDEM_TOKEN_LEN, SQLITE_STATIC);
+        rc = sqlite3_step(st);
+        changes = sqlite3_changes(db);
+    }
+    if (rc != SQLITE_DONE) {
+        *outcome = tx_outcome(sqlite3_extended_errcode(db));
+        ret = fail(s, db, what);
+    } else if (changes == 0) {
+        ret = IDEM_ELOST;
+    } else if (sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+        *outcome = tx_outcome(sqlite3_extended_errcode(db));
+        ret = fail(s, db, what);
+        if (ret != IDEM_ENOMEM && ret != IDEM_ETOOBIG)
+            ret = IDEM_EBACKEND;
+    }
+    sqlite3_finalize(st);
+    if (ret != IDEM_OK && !sqlite3_get_autocommit(db))
+        sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return ret;
+}
+
 static int sq_check(void *state, idem_findings *out); /* at the end of the file */
 
 const idem_backend idem__sqlite_backend = {
@@ -727,6 +819,9 @@ const idem_backend idem__sqlite_backend = {
     .read = sq_read,
     .remove = sq_remove,
     .check = sq_check,
+    .tx_begin = sq_tx_begin,
+    .tx_write = sq_tx_write,
+    .tx_end = sq_tx_end,
 };
 
 /* ---- check (an operator's look at the settings) ---- */

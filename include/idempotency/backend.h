@@ -479,7 +479,8 @@ struct idem_backend {
      * guessed: make sure the old transaction can no longer commit, then
      * read the record on another connection. It holds record: IDEM_OK.
      * Anything else: IDEM_EBACKEND, IDEM_TX_ROLLED_BACK. Cannot tell:
-     * IDEM_EBACKEND, IDEM_TX_UNKNOWN. */
+     * IDEM_EBACKEND, IDEM_TX_UNKNOWN. No transaction open on conn (the
+     * caller ended it): change nothing, IDEM_EINVAL with a message. */
     int (*tx_write)(void *state, void *conn, const void *key, size_t key_len, const uint8_t *token,
                     const void *record, size_t record_len, uint64_t expiry_ms, int *outcome);
 
