@@ -2060,6 +2060,13 @@ Test(core, public_structs_keep_their_size)
     cr_assert_eq(sizeof(idem_reply), 64);
     cr_assert_eq(sizeof(idem_stats), 128);
     cr_assert_eq(sizeof(idem_request), 32);
+    /* and every field keeps its place: 0.2's, then 0.3's out of reserved_ */
+    cr_assert_eq(offsetof(idem_options, cache_bytes), 32);
+    cr_assert_eq(offsetof(idem_options, commit_timeout_ms), 44);
+    cr_assert_eq(offsetof(idem_options, subkey_secret), 48);
+    cr_assert_eq(offsetof(idem_options, reserved_), 56);
+    cr_assert_eq(offsetof(idem_reply, abort_error), 32);
+    cr_assert_eq(offsetof(idem_reply, headers), 40);
 #else
     cr_assert_eq(sizeof(idem_stats), 128);
 #endif

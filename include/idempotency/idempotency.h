@@ -599,7 +599,12 @@ typedef struct idem_key_info {
     size_t         value_len;
     uint8_t        store_key[1312];  /* the full store key: prefix, scope tag, key */
     size_t         store_key_len;
-    uint64_t       reserved_[4];     /* room for fields of later versions; zero */
+    /* ---- since 0.3 ---- */
+    char          *checkpoint_name;  /* STARTED: the last checkpoint's name (owned,
+                                        NUL-terminated), NULL when there is none */
+    const unsigned char *checkpoint; /* its data; points into value */
+    size_t         checkpoint_len;
+    uint64_t       reserved_[1];     /* room for fields of later versions; zero */
 } idem_key_info;
 
 /* Release what *info owns and zero it. NULL is a no-op; a zeroed info is
