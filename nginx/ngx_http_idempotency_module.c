@@ -1160,14 +1160,6 @@ ngx_http_idem_send(ngx_http_request_t *r, const idem_http_answer *ans)
         h->hash = 1;
         h->key = name;
         h->value = value;
-
-        /* nginx then makes a relative Location absolute, as it did for the
-         * first response */
-        if (name.len == sizeof("Location") - 1
-            && ngx_strncasecmp(name.data, (u_char *) "Location", name.len) == 0)
-        {
-            r->headers_out.location = h;
-        }
     }
 
     rc = ngx_http_send_header(r);
