@@ -162,6 +162,7 @@ static char *ngx_http_idem_merge_loc_conf(ngx_conf_t *cf, void *parent,
 static char *ngx_http_idem_store(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static void ngx_http_idem_cleanup(void *data);
+static ngx_http_idem_ctx_t *ngx_http_idem_get_ctx(ngx_http_request_t *r);
 static void ngx_http_idem_end_post(ngx_http_idem_end_job_t *job);
 
 
@@ -902,9 +903,9 @@ ngx_http_idem_header_filter(ngx_http_request_t *r)
     ngx_int_t             rc;
     ngx_http_idem_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_idempotency_module);
+    ctx = r == r->main ? ngx_http_idem_get_ctx(r) : NULL;
 
-    if (r != r->main || ctx == NULL || ctx->state != NGX_HTTP_IDEM_CLAIMED) {
+    if (ctx == NULL || ctx->state != NGX_HTTP_IDEM_CLAIMED) {
         return ngx_http_next_header_filter(r);
     }
 
@@ -927,7 +928,8 @@ ngx_http_idem_header_filter(ngx_http_request_t *r)
         return NGX_ERROR;
     }
 
-    /* the copy filter, before this one, reads file buffers into memory */
+    /* the copy filter, which runs before this one, then reads buffers
+     * that lie in files into memory */
     r->filter_need_in_memory = 1;
 
     rc = ngx_http_next_header_filter(r);
@@ -985,9 +987,9 @@ ngx_http_idem_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
     ngx_chain_t          *cl;
     ngx_http_idem_ctx_t  *ctx;
 
-    ctx = ngx_http_get_module_ctx(r, ngx_http_idempotency_module);
+    ctx = r == r->main ? ngx_http_idem_get_ctx(r) : NULL;
 
-    if (r != r->main || ctx == NULL || ctx->claim == NULL
+    if (ctx == NULL || ctx->claim == NULL
         || ctx->state != NGX_HTTP_IDEM_RESPONDING)
     {
         return ngx_http_next_body_filter(r, in);

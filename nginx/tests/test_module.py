@@ -227,6 +227,9 @@ LOCATIONS = """
         location /unbuffered/ {{ idempotency on; idempotency_lease 2s; proxy_buffering off;
                                 proxy_pass http://up; }}
         location /down/ {{ idempotency on; proxy_pass http://127.0.0.1:{down}; }}
+        location /downpage/ {{ idempotency on; proxy_pass http://127.0.0.1:{down};
+                              error_page 502 /oops; }}
+        location = /oops {{ return 502 "oops"; }}
         location /plain/ {{ proxy_pass http://up; }}
 """
 
@@ -558,6 +561,9 @@ def case_connection_failure_frees_key(env):
     key = new_key()
     eq(pay(env, "/down/charge", key).status, 502, "no upstream")
     eq(pay(env, "/down/charge", key).status, 502, "the key was freed: the retry tries again")
+    key = new_key()
+    eq(pay(env, "/downpage/charge", key).body, b"oops", "error_page's answer")
+    eq(pay(env, "/downpage/charge", key).body, b"oops", "freed after an internal redirect too")
 
 
 def case_upstream_timeout_holds_key(env):
