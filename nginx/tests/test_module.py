@@ -578,6 +578,19 @@ def case_upstream_timeout_holds_key(env):
     eq(env.up.count("/slowread/timeout", key), 2, "upstream arrivals")
 
 
+def case_client_gone_before_response(env):
+    key = new_key()
+    conn = http.client.HTTPConnection("127.0.0.1", env.a.port, timeout=10)
+    conn.request("POST", "/short/gone", AMOUNT_1, {"Idempotency-Key": key, "X-Delay-Ms": "1000"})
+    wait_for(lambda: env.up.count("/short/gone", key) == 1, "the request upstream")
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    time.sleep(0.3)
+    eq(pay(env, "/short/gone", key).status, 409, "the key is held while its lease lasts")
+    wait_for(lambda: pay(env, "/short/gone", key).status == 201, "the lease to end", 6)
+    eq(env.up.count("/short/gone", key), 2, "one more arrival once the lease ended")
+
+
 def case_client_gone_mid_response(env):
     key = new_key()
     conn = http.client.HTTPConnection("127.0.0.1", env.a.port, timeout=10)
