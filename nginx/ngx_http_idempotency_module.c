@@ -357,8 +357,9 @@ ngx_http_idem_keep_error(char *buf, size_t size)
 /* ------------------------------------------------------------------------ */
 
 /* The request body in one block, read in a thread: a body larger than
- * client_body_buffer_size lies in a temporary file. */
-static int
+ * client_body_buffer_size lies in a temporary file. NGX_ERROR: no memory,
+ * or the file could not be read. */
+static ngx_int_t
 ngx_http_idem_body_copy(ngx_chain_t *in, u_char **out, size_t *out_len)
 {
     off_t         size;
@@ -376,12 +377,12 @@ ngx_http_idem_body_copy(ngx_chain_t *in, u_char **out, size_t *out_len)
     *out_len = 0;
 
     if (size == 0) {
-        return IDEM_OK;
+        return NGX_OK;
     }
 
     p = malloc((size_t) size);
     if (p == NULL) {
-        return IDEM_ENOMEM;
+        return NGX_ERROR;
     }
 
     *out = p;
@@ -400,7 +401,7 @@ ngx_http_idem_body_copy(ngx_chain_t *in, u_char **out, size_t *out_len)
             if (n != b->file_last - b->file_pos) {
                 free(*out);
                 *out = NULL;
-                return IDEM_ENOMEM;
+                return NGX_ERROR;
             }
 
             p += n;
@@ -409,7 +410,7 @@ ngx_http_idem_body_copy(ngx_chain_t *in, u_char **out, size_t *out_len)
 
     *out_len = p - *out;
 
-    return IDEM_OK;
+    return NGX_OK;
 }
 
 
@@ -428,13 +429,18 @@ ngx_http_idem_claim_thread(void *data, ngx_log_t *log)
 
     ctx = job->ctx;
 
-    rc = ngx_http_idem_body_copy(job->in, &body, &body_len);
-
-    if (rc == IDEM_OK) {
-        rc = idem_http_fingerprint(fp, job->method, job->path, body, body_len,
-                                   NULL, 0);
-        free(body);
+    if (ngx_http_idem_body_copy(job->in, &body, &body_len) != NGX_OK) {
+        /* answered 500, as any mistake of the server's own */
+        job->rc = IDEM_EINVAL;
+        ngx_cpystrn((u_char *) job->error,
+                    (u_char *) "the request body could not be read back",
+                    sizeof(job->error));
+        return;
     }
+
+    rc = idem_http_fingerprint(fp, job->method, job->path, body, body_len,
+                               NULL, 0);
+    free(body);
 
     if (rc == IDEM_OK) {
         rc = ngx_http_idem_layer(ctx->conf, &layer);
