@@ -1165,6 +1165,12 @@ ngx_http_idem_send(ngx_http_request_t *r, const idem_http_answer *ans)
             return NGX_HTTP_INTERNAL_SERVER_ERROR;
         }
 
+        h->lowcase_key = ngx_pnalloc(r->pool, name.len);
+        if (h->lowcase_key == NULL) {
+            return NGX_HTTP_INTERNAL_SERVER_ERROR;
+        }
+
+        ngx_strlow(h->lowcase_key, name.data, name.len);
         h->hash = 1;
         h->key = name;
         h->value = value;
