@@ -789,7 +789,8 @@ def main():
         servers.append(env.b)
         env.c_redis = Redis(root)
         servers.append(env.c_redis)
-        env.c = Nginx(root, module, env.c_redis.url(), env.up, "c").start()
+        # one worker: a blocked event loop could not hide behind another
+        env.c = Nginx(root, module, env.c_redis.url(), env.up, "c", workers=1).start()
         servers.append(env.c)
         env.s = Nginx(root, module, f"sqlite://{root}/sqlite-data/idem.db", env.up, "s").start()
         servers.append(env.s)
