@@ -213,6 +213,23 @@ class Redis:
         stop(self.proc)
 
 
+class Memcached:
+    def __init__(self):
+        self.port = free_port()
+        argv = [shutil.which("memcached") or "/usr/bin/memcached", "-l", "127.0.0.1",
+                "-p", str(self.port), "-U", "0", "-m", "16"]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]    # memcached refuses to run as root
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, self.proc, "memcached")
+
+    def url(self):
+        return f"memcached://127.0.0.1:{self.port}"
+
+    def stop(self):
+        stop(self.proc)
+
+
 LOCATIONS = """
         location /pay/ {{ idempotency on; proxy_pass http://up; }}
         location /scoped/ {{ idempotency on; idempotency_scope $http_x_client;
@@ -743,6 +760,18 @@ def case_sqlite_as_unprivileged_worker(env):
         eq(pwd.getpwuid(os.stat(db).st_uid).pw_name, "nobody", "owner of the database")
 
 
+def case_memcached_store(env):
+    key = new_key()
+    slow = Background(env.m.port, "POST", "/pay/charge", key, AMOUNT_1,
+                      headers={"X-Delay-Ms": "800"})
+    wait_for(lambda: env.up.count("/pay/charge", key) == 1, "the first request upstream")
+    eq(pay(env, "/pay/charge", key, port=env.m.port).status, 409, "a duplicate while it runs")
+    first = slow.get()
+    again = replay_pay(env, "/pay/charge", key, port=env.m.port)
+    eq((again.body, again.h("idempotent-replayed")), (first.body, "true"), "replay")
+    eq(env.up.count("/pay/charge", key), 1, "upstream arrivals")
+
+
 def case_bad_configuration_fails_test(env):
     for name, store, extra, word in (
             ("t-scheme", "nosuch://x", "", "idempotency_store"),
@@ -792,6 +821,10 @@ def main():
         # one worker: a blocked event loop could not hide behind another
         env.c = Nginx(root, module, env.c_redis.url(), env.up, "c", workers=1).start()
         servers.append(env.c)
+        env.memcached = Memcached()
+        servers.append(env.memcached)
+        env.m = Nginx(root, module, env.memcached.url(), env.up, "m").start()
+        servers.append(env.m)
         env.s = Nginx(root, module, f"sqlite://{root}/sqlite-data/idem.db", env.up, "s").start()
         servers.append(env.s)
 
@@ -810,7 +843,7 @@ def main():
         for s in reversed(servers):
             s.stop()
         if failed:
-            for n in ("a", "b", "c", "s"):
+            for n in ("a", "b", "c", "m", "s"):
                 if hasattr(env, n):
                     print(f"--- error.log of nginx {n} (tail)\n" + getattr(env, n).log()[-3000:])
         shutil.rmtree(root, ignore_errors=True)
