@@ -56,20 +56,20 @@ typedef struct {
     ngx_uint_t                  methods;
     ngx_msec_t                  lease;
     time_t                      ttl;
-    ngx_str_t                   prefix;       /* NUL-terminated; empty: default */
+    ngx_str_t                   prefix;       /* NUL-terminated; "": default */
     ngx_str_t                   url;          /* as given; empty: inherited */
     ngx_http_complex_value_t   *scope;
     ngx_http_idem_store_t      *store;
-    size_t                      max_body;     /* the layer's max_response_len */
+    size_t                      max_body;     /* layer's max_response_len */
     size_t                      max_key;      /* the layer's max_key_len */
-    idem_layer                 *layer;        /* per worker, made on first use */
+    idem_layer                 *layer;        /* per worker, on first use */
 } ngx_http_idem_loc_conf_t;
 
 
 typedef struct {
     ngx_array_t                 stores;       /* ngx_http_idem_store_t * */
-    ngx_array_t                 confs;        /* ngx_http_idem_loc_conf_t *, enabled */
-    ngx_array_t                 created;      /* ngx_str_t: SQLite files made by nginx -t */
+    ngx_array_t                 confs;        /* enabled loc confs */
+    ngx_array_t                 created;      /* SQLite paths nginx made */
     ngx_thread_pool_t          *pool;
 } ngx_http_idem_main_conf_t;
 
@@ -97,7 +97,7 @@ typedef struct {
     u_char                     *data;
     size_t                      len;
     size_t                      size;
-    unsigned                    over:1;       /* over max_body, or not in memory */
+    unsigned                    over:1;       /* over max_body, or in a file */
 } ngx_http_idem_body_t;
 
 
@@ -591,7 +591,9 @@ ngx_http_idem_end_thread(void *data, ngx_log_t *log)
     }
 
     /* An abort always frees the claim; a commit when it is stored or lost */
-    if (job->fate == NGX_HTTP_IDEM_ABORT || rc == IDEM_OK || rc == IDEM_ELOST) {
+    if (job->fate == NGX_HTTP_IDEM_ABORT
+        || rc == IDEM_OK || rc == IDEM_ELOST)
+    {
         job->claim = NULL;
         (void) ngx_atomic_fetch_add(&ngx_http_idem_claims_held, -1);
     }
@@ -858,7 +860,8 @@ ngx_http_idem_capture_headers(ngx_http_request_t *r, ngx_http_idem_ctx_t *ctx)
 
     if (r->headers_out.content_type.len) {
         n++;
-        size += ct_name.len + r->headers_out.content_type.len + charset.len + 2;
+        size += ct_name.len + r->headers_out.content_type.len + charset.len
+                + 2;
     }
 
     for (part = &r->headers_out.headers.part; part; part = part->next) {
@@ -1482,7 +1485,8 @@ ngx_http_idem_store_get(ngx_conf_t *cf, ngx_str_t *url, const char *directive)
 
     rc = idem_store_open(&store, (const char *) url->data);
     if (rc != IDEM_OK) {
-        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0, "\"%s\" cannot open \"%V\": %s",
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"%s\" cannot open \"%V\": %s",
                            directive, url, idem_last_error());
         return NULL;
     }

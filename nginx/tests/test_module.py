@@ -753,7 +753,8 @@ def case_frozen_store_blocks_no_one_else(env):
 def case_sqlite_as_unprivileged_worker(env):
     key = new_key()
     eq(pay(env, "/pay/charge", key, port=env.s.port).status, 201, "first")
-    eq(replay_pay(env, "/pay/charge", key, port=env.s.port).h("idempotent-replayed"), "true", "replay")
+    eq(replay_pay(env, "/pay/charge", key, port=env.s.port).h("idempotent-replayed"), "true",
+       "replay")
     db = os.path.join(env.root, "sqlite-data", "idem.db")
     check(os.path.exists(db), "the database file")
     if os.geteuid() == 0:
