@@ -8,7 +8,8 @@
  *   2. a thread of nginx's "default" pool computes the fingerprint and claims
  *      the key (idem_begin_scoped); the request waits, blocked, while the
  *      event loop serves everyone else;
- *   3. a claim won goes on to the content handler (proxy_pass, ...); any other
+ *   3. a claim won goes on to the content handler (proxy_pass, ...), its
+ *      lease renewed every third of it while the request runs; any other
  *      outcome (replay, 409, 422, 503) is answered here;
  *   4. the header and body filters copy the response as it streams to the
  *      client; after its last byte a thread commits it. An answer that is not
@@ -101,6 +102,32 @@ typedef struct {
 } ngx_http_idem_body_t;
 
 
+/* A claim won, from the claim until the store has been told what became of
+ * it: it renews the lease while the request runs, then commits, aborts or
+ * holds the key. Allocated apart from the request, which may be freed before
+ * the store answers; one task of it at a time is in a thread, as a claim
+ * may be used by one thread at a time. */
+typedef struct {
+    ngx_thread_task_t          *task;
+    ngx_thread_pool_t          *pool;
+    idem_claim                 *claim;
+    ngx_msec_t                  lease;
+    ngx_msec_t                  lease_end;    /* as far as this worker knows */
+    ngx_msec_t                  renew_sent;
+    ngx_event_t                 renew;        /* every third of the lease */
+    ngx_event_t                 timer;        /* HOLD, or posting again */
+    ngx_http_idem_fate_e        fate;
+    int                         status;
+    idem_header                *headers;
+    size_t                      nheaders;
+    ngx_http_idem_body_t        body;
+    int                         rc;
+    char                        error[256];
+    unsigned                    busy:1;       /* a task is in a thread */
+    unsigned                    ended:1;      /* the request is over */
+} ngx_http_idem_holder_t;
+
+
 /* A request's state; the data of a cleanup of its pool, so that it survives
  * internal redirects and is released with the request. */
 typedef struct {
@@ -110,8 +137,7 @@ typedef struct {
     ngx_str_t                   scope;
     char                       *key;
     size_t                      key_len;
-    idem_claim                 *claim;
-    ngx_msec_t                  claimed_at;
+    ngx_http_idem_holder_t     *holder;       /* the claim, once won */
     idem_reply                  reply;
     idem_http_answer            answer;
     int                         status;
@@ -134,24 +160,6 @@ typedef struct {
 } ngx_http_idem_claim_job_t;
 
 
-/* A commit or an abort, run in a thread once the request may be gone: it
- * owns everything it needs. */
-typedef struct {
-    ngx_thread_task_t          *task;
-    ngx_thread_pool_t          *pool;
-    ngx_http_idem_fate_e        fate;
-    idem_claim                 *claim;
-    int                         status;
-    idem_header                *headers;
-    size_t                      nheaders;
-    ngx_http_idem_body_t        body;
-    ngx_msec_t                  lease_end;    /* HOLD: when to abort */
-    ngx_event_t                 timer;
-    int                         rc;
-    char                        error[256];
-} ngx_http_idem_end_job_t;
-
-
 static ngx_int_t ngx_http_idem_init(ngx_conf_t *cf);
 static ngx_int_t ngx_http_idem_init_module(ngx_cycle_t *cycle);
 static void ngx_http_idem_exit_process(ngx_cycle_t *cycle);
@@ -163,7 +171,9 @@ static char *ngx_http_idem_store(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
 static void ngx_http_idem_cleanup(void *data);
 static ngx_http_idem_ctx_t *ngx_http_idem_get_ctx(ngx_http_request_t *r);
-static void ngx_http_idem_end_post(ngx_http_idem_end_job_t *job);
+static ngx_http_idem_holder_t *ngx_http_idem_holder_new(ngx_http_request_t *r,
+    ngx_http_idem_ctx_t *ctx, idem_claim *claim);
+static void ngx_http_idem_end_post(ngx_http_idem_holder_t *h);
 
 
 static ngx_http_output_header_filter_pt  ngx_http_next_header_filter;
@@ -487,9 +497,13 @@ ngx_http_idem_claim_done(ngx_event_t *ev)
     r->main->blocked--;
 
     if (job->claim) {
-        ctx->claim = job->claim;
-        ctx->claimed_at = ngx_current_msec;
+        ctx->holder = ngx_http_idem_holder_new(r, ctx, job->claim);
         ctx->state = NGX_HTTP_IDEM_CLAIMED;
+
+        if (ctx->holder == NULL) {
+            (void) idem_http_answer_make(&ctx->answer, IDEM_ENOMEM, NULL);
+            ctx->state = NGX_HTTP_IDEM_ANSWER;
+        }
 
     } else {
         if (job->rc != IDEM_OK) {
@@ -571,74 +585,74 @@ ngx_http_idem_commit_unkept(idem_claim *claim)
 static void
 ngx_http_idem_end_thread(void *data, ngx_log_t *log)
 {
-    ngx_http_idem_end_job_t  *job = data;
+    ngx_http_idem_holder_t  *h = data;
 
-    int                       rc;
+    int                      rc;
 
-    if (job->fate == NGX_HTTP_IDEM_ABORT) {
-        rc = idem_abort(job->claim);
+    if (h->fate == NGX_HTTP_IDEM_ABORT) {
+        rc = idem_abort(h->claim);
 
-    } else if (job->body.over) {
-        rc = ngx_http_idem_commit_unkept(job->claim);
+    } else if (h->body.over) {
+        rc = ngx_http_idem_commit_unkept(h->claim);
 
     } else {
-        rc = idem_commit_headers(job->claim, job->status, job->headers,
-                                 job->nheaders, job->body.data, job->body.len);
+        rc = idem_commit_headers(h->claim, h->status, h->headers, h->nheaders,
+                                 h->body.data, h->body.len);
 
         if (rc == IDEM_ETOOBIG || rc == IDEM_EINVAL) {
-            rc = ngx_http_idem_commit_unkept(job->claim);
+            rc = ngx_http_idem_commit_unkept(h->claim);
         }
     }
 
     /* An abort always frees the claim; a commit when it is stored or lost */
-    if (job->fate == NGX_HTTP_IDEM_ABORT
-        || rc == IDEM_OK || rc == IDEM_ELOST)
-    {
-        job->claim = NULL;
+    if (h->fate == NGX_HTTP_IDEM_ABORT || rc == IDEM_OK || rc == IDEM_ELOST) {
+        h->claim = NULL;
         (void) ngx_atomic_fetch_add(&ngx_http_idem_claims_held, -1);
     }
 
     if (rc != IDEM_OK) {
-        ngx_http_idem_keep_error(job->error, sizeof(job->error));
+        ngx_http_idem_keep_error(h->error, sizeof(h->error));
     }
 
-    job->rc = rc;
+    h->rc = rc;
 }
 
 
 static void
-ngx_http_idem_end_free(ngx_http_idem_end_job_t *job)
+ngx_http_idem_end_free(ngx_http_idem_holder_t *h)
 {
-    ngx_free(job->headers);
-    ngx_free(job->body.data);
-    ngx_free(job->task);
+    ngx_free(h->headers);
+    ngx_free(h->body.data);
+    ngx_free(h->task);
 }
 
 
 static void
 ngx_http_idem_end_done(ngx_event_t *ev)
 {
-    ngx_http_idem_end_job_t  *job = ev->data;
+    ngx_http_idem_holder_t  *h = ev->data;
 
-    ngx_uint_t                level;
+    ngx_uint_t               level;
 
-    if (job->rc != IDEM_OK) {
+    h->busy = 0;
+
+    if (h->rc != IDEM_OK) {
         /* a lease that ended under a slow upstream is worth a warning */
-        level = job->rc == IDEM_ELOST ? NGX_LOG_WARN : NGX_LOG_ERR;
+        level = h->rc == IDEM_ELOST ? NGX_LOG_WARN : NGX_LOG_ERR;
         ngx_log_error(level, ngx_cycle->log, 0, "idempotency: %s: %s: %s",
-                      job->fate == NGX_HTTP_IDEM_ABORT ? "abort" : "commit",
-                      idem_error_name(job->rc), job->error);
+                      h->fate == NGX_HTTP_IDEM_ABORT ? "abort" : "commit",
+                      idem_error_name(h->rc), h->error);
     }
 
-    if (job->claim == NULL) {
-        ngx_http_idem_end_free(job);
+    if (h->claim == NULL) {
+        ngx_http_idem_end_free(h);
         return;
     }
 
     /* The store refused the commit until the lease nearly ended: the work
      * is done, so no retry may run it again while the lease lasts. */
-    job->fate = NGX_HTTP_IDEM_HOLD;
-    ngx_http_idem_end_post(job);
+    h->fate = NGX_HTTP_IDEM_HOLD;
+    ngx_http_idem_end_post(h);
 }
 
 
@@ -646,84 +660,180 @@ ngx_http_idem_end_done(ngx_event_t *ev)
 static void
 ngx_http_idem_end_timer(ngx_event_t *ev)
 {
-    ngx_http_idem_end_job_t  *job = ev->data;
+    ngx_http_idem_holder_t  *h = ev->data;
 
-    if (job->fate == NGX_HTTP_IDEM_HOLD) {
-        job->fate = NGX_HTTP_IDEM_ABORT;
+    if (h->fate == NGX_HTTP_IDEM_HOLD) {
+        h->fate = NGX_HTTP_IDEM_ABORT;
     }
 
-    ngx_http_idem_end_post(job);
+    ngx_http_idem_end_post(h);
 }
 
 
 static void
-ngx_http_idem_end_post(ngx_http_idem_end_job_t *job)
+ngx_http_idem_end_post(ngx_http_idem_holder_t *h)
 {
     ngx_msec_int_t  left;
 
-    /* cancelable: a worker that exits does not wait for these timers; the
-     * claims they hold then end with their leases */
-    job->timer.handler = ngx_http_idem_end_timer;
-    job->timer.data = job;
-    job->timer.log = ngx_cycle->log;
-    job->timer.cancelable = 1;
-
-    if (job->fate == NGX_HTTP_IDEM_HOLD) {
-        left = (ngx_msec_int_t) (job->lease_end - ngx_current_msec);
-        ngx_add_timer(&job->timer,
-                      (left > 0 ? (ngx_msec_t) left : 0)
-                      + NGX_HTTP_IDEM_HOLD_SLACK_MS);
+    if (h->fate == NGX_HTTP_IDEM_HOLD) {
+        left = (ngx_msec_int_t) (h->lease_end - ngx_current_msec);
+        ngx_add_timer(&h->timer, (left > 0 ? (ngx_msec_t) left : 0)
+                                 + NGX_HTTP_IDEM_HOLD_SLACK_MS);
         return;
     }
 
-    if (ngx_thread_task_post(job->pool, job->task) != NGX_OK) {
-        ngx_add_timer(&job->timer, NGX_HTTP_IDEM_REPOST_MS);
+    h->task->handler = ngx_http_idem_end_thread;
+    h->task->event.handler = ngx_http_idem_end_done;
+
+    if (ngx_thread_task_post(h->pool, h->task) != NGX_OK) {
+        ngx_add_timer(&h->timer, NGX_HTTP_IDEM_REPOST_MS);
+        return;
+    }
+
+    h->busy = 1;
+}
+
+
+/* Lease renewals, while the request runs: the upstream may take longer than
+ * one lease, and a retry must not take the key meanwhile. A worker that dies
+ * stops renewing, and its keys free themselves one lease later. */
+
+static void
+ngx_http_idem_renew_thread(void *data, ngx_log_t *log)
+{
+    ngx_http_idem_holder_t  *h = data;
+
+    h->rc = idem_extend(h->claim,
+                        (uint32_t) ngx_min(h->lease, (ngx_msec_t) UINT32_MAX));
+
+    if (h->rc != IDEM_OK) {
+        ngx_http_idem_keep_error(h->error, sizeof(h->error));
     }
 }
 
 
-/* Hand the claim, and the response captured, to a job of its own: the
- * request may be freed before the store answers. */
 static void
-ngx_http_idem_end(ngx_http_idem_ctx_t *ctx, ngx_http_idem_fate_e fate)
+ngx_http_idem_renew_done(ngx_event_t *ev)
 {
-    ngx_thread_task_t          *task;
-    ngx_http_idem_end_job_t    *job;
-    ngx_http_idem_main_conf_t  *imcf;
+    ngx_http_idem_holder_t  *h = ev->data;
 
-    imcf = ngx_http_get_module_main_conf(ctx->request,
-                                         ngx_http_idempotency_module);
+    h->busy = 0;
 
-    task = ngx_calloc(sizeof(ngx_thread_task_t)
-                      + sizeof(ngx_http_idem_end_job_t), ngx_cycle->log);
-    if (task == NULL) {
-        /* the claim is left to end with its lease */
-        ctx->claim = NULL;
+    if (h->rc == IDEM_OK) {
+        h->lease_end = h->renew_sent + h->lease;
+
+    } else {
+        /* IDEM_ELOST: the commit will say so too; a store error: the
+         * lease stands as it was, and the next renewal tries again */
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "idempotency: renewing a lease: %s: %s",
+                      idem_error_name(h->rc), h->error);
+    }
+
+    if (h->ended) {
+        /* the request ended while the renewal ran */
+        ngx_http_idem_end_post(h);
         return;
     }
 
-    job = (ngx_http_idem_end_job_t *) (task + 1);
-    task->ctx = job;
-    task->handler = ngx_http_idem_end_thread;
-    task->event.handler = ngx_http_idem_end_done;
-    task->event.data = job;
+    if (h->rc != IDEM_ELOST) {
+        ngx_add_timer(&h->renew, h->lease / 3);
+    }
+}
 
-    job->task = task;
-    job->pool = imcf->pool;
-    job->fate = fate;
-    job->claim = ctx->claim;
-    job->status = ctx->status;
-    job->headers = ctx->headers;
-    job->nheaders = ctx->nheaders;
-    job->body = ctx->body;
-    job->lease_end = ctx->claimed_at + ctx->conf->lease;
 
-    ctx->claim = NULL;
+static void
+ngx_http_idem_renew(ngx_event_t *ev)
+{
+    ngx_http_idem_holder_t  *h = ev->data;
+
+    h->task->handler = ngx_http_idem_renew_thread;
+    h->task->event.handler = ngx_http_idem_renew_done;
+    h->renew_sent = ngx_current_msec;
+
+    if (ngx_thread_task_post(h->pool, h->task) != NGX_OK) {
+        ngx_add_timer(&h->renew, NGX_HTTP_IDEM_REPOST_MS);
+        return;
+    }
+
+    h->busy = 1;
+}
+
+
+/* The holder of a claim just won. NULL: no memory; the claim is then left
+ * to end with its lease. */
+static ngx_http_idem_holder_t *
+ngx_http_idem_holder_new(ngx_http_request_t *r, ngx_http_idem_ctx_t *ctx,
+    idem_claim *claim)
+{
+    ngx_thread_task_t          *task;
+    ngx_http_idem_holder_t     *h;
+    ngx_http_idem_main_conf_t  *imcf;
+
+    imcf = ngx_http_get_module_main_conf(r, ngx_http_idempotency_module);
+
+    task = ngx_calloc(sizeof(ngx_thread_task_t)
+                      + sizeof(ngx_http_idem_holder_t), r->connection->log);
+    if (task == NULL) {
+        return NULL;
+    }
+
+    h = (ngx_http_idem_holder_t *) (task + 1);
+    task->ctx = h;
+    task->event.data = h;
+
+    h->task = task;
+    h->pool = imcf->pool;
+    h->claim = claim;
+    h->lease = ctx->conf->lease;
+    h->lease_end = ngx_current_msec + h->lease;
+
+    /* cancelable: a worker that exits does not wait for these timers; the
+     * claims they hold then end with their leases */
+    h->renew.handler = ngx_http_idem_renew;
+    h->renew.data = h;
+    h->renew.log = ngx_cycle->log;
+    h->renew.cancelable = 1;
+
+    h->timer.handler = ngx_http_idem_end_timer;
+    h->timer.data = h;
+    h->timer.log = ngx_cycle->log;
+    h->timer.cancelable = 1;
+
+    ngx_add_timer(&h->renew, h->lease / 3);
+
+    return h;
+}
+
+
+/* The request is done with the claim: the holder takes the response
+ * captured, and tells the store once no renewal is under way. */
+static void
+ngx_http_idem_end(ngx_http_idem_ctx_t *ctx, ngx_http_idem_fate_e fate)
+{
+    ngx_http_idem_holder_t  *h;
+
+    h = ctx->holder;
+    ctx->holder = NULL;
+
+    h->fate = fate;
+    h->status = ctx->status;
+    h->headers = ctx->headers;
+    h->nheaders = ctx->nheaders;
+    h->body = ctx->body;
+    h->ended = 1;
+
     ctx->headers = NULL;
     ctx->nheaders = 0;
     ngx_memzero(&ctx->body, sizeof(ngx_http_idem_body_t));
 
-    ngx_http_idem_end_post(job);
+    if (h->renew.timer_set) {
+        ngx_del_timer(&h->renew);
+    }
+
+    if (!h->busy) {
+        ngx_http_idem_end_post(h);
+    }
 }
 
 
@@ -757,7 +867,7 @@ ngx_http_idem_cleanup(void *data)
 {
     ngx_http_idem_ctx_t  *ctx = data;
 
-    if (ctx->claim) {
+    if (ctx->holder) {
         ngx_http_idem_end(ctx, ngx_http_idem_unfinished_fate(ctx));
     }
 
@@ -944,7 +1054,7 @@ ngx_http_idem_header_filter(ngx_http_request_t *r)
     rc = ngx_http_next_header_filter(r);
 
     /* 204, 304 and HEAD: no body follows */
-    if (r->header_only && ctx->claim) {
+    if (r->header_only && ctx->holder) {
         ngx_http_idem_end(ctx, NGX_HTTP_IDEM_COMMIT);
     }
 
@@ -998,7 +1108,7 @@ ngx_http_idem_body_filter(ngx_http_request_t *r, ngx_chain_t *in)
 
     ctx = r == r->main ? ngx_http_idem_get_ctx(r) : NULL;
 
-    if (ctx == NULL || ctx->claim == NULL
+    if (ctx == NULL || ctx->holder == NULL
         || ctx->state != NGX_HTTP_IDEM_RESPONDING)
     {
         return ngx_http_next_body_filter(r, in);

@@ -239,6 +239,7 @@ LOCATIONS = """
         location /prefixed/ {{ idempotency on; idempotency_key_prefix "other:";
                               proxy_pass http://up; }}
         location /short/ {{ idempotency on; idempotency_lease 2s; proxy_pass http://up; }}
+        location /renewed/ {{ idempotency on; idempotency_lease 1s; proxy_pass http://up; }}
         location /slowread/ {{ idempotency on; idempotency_lease 2s; proxy_read_timeout 1s;
                               proxy_pass http://up; }}
         location /unbuffered/ {{ idempotency on; idempotency_lease 2s; proxy_buffering off;
@@ -563,6 +564,19 @@ def case_prefix_keeps_locations_apart(env):
     eq(pay(env, "/prefixed/p", key).h("idempotent-replayed"), None,
        "another prefix is another key space")
     eq(replay_pay(env, "/prefixed/p", key).h("idempotent-replayed"), "true", "its own replay")
+
+
+def case_lease_renewed_while_upstream_runs(env):
+    key = new_key()
+    slow = Background(env.a.port, "POST", "/renewed/charge", key, AMOUNT_1,
+                      headers={"X-Delay-Ms": "3000"})
+    wait_for(lambda: env.up.count("/renewed/charge", key) == 1, "the first request upstream")
+    time.sleep(1.8)   # past the 1 s lease the claim began with
+    eq(pay(env, "/renewed/charge", key).status, 409, "the running request keeps its key")
+    first = slow.get()
+    eq(first.status, 201, "the first request")
+    eq(replay_pay(env, "/renewed/charge", key).body, first.body, "then replays")
+    eq(env.up.count("/renewed/charge", key), 1, "upstream arrivals")
 
 
 def case_upstream_5xx_frees_key(env):
