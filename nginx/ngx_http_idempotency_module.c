@@ -12,8 +12,9 @@
  *      lease renewed every third of it while the request runs; any other
  *      outcome (replay, 409, 422, 503) is answered here;
  *   4. the header and body filters copy the response as it streams to the
- *      client; after its last byte a thread commits it. An answer that is not
- *      whole is aborted or held: see ngx_http_idem_request_done().
+ *      client; after its last byte a thread commits it. A response that is
+ *      not whole frees the key or holds it until its lease ends: see
+ *      ngx_http_idem_header_filter() and ngx_http_idem_unfinished_fate().
  *
  * Every store call runs in a thread: a store that hangs costs the requests
  * that wait for it and the threads they hold, never the event loop.
@@ -23,7 +24,6 @@
 #include <ngx_http.h>
 
 #include <pthread.h>
-#include <sys/stat.h>
 
 #include <idempotency/http.h>
 #include <idempotency/idempotency.h>
