@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from test_module import NGINX, Redis, free_port, stop, wait_port  # noqa: E402
+from test_module import NGINX, Redis, free_port, started, stop  # noqa: E402
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
@@ -126,7 +126,7 @@ def run_store(root, module, name, seconds):
             f.write(nginx_conf(prefix, module, url, port, up_port))
         proc = subprocess.Popen([NGINX, "-p", prefix, "-c", conf, "-g", "daemon off;"])
         servers.append(type("N", (), {"stop": lambda self: stop(proc, signal.SIGQUIT)})())
-        wait_port(port, proc, "nginx")
+        started(proc, port, "nginx")
 
         base = f"http://127.0.0.1:{port}"
         for conns in (1, 16):

@@ -47,6 +47,15 @@ def wait_port(port, proc, what, timeout=10.0):
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port}")
 
 
+def started(proc, port, what):
+    """Wait for a server just started; one that never listens is stopped."""
+    try:
+        wait_port(port, proc, what)
+    except RuntimeError:
+        stop(proc, signal.SIGKILL)
+        raise
+
+
 def stop(proc, sig=signal.SIGTERM):
     if proc is None or proc.poll() is not None:
         return
@@ -204,7 +213,7 @@ class Redis:
             [REDIS, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc, "redis-server")
+        started(self.proc, self.port, "redis-server")
 
     def url(self):
         return f"redis://127.0.0.1:{self.port}?timeout_ms=1500&connect_timeout_ms=500"
@@ -221,7 +230,7 @@ class Memcached:
         if os.geteuid() == 0:
             argv += ["-u", "nobody"]    # memcached refuses to run as root
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(self.port, self.proc, "memcached")
+        started(self.proc, self.port, "memcached")
 
     def url(self):
         return f"memcached://127.0.0.1:{self.port}"
@@ -303,10 +312,13 @@ http {{
                               capture_output=True, text=True)
 
     def start(self):
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", self.prefix, "-c", self.conf, "-g", "daemon off;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_port(self.port, self.proc, "nginx")
+        # what nginx says before its error log is open goes to a file: a pipe
+        # nobody reads could fill and stop it
+        with open(os.path.join(self.prefix, "logs", "stderr.log"), "ab") as err:
+            self.proc = subprocess.Popen(
+                [NGINX, "-p", self.prefix, "-c", self.conf, "-g", "daemon off;"],
+                stdout=subprocess.DEVNULL, stderr=err)
+        started(self.proc, self.port, "nginx")
         return self
 
     def reload(self):
