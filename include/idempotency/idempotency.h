@@ -80,9 +80,18 @@ IDEM_API const char *idem_last_error(void);
  * A connection to one store, chosen by URL scheme at run time:
  *
  *   sqlite:///absolute/path.db          embedded, one host (WAL mode)
- *   redis://[:password@]host:port[/db][?connect_timeout_ms=N&timeout_ms=N]
+ *   redis://[[user]:password@]host[:port][/db]
  *   redis+unix:///path/to/redis.sock[?db=N&password=...]
- *   memcached://host:port[,host:port...][?timeout_ms=N]
+ *   redis+cluster://host:port[,host:port...]
+ *   redis+sentinel://host:port[,host:port...]/MASTERNAME
+ *   memcached://host:port[,host:port...]
+ *   postgresql://[user[:password]@]host[:port][,host...]/dbname
+ *                                       (also postgres://)
+ *   memory://[name]                     in-process, for tests
+ *
+ * Each takes ?name=value parameters (timeouts and more); an unknown one is
+ * refused with the list of those its driver knows. docs/operating.md lists
+ * them. A scheme whose driver this build lacks is IDEM_EUNSUPPORTED.
  *
  * Thread-safe: a store keeps its own pool of connections, so one store
  * serves every thread of a process. A store belongs to the process that
