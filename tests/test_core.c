@@ -685,6 +685,31 @@ Test(core, retry_after_comes_from_the_record_deadline_when_the_store_cannot_tell
     cr_assert_eq(idem_abort(c), IDEM_OK);
 }
 
+/* A holder whose clock runs an hour ahead wrote its deadline an hour out; a
+ * store that cannot tell the time left leaves only that deadline to go by.
+ * The hint never asks for more than a lease. */
+Test(core, retry_after_from_a_holders_clock_far_ahead_is_at_most_a_lease)
+{
+    start(300);
+    fk->remaining_unknown = true;
+    static const uint8_t token[IDEM_TOKEN_LEN] = {7};
+    void *rec;
+    size_t len;
+    cr_assert_eq(idem_record_build(&rec, &len, IDEM_STATE_STARTED, token, idem_now_ms() + 3600000, 0,
+                                   NULL, 0), IDEM_OK, "%s", idem_last_error());
+    fake_put("ahead", rec, len, 3600000);
+    free(rec);
+    idem_request req = req_of("ahead");
+    idem_claim *c = NULL;
+    idem_reply r = {0};
+    cr_assert_eq(idem_begin(layer, &req, &c, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_null(c);
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert(r.retry_after_ms >= 1 && r.retry_after_ms <= 300, "retry_after_ms %u with a 300 ms lease",
+              r.retry_after_ms);
+    idem_reply_clear(&r);
+}
+
 Test(core, same_key_with_another_fingerprint_is_a_mismatch_and_runs_nothing)
 {
     start(0);
