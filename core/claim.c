@@ -412,26 +412,28 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
     done.status = status;
     done.body = body;
     done.body_len = len;
-    uint8_t *enc;
-    size_t enc_len;
-    if ((rc = idem__record_encode(&done, &enc, &enc_len)))
-        return idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
-
-    /* A store error is retried until the lease is nearly over (or the
-     * commit deadline): giving the key up would let a retry repeat a
-     * handler that succeeded. */
+    /* A store error, and a lack of memory, are retried until the lease is
+     * nearly over (or the commit deadline): the handler has run, and giving
+     * the key up would let a retry repeat it. */
     uint64_t start = idem__mono_ms(), stop = c->lease_end;
     if (l->opts.commit_timeout_ms && start + l->opts.commit_timeout_ms < stop)
         stop = start + l->opts.commit_timeout_ms;
     idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
     uint64_t sent = idem__mono_ms(); /* the record expires ttl_s after the store took it: later than this */
+    uint8_t *enc = NULL;
+    size_t enc_len = 0;
     for (;;) {
-        rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
-                                (uint64_t)l->opts.ttl_s * 1000u);
-        if (rc != IDEM_EBACKEND)
+        if (!enc && (rc = idem__record_encode(&done, &enc, &enc_len)) != IDEM_OK) {
+            rc = idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
+        } else {
+            rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
+                                    (uint64_t)l->opts.ttl_s * 1000u);
+        }
+        if (rc != IDEM_EBACKEND && rc != IDEM_ENOMEM)
             break;
-        idem__count(&l->backend_errors);
+        if (rc == IDEM_EBACKEND)
+            idem__count(&l->backend_errors);
         uint64_t now = idem__mono_ms();
         if (now + backoff >= stop)
             break;
@@ -442,8 +444,8 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
      * response, not this one: only a first commit is cached. */
     if (rc == IDEM_OK && !c->commit_tried)
         idem__cache_put(l->cache, c->key, c->key_len, enc, enc_len, sent + (uint64_t)l->opts.ttl_s * 1000u);
-    if (rc == IDEM_EBACKEND)
-        c->commit_tried = true;
+    if (rc == IDEM_EBACKEND || (rc == IDEM_ENOMEM && enc))
+        c->commit_tried = true; /* a commit was sent and failed: it may have landed */
     free(enc);
     if (rc == IDEM_OK) {
         idem__count(&l->executed);

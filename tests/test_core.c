@@ -47,6 +47,7 @@ typedef struct fake {
     int64_t         skew_ms;           /* the fake clock runs this far ahead of the wall clock */
     unsigned        calls[FAKE_NOPS];
     unsigned        fail[FAKE_NOPS];       /* fail the next N calls without applying them */
+    int             fail_rc[FAKE_NOPS];    /* ...with this code (0: IDEM_EBACKEND) */
     unsigned        lose_reply[FAKE_NOPS]; /* apply the next N calls, then report a failure */
     unsigned        late_ms[FAKE_NOPS];    /* apply each call, then answer this much later */
     bool            remaining_unknown; /* claim answers UINT32_MAX: "cannot tell" */
@@ -127,8 +128,8 @@ static int fake_enter(fake *f, enum fake_op op)
     if (f->fail[op]) {
         if (f->fail[op] != FAKE_ALWAYS)
             f->fail[op]--;
-        return idem_error_set(IDEM_EBACKEND, "fake: %s failed (injected); retry later",
-                              fake_op_name[op]);
+        return idem_error_set(f->fail_rc[op] ? f->fail_rc[op] : IDEM_EBACKEND,
+                              "fake: %s failed (injected); retry later", fake_op_name[op]);
     }
     return IDEM_OK;
 }
@@ -2202,6 +2203,50 @@ Test(core, step_commit_honours_commit_timeout_ms_and_keeps_the_claim)
     fake_set(&fk->fail[FAKE_COMMIT], 0);
     cr_assert_eq(idem_commit(c, 200, "x", 1), IDEM_OK, "%s", idem_last_error());
     assert_replays("k", 200, "x", 1);
+}
+
+/* A driver out of memory after the handler ran is a transient failure, as a
+ * store error is: the commit is retried, and the work is stored once. */
+Test(core, commit_out_of_memory_after_the_handler_is_retried_like_a_store_error)
+{
+    start(20000);
+    fk->fail_rc[FAKE_COMMIT] = IDEM_ENOMEM;
+    fk->fail[FAKE_COMMIT] = 2;
+    idem_request req = req_of("k");
+    job j = job_ok(201, "made", 4);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(fake_calls(FAKE_COMMIT), 3, "two failed commits, then one that landed");
+    cr_assert_eq(j.calls, 1);
+    idem_reply_clear(&r);
+    assert_replays("k", 201, "made", 4);
+}
+
+Test(core, commit_out_of_memory_for_good_ends_at_commit_timeout_ms_with_the_key_claimed)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 20000;
+    o.commit_timeout_ms = 300;
+    start_with(&o);
+    fk->fail_rc[FAKE_COMMIT] = IDEM_ENOMEM;
+    fk->fail[FAKE_COMMIT] = FAKE_ALWAYS;
+    idem_request req = req_of("k");
+    job j = job_ok(201, "made", 4);
+    idem_reply r = {0};
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_ENOMEM);
+    uint64_t took = mono_ms() - t0;
+    cr_assert(took < 1000, "took %llu ms with commit_timeout_ms 300",
+              (unsigned long long)took);
+    cr_assert(fake_calls(FAKE_COMMIT) >= 2, "the commit was retried");
+    cr_assert(strstr(idem_last_error(), "the handler ran"), "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_str_eq((const char *)r.body, "made");
+    cr_assert_eq(fake_key_state("k"), IDEM_STATE_STARTED, "the key stays claimed");
+    cr_assert_eq(fake_calls(FAKE_RELEASE), 0);
+    idem_reply_clear(&r);
 }
 
 typedef struct slow {

@@ -307,7 +307,8 @@ typedef int (*idem_handler)(void *arg, idem_response *resp);
  *                  stored within the lease or commit_timeout_ms: then reply
  *                  holds IDEM_EXECUTED and the response (answer with it: the
  *                  work is done), and the key stays claimed until the lease
- *                  ends
+ *                  ends. IDEM_ENOMEM the same when memory ran out for good
+ *                  after the handler: it is retried as a store error is
  *   IDEM_ECORRUPT  the store holds, under this key, a record this library did
  *                  not write; nothing ran
  *   IDEM_ELOST     the handler ran longer than the lease, another request took
@@ -355,8 +356,9 @@ IDEM_API int idem_begin_scoped(idem_layer *layer, const void *scope, size_t scop
                                const idem_request *req, idem_claim **claim, idem_reply *reply);
 
 /*
- * Store the response and free the claim. A store error is retried within
- * the lease (and within commit_timeout_ms when set) before it is returned.
+ * Store the response and free the claim. A store error, and a lack of
+ * memory, are retried within the lease (and within commit_timeout_ms when
+ * set) before they are returned.
  *   IDEM_OK      stored; the claim is freed
  *   IDEM_ELOST   the lease had ended and another request took the key;
  *                nothing changed; the claim is freed
@@ -368,7 +370,8 @@ IDEM_API int idem_begin_scoped(idem_layer *layer, const void *scope, size_t scop
  *                or abort)
  *   IDEM_EINVAL  NULL claim, status out of range, NULL body with len > 0
  *                (the claim, if any, stays)
- *   IDEM_ENOMEM  the claim stays
+ *   IDEM_ENOMEM  memory ran short until the lease was nearly over or
+ *                commit_timeout_ms passed; the claim stays
  */
 IDEM_API int idem_commit(idem_claim *claim, int status, const void *body, size_t len);
 
