@@ -117,7 +117,9 @@ typedef struct idem_options {
     const char *key_prefix;        /* prepended to every key in the store; copied; NULL or the
                                       default is "idem:". 2..255 bytes: any bytes but ':', then
                                       one ':' ("orders:", "shop-{eu}:"), so that two prefixes
-                                      never make the same store key */
+                                      never make the same store key; not ending in '#' and 32
+                                      lower-case hex digits before the ':', the store key of a
+                                      scope (docs/contract.md, section 2) */
     size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
     size_t      max_response_len;  /* largest accepted response body; default 1 MiB (0: only
                                       empty bodies) */
@@ -160,8 +162,9 @@ typedef struct idem_layer idem_layer;
 /* Make a layer. opts NULL means the defaults; opts is copied. The store must
  * outlive the layer.
  * Errors: IDEM_EINVAL (NULL out or store; lease_ms or ttl_s 0; max_key_len
- * 0 or over 1024; a key_prefix that is not a name and one ':' at its end, or
- * longer than 255 bytes), IDEM_ENOMEM (also when libcrypto cannot be set up,
+ * 0 or over 1024; a key_prefix that is not a name and one ':' at its end,
+ * one whose name ends in '#' and 32 lower-case hex digits, or one longer
+ * than 255 bytes), IDEM_ENOMEM (also when libcrypto cannot be set up,
  * or, with auto_extend, the layer's thread cannot be started). */
 IDEM_API int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts);
 
