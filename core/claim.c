@@ -6,6 +6,12 @@
 
 #define COMMIT_BACKOFF_FIRST_MS 5
 #define COMMIT_BACKOFF_MAX_MS   1000
+/* How long a driver call may outlast the deadline it was given (socket
+ * timeouts count in the kernel's ticks, 10 ms at HZ=100, rounded up): a
+ * commit's attempts end this long before its lease, so that the call
+ * returns while the lease holds, and the call returns within about this
+ * long after commit_timeout_ms. */
+#define COMMIT_SLACK_MS         50
 #define TAKEOVER_ROUNDS         3     /* takeovers lost to other claimants before answering 409 */
 
 static int check_request(const idem_layer *l, const idem_request *req)
@@ -415,9 +421,14 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
     /* A store error, and a lack of memory, are retried until the lease is
      * nearly over (or the commit deadline): the handler has run, and giving
      * the key up would let a retry repeat it. */
-    uint64_t start = idem__mono_ms(), stop = c->lease_end;
+    uint64_t start = idem__mono_ms();
+    uint64_t stop = c->lease_end > start + COMMIT_SLACK_MS ? c->lease_end - COMMIT_SLACK_MS : start;
     if (l->opts.commit_timeout_ms && start + l->opts.commit_timeout_ms < stop)
         stop = start + l->opts.commit_timeout_ms;
+    /* A lease over already leaves one attempt, in the driver's own time (or
+     * commit_timeout_ms): a takeover fences it out, and without one it
+     * still stores the work. */
+    uint64_t deadline = stop > start ? stop : l->opts.commit_timeout_ms ? start + l->opts.commit_timeout_ms : 0;
     idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
     uint64_t sent = idem__mono_ms(); /* the record expires ttl_s after the store took it: later than this */
@@ -427,8 +438,12 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
         if (!enc && (rc = idem__record_encode(&done, &enc, &enc_len)) != IDEM_OK) {
             rc = idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
         } else {
+            /* Each attempt gets only the time left, whatever the driver's
+             * own timeouts. */
+            uint64_t outer = idem__call_deadline_set(deadline);
             rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
                                     (uint64_t)l->opts.ttl_s * 1000u);
+            idem__call_deadline_set(outer);
         }
         if (rc != IDEM_EBACKEND && rc != IDEM_ENOMEM)
             break;

@@ -48,6 +48,7 @@ typedef struct fake {
     unsigned        calls[FAKE_NOPS];
     unsigned        fail[FAKE_NOPS];       /* fail the next N calls without applying them */
     int             fail_rc[FAKE_NOPS];    /* ...with this code (0: IDEM_EBACKEND) */
+    uint64_t        deadline[FAKE_NOPS];   /* idem_call_deadline_ms() at the last call */
     unsigned        lose_reply[FAKE_NOPS]; /* apply the next N calls, then report a failure */
     unsigned        late_ms[FAKE_NOPS];    /* apply each call, then answer this much later */
     bool            remaining_unknown; /* claim answers UINT32_MAX: "cannot tell" */
@@ -125,6 +126,7 @@ static void fake_delete_locked(fake *f, fake_entry *gone)
 static int fake_enter(fake *f, enum fake_op op)
 {
     f->calls[op]++;
+    f->deadline[op] = idem_call_deadline_ms();
     if (f->fail[op]) {
         if (f->fail[op] != FAKE_ALWAYS)
             f->fail[op]--;
@@ -2247,6 +2249,59 @@ Test(core, commit_out_of_memory_for_good_ends_at_commit_timeout_ms_with_the_key_
     cr_assert_eq(fake_key_state("k"), IDEM_STATE_STARTED, "the key stays claimed");
     cr_assert_eq(fake_calls(FAKE_RELEASE), 0);
     idem_reply_clear(&r);
+}
+
+/* The core gives each commit attempt the time left as the calling thread's
+ * deadline, which drivers read; every other call, and the thread after the
+ * commit, have none. */
+Test(core, commit_attempts_get_the_time_left_as_their_deadline)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 20000;
+    o.commit_timeout_ms = 300;
+    start_with(&o);
+    fk->fail[FAKE_COMMIT] = 2;
+    idem_request req = req_of("k");
+    job j = job_ok(201, "made", 4);
+    idem_reply r = {0};
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(fake_calls(FAKE_COMMIT), 3);
+    uint64_t d = fk->deadline[FAKE_COMMIT];
+    cr_assert(d >= t0 + 300 && d <= mono_ms() + 300, "the commit's deadline is %lld ms from the start",
+              (long long)(d - t0));
+    cr_assert_eq(fk->deadline[FAKE_CLAIM], 0, "a claim has no deadline of the core's");
+    cr_assert_eq(idem_call_deadline_ms(), 0, "the deadline ends with the call");
+    idem_reply_clear(&r);
+
+    /* Without commit_timeout_ms: the lease, less the slack a driver may
+     * overrun it by. */
+    stop();
+    o.commit_timeout_ms = 0;
+    o.lease_ms = 3000;
+    start_with(&o);
+    t0 = mono_ms();
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    d = fk->deadline[FAKE_COMMIT];
+    cr_assert(d > t0 + 2000 && d < t0 + 3000, "the commit's deadline is %lld ms from the claim",
+              (long long)(d - t0));
+    idem_reply_clear(&r);
+}
+
+Test(core, call_timeout_is_the_drivers_own_or_the_time_left_whichever_is_sooner)
+{
+    cr_assert_eq(idem_call_timeout_ms(2000), 2000, "no deadline: the driver's own");
+    cr_assert_eq(idem_call_timeout_ms(0), 0);
+    uint64_t outer = idem__call_deadline_set(mono_ms() + 500);
+    cr_assert_eq(outer, 0);
+    uint32_t t = idem_call_timeout_ms(2000);
+    cr_assert(t > 400 && t <= 500, "%u", t);
+    cr_assert_eq(idem_call_timeout_ms(100), 100);
+    idem__call_deadline_set(mono_ms() - 10);
+    cr_assert_eq(idem_call_timeout_ms(2000), 1, "a deadline passed leaves 1 ms, never 0 (\"for ever\")");
+    idem__call_deadline_set(outer);
+    cr_assert_eq(idem_call_deadline_ms(), 0);
 }
 
 typedef struct slow {

@@ -137,7 +137,10 @@ typedef struct idem_options {
                                       so its key still frees itself one lease later */
     uint32_t    commit_timeout_ms; /* how long idem_run() and idem_commit() retry a failed
                                       commit; default 0: until the lease nearly ends. Set it
-                                      below the HTTP timeout in front of the service */
+                                      below the HTTP timeout in front of the service. Each
+                                      attempt gets only the time left, so the call returns
+                                      within about 50 ms of it, and 50 ms before the lease
+                                      ends (docs/contract.md, section 4) */
     /* ---- since 0.3 ---- */
     const char *subkey_secret;     /* mixed into idem_claim_subkey(); copied; default NULL (none).
                                       Give every machine the same one, and never change it while
