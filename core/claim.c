@@ -64,10 +64,6 @@ static int backend_failed(idem_layer *l, int rc)
  * seen. Never 0, never past the holder's lease. */
 static uint32_t retry_hint(idem_layer *l, uint32_t left)
 {
-    /* A left read off the holder's deadline is the holder's clock, which
-     * may run ahead: never wait longer than a lease. */
-    if (left > l->opts.lease_ms)
-        left = l->opts.lease_ms;
     uint32_t p95, hint = left;
     if (idem__durations_p95(&l->durations, &p95)) {
         uint32_t ran = l->opts.lease_ms > left ? l->opts.lease_ms - left : 0;
@@ -112,7 +108,13 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
         return IDEM_OK;
     }
     if (old.state == IDEM_STATE_STARTED) {
+        /* Time left read off the holder's deadline is the holder's clock,
+         * which may run ahead: then never wait longer than a lease. The
+         * store's own count follows a lease the holder extended. */
+        bool holders_clock = remaining_ms == UINT32_MAX;
         remaining_ms = lease_left(&old, remaining_ms);
+        if (holders_clock && remaining_ms > l->opts.lease_ms)
+            remaining_ms = l->opts.lease_ms;
         idem__count(&l->in_progress);
         reply->outcome = IDEM_IN_PROGRESS;
         reply->status = 409;
