@@ -430,7 +430,9 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
     /* A lease over already leaves one attempt, in the driver's own time (or
      * commit_timeout_ms): a takeover fences it out, and without one it
      * still stores the work. */
-    uint64_t deadline = stop > start ? stop : l->opts.commit_timeout_ms ? start + l->opts.commit_timeout_ms : 0;
+    uint64_t deadline = stop > start               ? stop
+                      : l->opts.commit_timeout_ms ? start + l->opts.commit_timeout_ms
+                                                  : 0;
     idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
     uint64_t sent = idem__mono_ms(); /* the record expires ttl_s after the store took it: later than this */

@@ -739,8 +739,8 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         snprintf(t, sizeof t, "%u", s->wait_timeout_ms);
         const char *argv[3] = {"WAIT", n, t};
         size_t lens[3] = {4, strlen(n), strlen(t)};
-        redisReply *w = conn_command(c, idem_mono_ms() + idem_call_timeout_ms(s->wait_timeout_ms + s->command_ms),
-                                     3, argv, lens);
+        uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->wait_timeout_ms + s->command_ms);
+        redisReply *w = conn_command(c, deadline, 3, argv, lens);
         if (!w) {
             freeReplyObject(r);
             freeReplyObject(o->reply2);
