@@ -388,14 +388,17 @@ static int begin_write(store *s, conn *c, const char *what)
         return wq_lock(&s->wq, 0, &(unsigned){0}) ? IDEM_OK
                : sq_error(s, IDEM_EBACKEND, what, "another thread of this process is writing and "
                           "busy_timeout_ms is 0; retry, or raise busy_timeout_ms");
+    /* busy_timeout_ms, or the core's deadline for this call when sooner */
+    int busy_ms = (int)idem_call_timeout_ms((uint32_t)s->busy_ms);
     uint64_t start = idem_mono_ms();
     unsigned ahead = 0;
-    if (!wq_lock(&s->wq, s->busy_ms, &ahead))
+    if (!wq_lock(&s->wq, busy_ms, &ahead))
         return sq_error(s, IDEM_EBACKEND, what, "%u threads of this process were waiting to write "
-                        "before this one, and its turn did not come within busy_timeout_ms (%d ms); "
-                        "retry, raise busy_timeout_ms, or use fewer threads", ahead, s->busy_ms);
+                        "before this one, and its turn did not come within %d ms (busy_timeout_ms is "
+                        "%d ms); retry, raise busy_timeout_ms, or use fewer threads", ahead, busy_ms,
+                        s->busy_ms);
     uint64_t waited = idem_mono_ms() - start;
-    sqlite3_busy_timeout(c->db, waited >= (uint64_t)s->busy_ms ? 1 : s->busy_ms - (int)waited);
+    sqlite3_busy_timeout(c->db, waited >= (uint64_t)busy_ms ? 1 : busy_ms - (int)waited);
     return IDEM_OK;
 }
 

@@ -190,6 +190,39 @@ IDEM_API int idem_driver_error(int err, const char *where, const char *what, con
  * says the URL is malformed without naming it. */
 IDEM_API int idem_url_check_params(const idem_url *url, const char *driver, const char *const *known);
 
+/*
+ * The time the core gives one driver call (since 0.3).
+ *
+ * The core may give the call it makes on a thread a deadline of its own,
+ * sooner than the driver's timeouts: a commit retried after the handler ran
+ * must end within the lease, and within commit_timeout_ms. The deadline is
+ * the calling thread's, set by the core around one call into the driver and
+ * cleared after it; a driver reads it on the thread the core called it on.
+ *
+ * A driver must bound each wait of a call (a reply, a lock, a busy timeout,
+ * a connection made for the call) by idem_call_timeout_ms() of its own
+ * timeout, read when the wait starts, so that the call returns within a few
+ * milliseconds of the core's deadline. A call that ran out of the core's
+ * time must fail as its own timeout does: IDEM_EBACKEND, with the
+ * connection treated as its own timeout treats it (a reply that may still
+ * come must never be read as the answer to a later call). A driver must not
+ * keep the deadline past the call, nor hand it to other threads.
+ *
+ * A driver built against a header without these functions never calls them
+ * and keeps to its own timeouts; the core then cannot shorten its calls,
+ * and works as before.
+ */
+
+/* The calling thread's deadline for the driver call under way, in
+ * idem_mono_ms() milliseconds; 0 when the core set none. */
+IDEM_API uint64_t idem_call_deadline_ms(void);
+
+/* timeout_ms, or the milliseconds left until idem_call_deadline_ms() when
+ * that is sooner: never more than timeout_ms, never 0 unless timeout_ms is
+ * (a deadline already passed gives 1, so that a timeout of 0 never reads as
+ * "wait for ever"). */
+IDEM_API uint32_t idem_call_timeout_ms(uint32_t timeout_ms);
+
 /* Copy len bytes of src into a new buffer that the core frees: how a driver
  * hands back *existing from claim and *record from read. IDEM_OK, or
  * IDEM_ENOMEM with a message naming driver. len 0 gives a valid 1-byte
@@ -310,7 +343,8 @@ IDEM_API int idem_findings_add(idem_findings *list, idem_finding_level level, co
  *   - A driver returns IDEM_OK, IDEM_ELOST where stated, IDEM_EBACKEND when
  *     the store failed or could not be reached (with idem_error_set()), or
  *     IDEM_ENOMEM. After IDEM_EBACKEND the core may retry the same call.
- *   - A call must not block longer than the driver's configured timeouts.
+ *   - A call must not block longer than the driver's configured timeouts,
+ *     nor past the core's deadline for it (idem_call_timeout_ms()).
  *   - "Expired" means: a STARTED record past its lease, or a COMPLETED record
  *     past its ttl. An expired record must be treated exactly as no record.
  *   - A driver may send an operation again when the reply to an earlier send
