@@ -34,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -675,6 +676,9 @@ static pid_t spawn_charger(const char *key, uint32_t lease_ms, long handler_ms, 
     cr_assert_neq(pid, -1);
     if (pid)
         return pid;
+    /* A test that fails while this child is stopped must not leave it
+     * stopped forever, holding the runner's output pipe open. */
+    prctl(PR_SET_PDEATHSIG, SIGKILL);
     idem_store *s;
     idem_layer *l;
     idem_options o = options(lease_ms);
