@@ -1,7 +1,7 @@
 /*
  * Conformance, operators' part: idem_layer_show() and idem_layer_delete()
- * (README "Operating it") on every driver, through the driver table's read,
- * remove and release members. Linked into the conformance program, whose
+ * (docs/operating.md, "The `idem` command") on every driver, through the
+ * driver table's read, remove and release members. Linked into the conformance program, whose
  * main() starts the store and sets IDEM_TEST_URL.
  */
 #include <stddef.h>

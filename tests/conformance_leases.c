@@ -1,7 +1,7 @@
 /*
  * Conformance, leases: what a slow or frozen store, a slow handler or a
- * stopped process may cost, on every driver (docs: the README's tables
- * "What a slow store can and cannot cost" and "Choosing the lease, the
+ * stopped process may cost, on every driver (docs/operating.md, "Leases:
+ * what a slow store can and cannot cost" and "Choosing the lease, the
  * commit deadline and the HTTP timeouts"; include/idempotency/idempotency.h
  * for idem_run, auto_extend, commit_timeout_ms and retry_after_ms).
  *
@@ -621,7 +621,7 @@ static void *hot_thread(void *arg)
 }
 
 /* A zero-time handler never starts after its claim's lease, and never runs
- * twice, but for one limit the README states: a run whose commit waited on
+ * twice, but for one limit docs/operating.md states: a run whose commit waited on
  * the store past its lease comes back IDEM_ELOST, and then a retry runs. */
 Test(leases, sixty_four_threads_on_hot_keys_run_each_zero_time_handler_once)
 {

@@ -2,15 +2,15 @@
  * libidempotency: the interface for store drivers.
  *
  * A driver is one `const idem_backend` table of functions. The built-in
- * drivers (sqlite, redis, memcached) are chosen by URL scheme in
- * idem_store_open(); a driver of your own is used through
+ * drivers (sqlite, redis, memcached, postgresql, memory) are chosen by URL
+ * scheme in idem_store_open(); a driver of your own is used through
  * idem_store_open_backend(). Every store carries its own driver: nothing here
  * is process-wide.
  *
- * The core owns the state machine; a driver owns four atomic operations on
- * one key (claim, commit, release, extend). Records are opaque bytes to a
- * driver, except for the fixed header below, which a driver reads to fence
- * its operations by the claim token.
+ * The core owns the state machine; a driver owns the atomic operations on
+ * one key (claim, commit, release, extend, and the optional members after
+ * them). Records are opaque bytes to a driver, except for the fixed header
+ * below, which a driver reads to fence its operations by the claim token.
  */
 #ifndef IDEMPOTENCY_BACKEND_H
 #define IDEMPOTENCY_BACKEND_H
@@ -47,10 +47,9 @@ extern "C" {
  *       32   32  SHA-256 digest of the request fingerprint
  *
  * A STARTED record is the header, and a checkpoint when it has one; a
- * COMPLETED record continues with the response. A COMPLETED record keeps the token of the claim that
- * committed it, so a commit retried after a lost reply is recognised.
- *
- * The response (integers big-endian):
+ * COMPLETED record continues with the response. A COMPLETED record keeps the
+ * token of the claim that committed it, so a commit retried after a lost
+ * reply is recognised. Integers after the header are big-endian.
  *
  * A STARTED record with a checkpoint (format 3, since 0.3; 0.2 refuses it
  * as IDEM_ECORRUPT) continues after the header:
@@ -61,6 +60,8 @@ extern "C" {
  *   70  2  zero
  *   72  4  data length D (0..IDEM_CHECKPOINT_MAX)
  *   76  N  name, then D bytes of data
+ *
+ * A COMPLETED record continues with the response:
  *
  *   format 1                         format 2
  *   64  4  status (100..999)         64  4  status
@@ -73,7 +74,7 @@ extern "C" {
  *                                  80+F  B  body
  *
  * Drivers need none of this: the first 64 bytes, and idem_record_peek(),
- * are the same in both formats.
+ * are the same in every format.
  */
 #define IDEM_RECORD_HEADER_LEN   64
 #define IDEM_RECORD_STATE_OFFSET 5
@@ -398,6 +399,9 @@ struct idem_backend {
      * and so allowed).
      * After IDEM_EBACKEND the core assumes the claim may have landed, and
      * later releases it, fenced by its token, once the store answers.
+     * IDEM_EINVAL (a key or record the store cannot hold) and IDEM_ECORRUPT
+     * (a stored value the driver cannot make sense of) pass to the caller
+     * as they are, with the driver's message.
      */
     int (*claim)(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
                  uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms);

@@ -112,7 +112,8 @@ IDEM_API int idem_store_open(idem_store **out, const char *url);
  * freed first. NULL is a no-op. */
 IDEM_API void idem_store_close(idem_store *store);
 
-/* The driver's name: "sqlite", "redis", "memcached", or a custom driver's.
+/* The driver's name: "sqlite", "redis", "memcached", "postgresql",
+ * "memory", or a custom driver's.
  * Static string; NULL for a NULL store. */
 IDEM_API const char *idem_store_backend(const idem_store *store);
 
