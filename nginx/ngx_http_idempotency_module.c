@@ -43,6 +43,9 @@
  * is surely over in the store too. */
 #define NGX_HTTP_IDEM_HOLD_SLACK_MS  1000
 
+/* The longest header field name idem_http_fingerprint() takes. */
+#define NGX_HTTP_IDEM_MAX_FIELD_NAME  256
+
 
 typedef struct {
     ngx_str_t           url;           /* NUL-terminated */
@@ -60,6 +63,8 @@ typedef struct {
     ngx_str_t                   prefix;       /* NUL-terminated; "": default */
     ngx_str_t                   url;          /* as given; empty: inherited */
     ngx_http_complex_value_t   *scope;
+    ngx_array_t                *fp_headers;   /* ngx_str_t, lower case,
+                                                 NUL-terminated; NULL: none */
     ngx_http_idem_store_t      *store;
     size_t                      max_body;     /* layer's max_response_len */
     size_t                      max_key;      /* the layer's max_key_len */
@@ -152,6 +157,8 @@ typedef struct {
     ngx_http_idem_ctx_t        *ctx;
     char                       *method;
     char                       *path;
+    idem_header                *headers;      /* fingerprinted fields */
+    size_t                      nheaders;
     ngx_chain_t                *in;           /* the request body */
     int                         rc;
     idem_claim                 *claim;
@@ -169,6 +176,8 @@ static char *ngx_http_idem_merge_loc_conf(ngx_conf_t *cf, void *parent,
     void *child);
 static char *ngx_http_idem_store(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_http_idem_fingerprint_headers(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static void ngx_http_idem_cleanup(void *data);
 static ngx_http_idem_ctx_t *ngx_http_idem_get_ctx(ngx_http_request_t *r);
 static ngx_http_idem_holder_t *ngx_http_idem_holder_new(ngx_http_request_t *r,
@@ -251,6 +260,13 @@ static ngx_command_t  ngx_http_idem_commands[] = {
       ngx_http_set_complex_value_slot,
       NGX_HTTP_LOC_CONF_OFFSET,
       offsetof(ngx_http_idem_loc_conf_t, scope),
+      NULL },
+
+    { ngx_string("idempotency_fingerprint_headers"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
+      ngx_http_idem_fingerprint_headers,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      0,
       NULL },
 
       ngx_null_command
@@ -449,7 +465,7 @@ ngx_http_idem_claim_thread(void *data, ngx_log_t *log)
     }
 
     rc = idem_http_fingerprint(fp, job->method, job->path, body, body_len,
-                               NULL, 0);
+                               job->headers, job->nheaders);
     free(body);
 
     if (rc == IDEM_OK) {
@@ -475,6 +491,107 @@ ngx_http_idem_claim_thread(void *data, ngx_log_t *log)
     }
 
     job->rc = rc;
+}
+
+
+/* The values of the fields named by idempotency_fingerprint_headers, in the
+ * order listed, for idem_http_fingerprint(): NULL for a field the request
+ * does not have, so that an absent field and an empty one differ; the
+ * values of a repeated field joined with ", " in the order received, as
+ * RFC 9110 (5.3) combines field lines. Names match case-insensitively. */
+static ngx_int_t
+ngx_http_idem_fp_headers(ngx_http_request_t *r, ngx_array_t *names,
+    idem_header **out, size_t *nout)
+{
+    u_char           *p;
+    size_t            len;
+    ngx_str_t        *name;
+    ngx_uint_t        i, k, n;
+    idem_header      *hdrs;
+    ngx_list_part_t  *part;
+    ngx_table_elt_t  *h;
+
+    *out = NULL;
+    *nout = 0;
+
+    if (names == NULL) {
+        return NGX_OK;
+    }
+
+    hdrs = ngx_palloc(r->pool, names->nelts * sizeof(idem_header));
+    if (hdrs == NULL) {
+        return NGX_ERROR;
+    }
+
+    name = names->elts;
+
+    for (i = 0; i < names->nelts; i++) {
+        hdrs[i].name = (const char *) name[i].data;
+        hdrs[i].value = NULL;
+
+        /* the first pass measures, the second copies */
+        len = 0;
+        p = NULL;
+
+        for ( ;; ) {
+            n = 0;
+            part = &r->headers_in.headers.part;
+            h = part->elts;
+
+            for (k = 0; /* void */; k++) {
+                if (k >= part->nelts) {
+                    if (part->next == NULL) {
+                        break;
+                    }
+
+                    part = part->next;
+                    h = part->elts;
+                    k = 0;
+                }
+
+                if (h[k].key.len != name[i].len
+                    || ngx_strncasecmp(h[k].key.data, name[i].data,
+                                       name[i].len) != 0)
+                {
+                    continue;
+                }
+
+                if (p == NULL) {
+                    len += (n ? 2 : 0) + h[k].value.len;
+
+                } else {
+                    if (n) {
+                        *p++ = ',';
+                        *p++ = ' ';
+                    }
+
+                    p = ngx_cpymem(p, h[k].value.data, h[k].value.len);
+                }
+
+                n++;
+            }
+
+            if (n == 0 || p != NULL) {
+                break;
+            }
+
+            p = ngx_pnalloc(r->pool, len + 1);
+            if (p == NULL) {
+                return NGX_ERROR;
+            }
+
+            hdrs[i].value = (const char *) p;
+        }
+
+        if (p != NULL) {
+            *p = '\0';
+        }
+    }
+
+    *out = hdrs;
+    *nout = names->nelts;
+
+    return NGX_OK;
 }
 
 
@@ -542,6 +659,13 @@ ngx_http_idem_claim_post(ngx_http_request_t *r, ngx_http_idem_ctx_t *ctx)
     job->method = ngx_http_idem_cstr(r->pool, &r->method_name);
     job->path = ngx_http_idem_cstr(r->pool, &r->unparsed_uri);
     if (job->method == NULL || job->path == NULL) {
+        return NGX_ERROR;
+    }
+
+    if (ngx_http_idem_fp_headers(r, ctx->conf->fp_headers, &job->headers,
+                                 &job->nheaders)
+        != NGX_OK)
+    {
         return NGX_ERROR;
     }
 
@@ -1497,6 +1621,7 @@ ngx_http_idem_create_loc_conf(ngx_conf_t *cf)
     conf->lease = NGX_CONF_UNSET_MSEC;
     conf->ttl = NGX_CONF_UNSET;
     conf->scope = NGX_CONF_UNSET_PTR;
+    conf->fp_headers = NGX_CONF_UNSET_PTR;
 
     return conf;
 }
@@ -1654,6 +1779,91 @@ ngx_http_idem_store(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 }
 
 
+/* An RFC 9110 tchar: what a field name is made of. */
+static ngx_uint_t
+ngx_http_idem_tchar(u_char c)
+{
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+           || (c >= '0' && c <= '9')
+           || (c != '\0' && ngx_strchr("!#$%&'*+-.^_`|~", c) != NULL);
+}
+
+
+/* idempotency_fingerprint_headers NAME ...: field names (RFC 9110 tokens
+ * the library takes), kept in lower case, each once. */
+static char *
+ngx_http_idem_fingerprint_headers(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_http_idem_loc_conf_t  *ilcf = conf;
+
+    ngx_str_t   *value, *name, *have;
+    ngx_uint_t   i, j, k;
+
+    if (ilcf->fp_headers != NGX_CONF_UNSET_PTR) {
+        return "is duplicate";
+    }
+
+    ilcf->fp_headers = ngx_array_create(cf->pool, cf->args->nelts - 1,
+                                        sizeof(ngx_str_t));
+    if (ilcf->fp_headers == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    value = cf->args->elts;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        for (k = 0; k < value[i].len; k++) {
+            if (!ngx_http_idem_tchar(value[i].data[k])) {
+                break;
+            }
+        }
+
+        if (value[i].len == 0 || value[i].len > NGX_HTTP_IDEM_MAX_FIELD_NAME
+            || k < value[i].len)
+        {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "\"%V\": \"%V\" is not a header field name "
+                               "(1 to %d letters, digits and "
+                               "!#$%%&'*+-.^_`|~)",
+                               &cmd->name, &value[i],
+                               NGX_HTTP_IDEM_MAX_FIELD_NAME);
+            return NGX_CONF_ERROR;
+        }
+
+        have = ilcf->fp_headers->elts;
+        for (j = 0; j < ilcf->fp_headers->nelts; j++) {
+            if (have[j].len == value[i].len
+                && ngx_strncasecmp(have[j].data, value[i].data,
+                                   value[i].len) == 0)
+            {
+                ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                                   "\"%V\" lists \"%V\" twice",
+                                   &cmd->name, &value[i]);
+                return NGX_CONF_ERROR;
+            }
+        }
+
+        name = ngx_array_push(ilcf->fp_headers);
+        if (name == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        name->len = value[i].len;
+        name->data = ngx_pnalloc(cf->pool, name->len + 1);
+        if (name->data == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_strlow(name->data, value[i].data, name->len);
+        name->data[name->len] = '\0';
+    }
+
+    return NGX_CONF_OK;
+}
+
+
 /* The library's own checks of lease, TTL and prefix, on a store in memory,
  * so that nginx -t refuses what a worker's layer would. */
 static char *
@@ -1717,6 +1927,7 @@ ngx_http_idem_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_sec_value(conf->ttl, prev->ttl, 86400);
     ngx_conf_merge_str_value(conf->prefix, prev->prefix, "");
     ngx_conf_merge_ptr_value(conf->scope, prev->scope, NULL);
+    ngx_conf_merge_ptr_value(conf->fp_headers, prev->fp_headers, NULL);
 
     if (conf->url.data == NULL) {
         conf->url = prev->url;

@@ -258,6 +258,9 @@ LOCATIONS = """
                               error_page 502 /oops; }}
         location = /oops {{ return 502 "oops"; }}
         location /plain/ {{ proxy_pass http://up; }}
+        location /fields/ {{ idempotency on;
+                            idempotency_fingerprint_headers X-Account x-currency;
+                            proxy_pass http://up; }}
 """
 
 
@@ -365,11 +368,12 @@ class Resp:
 def request(port, method, path, key=None, body=b"", headers=None, keys=None, chunked=False,
             timeout=15):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    hdrs = dict(headers or {})
+    # a dict, or (name, value) pairs to send a field more than once
+    hdrs = list(headers.items()) if isinstance(headers, dict) else list(headers or ())
     conn.putrequest(method, path)
     for k in keys if keys is not None else ([key] if key is not None else []):
         conn.putheader("Idempotency-Key", k)
-    for k, v in hdrs.items():
+    for k, v in hdrs:
         conn.putheader(k, v)
     if chunked:
         conn.putheader("Transfer-Encoding", "chunked")
@@ -493,6 +497,41 @@ def case_mismatch_422(env):
     eq(json.loads(other.body)["status"], 422, "problem status")
     eq(pay(env, "/pay/charge?x=1", key).status, 422, "other query")
     eq(env.up.count("/pay/charge", key), 1, "upstream arrivals")
+
+
+def case_fingerprint_header_fields(env):
+    key = new_key()
+    first = pay(env, "/fields/charge", key, headers={"X-Account": "acct_1", "X-Note": "a"})
+    eq(first.status, 201, "first")
+    again = replay_pay(env, "/fields/charge", key, headers={"x-account": "acct_1", "X-Note": "b"})
+    eq((again.body, again.h("idempotent-replayed")), (first.body, "true"),
+       "the same value, any case of the name; a field not listed does not count")
+    for hdrs, what in (({"X-Account": "acct_2"}, "another value of a listed field"),
+                       ({}, "the listed field left out"),
+                       ({"X-Account": ""}, "the listed field empty"),
+                       ({"X-Account": "acct_1", "X-Currency": "eur"}, "another listed field")):
+        r = pay(env, "/fields/charge", key, headers=hdrs)
+        eq(r.status, 422, what)
+        eq(r.h("content-type"), "application/problem+json", "problem document")
+    eq(env.up.count("/fields/charge", key), 1, "upstream arrivals")
+
+    key = new_key()
+    eq(pay(env, "/fields/absent", key).status, 201, "first, without the field")
+    eq(pay(env, "/fields/absent", key, headers={"X-Currency": ""}).status, 422,
+       "an empty field is not an absent one")
+    eq(replay_pay(env, "/fields/absent", key).h("idempotent-replayed"), "true",
+       "absent again: replayed")
+
+    key = new_key()
+    eq(pay(env, "/fields/repeated", key,
+           headers=[("X-Currency", "eur"), ("X-Currency", "usd")]).status, 201,
+       "a field sent twice")
+    eq(replay_pay(env, "/fields/repeated", key, headers={"X-Currency": "eur, usd"})
+       .h("idempotent-replayed"), "true", "is its values joined with \", \"")
+    eq(pay(env, "/fields/repeated", key,
+           headers=[("X-Currency", "usd"), ("X-Currency", "eur")]).status, 422,
+       "in another order, another request")
+    eq(env.up.count("/fields/repeated", key), 1, "upstream arrivals")
 
 
 def case_bad_keys_400(env):
@@ -809,7 +848,12 @@ def case_bad_configuration_fails_test(env):
             ("t-ttl", None, "location /t/ { idempotency on; idempotency_ttl 0; }",
              "idempotency_ttl"),
             ("t-prefix", None, 'location /t/ { idempotency on; idempotency_key_prefix "a:b:"; }',
-             "idempotency_key_prefix")):
+             "idempotency_key_prefix"),
+            ("t-field", None, "location /t/ { idempotency_fingerprint_headers X-Ok X-Bad:; }",
+             "idempotency_fingerprint_headers"),
+            ("t-field-twice", None,
+             "location /t/ { idempotency_fingerprint_headers X-Ok x-ok; }",
+             "idempotency_fingerprint_headers")):
         store = store or env.a_store
         n = Nginx(env.root, env.module, store, env.up, name, extra=extra)
         r = n.test_config()
