@@ -66,6 +66,7 @@ typedef struct {
     ngx_array_t                *fp_headers;   /* ngx_str_t, lower case,
                                                  NUL-terminated; NULL: none */
     ngx_http_idem_store_t      *store;
+    size_t                      max_response; /* as configured */
     size_t                      max_body;     /* layer's max_response_len */
     size_t                      max_key;      /* the layer's max_key_len */
     idem_layer                 *layer;        /* per worker, on first use */
@@ -262,6 +263,13 @@ static ngx_command_t  ngx_http_idem_commands[] = {
       offsetof(ngx_http_idem_loc_conf_t, scope),
       NULL },
 
+    { ngx_string("idempotency_max_response_len"),
+      NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_size_slot,
+      NGX_HTTP_LOC_CONF_OFFSET,
+      offsetof(ngx_http_idem_loc_conf_t, max_response),
+      NULL },
+
     { ngx_string("idempotency_fingerprint_headers"),
       NGX_HTTP_MAIN_CONF|NGX_HTTP_SRV_CONF|NGX_HTTP_LOC_CONF|NGX_CONF_1MORE,
       ngx_http_idem_fingerprint_headers,
@@ -314,6 +322,7 @@ ngx_http_idem_options(idem_options *opts, ngx_http_idem_loc_conf_t *conf)
     idem_options_init(opts);
     opts->lease_ms = (uint32_t) ngx_min(conf->lease, (ngx_msec_t) UINT32_MAX);
     opts->ttl_s = (uint32_t) ngx_min(conf->ttl, (time_t) UINT32_MAX);
+    opts->max_response_len = conf->max_response;
 
     if (conf->prefix.len) {
         opts->key_prefix = (const char *) conf->prefix.data;
@@ -684,16 +693,24 @@ ngx_http_idem_claim_post(ngx_http_request_t *r, ngx_http_idem_ctx_t *ctx)
 /* What a retry gets when the response cannot be stored (a body over
  * max_response_len, header fields the library refuses): a problem answer,
  * stored in its place, so that the upstream never runs the request again
- * within the TTL. */
+ * within the TTL. Its body is itself a response under max_response_len:
+ * ngx_http_idem_check_options() sees that it fits. */
+static int
+ngx_http_idem_unkept_answer(idem_http_answer *ans)
+{
+    return idem_http_answer_problem(ans, 500,
+               "The response to this request was too large to keep: it was "
+               "sent once and cannot be replayed.");
+}
+
+
 static int
 ngx_http_idem_commit_unkept(idem_claim *claim)
 {
     int               rc;
     idem_http_answer  ans;
 
-    rc = idem_http_answer_problem(&ans, 500,
-             "The response to this request was too large to keep: it was "
-             "sent once and cannot be replayed.");
+    rc = ngx_http_idem_unkept_answer(&ans);
 
     if (rc == IDEM_OK) {
         rc = idem_commit_headers(claim, ans.status, ans.headers, ans.nheaders,
@@ -1622,6 +1639,7 @@ ngx_http_idem_create_loc_conf(ngx_conf_t *cf)
     conf->ttl = NGX_CONF_UNSET;
     conf->scope = NGX_CONF_UNSET_PTR;
     conf->fp_headers = NGX_CONF_UNSET_PTR;
+    conf->max_response = NGX_CONF_UNSET_SIZE;
 
     return conf;
 }
@@ -1869,10 +1887,12 @@ ngx_http_idem_fingerprint_headers(ngx_conf_t *cf, ngx_command_t *cmd,
 static char *
 ngx_http_idem_check_options(ngx_conf_t *cf, ngx_http_idem_loc_conf_t *conf)
 {
-    int            rc;
-    idem_store    *store;
-    idem_layer    *layer;
-    idem_options   opts;
+    int               rc;
+    size_t            least;
+    idem_store       *store;
+    idem_layer       *layer;
+    idem_options      opts;
+    idem_http_answer  ans;
 
     if (conf->lease == 0 || conf->lease > UINT32_MAX) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
@@ -1883,6 +1903,27 @@ ngx_http_idem_check_options(ngx_conf_t *cf, ngx_http_idem_loc_conf_t *conf)
     if (conf->ttl == 0 || conf->ttl > UINT32_MAX) {
         ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                            "\"idempotency_ttl\" must be from 1s to 136y");
+        return NGX_CONF_ERROR;
+    }
+
+    /* from the length of the problem document stored in place of a longer
+     * response, which must itself be kept, to what a record's body can be */
+    rc = ngx_http_idem_unkept_answer(&ans);
+    least = ans.body_len;
+    idem_http_answer_clear(&ans);
+
+    if (rc != IDEM_OK) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "idempotency: out of memory");
+        return NGX_CONF_ERROR;
+    }
+
+    if (conf->max_response < least || conf->max_response > UINT32_MAX) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"idempotency_max_response_len\" must be from "
+                           "%uz (the problem document stored in place of a "
+                           "longer response) to %uD bytes",
+                           least, (uint32_t) UINT32_MAX);
         return NGX_CONF_ERROR;
     }
 
@@ -1915,8 +1956,11 @@ ngx_http_idem_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_http_idem_loc_conf_t *conf = child;
 
     ngx_str_t                   dflt = ngx_string(NGX_HTTP_IDEM_DEFAULT_STORE);
+    idem_options                dflt_opts;
     ngx_http_idem_loc_conf_t  **confp;
     ngx_http_idem_main_conf_t  *imcf;
+
+    idem_options_init(&dflt_opts);
 
     ngx_conf_merge_value(conf->enable, prev->enable, 0);
     ngx_conf_merge_value(conf->required, prev->required, 0);
@@ -1928,6 +1972,8 @@ ngx_http_idem_merge_loc_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_str_value(conf->prefix, prev->prefix, "");
     ngx_conf_merge_ptr_value(conf->scope, prev->scope, NULL);
     ngx_conf_merge_ptr_value(conf->fp_headers, prev->fp_headers, NULL);
+    ngx_conf_merge_size_value(conf->max_response, prev->max_response,
+                              dflt_opts.max_response_len);
 
     if (conf->url.data == NULL) {
         conf->url = prev->url;

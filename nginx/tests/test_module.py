@@ -258,6 +258,8 @@ LOCATIONS = """
                               error_page 502 /oops; }}
         location = /oops {{ return 502 "oops"; }}
         location /plain/ {{ proxy_pass http://up; }}
+        location /small/ {{ idempotency on; idempotency_max_response_len 1k;
+                           proxy_pass http://up; }}
         location /fields/ {{ idempotency on;
                             idempotency_fingerprint_headers X-Account x-currency;
                             proxy_pass http://up; }}
@@ -712,6 +714,24 @@ def case_response_over_limit(env):
     eq(env.up.count("/pay/big", key), 1, "never a second trip upstream")
 
 
+def case_response_over_configured_limit(env):
+    key = new_key()
+    whole = pay(env, "/small/big?n=1024", key)
+    eq((whole.status, len(whole.body)), (200, 1024), "1024 bytes, at the limit")
+    again = replay_pay(env, "/small/big?n=1024", key)
+    eq((again.status, again.body, again.h("idempotent-replayed")), (200, whole.body, "true"),
+       "stored and replayed whole")
+
+    key = new_key()
+    first = pay(env, "/small/big?n=1025", key)
+    eq((first.status, len(first.body)), (200, 1025), "one byte over: the first client gets it all")
+    again = replay_pay(env, "/small/big?n=1025", key)
+    eq(again.status, 500, "a replay says it cannot be replayed")
+    eq(again.h("idempotent-replayed"), "true", "it is a replay")
+    eq(again.h("content-type"), "application/problem+json", "problem document")
+    eq(env.up.count("/small/big", key), 1, "never a second trip upstream")
+
+
 def case_chunked_and_empty_bodies(env):
     key = new_key()
     first = pay(env, "/pay/chunked", key)
@@ -853,7 +873,15 @@ def case_bad_configuration_fails_test(env):
              "idempotency_fingerprint_headers"),
             ("t-field-twice", None,
              "location /t/ { idempotency_fingerprint_headers X-Ok x-ok; }",
-             "idempotency_fingerprint_headers")):
+             "idempotency_fingerprint_headers"),
+            ("t-size", None, "location /t/ { idempotency on; idempotency_max_response_len lots; }",
+             "idempotency_max_response_len"),
+            ("t-size-small", None,
+             "location /t/ { idempotency on; idempotency_max_response_len 10; }",
+             "idempotency_max_response_len"),
+            ("t-size-large", None,
+             "location /t/ { idempotency on; idempotency_max_response_len 5000m; }",
+             "idempotency_max_response_len")):
         store = store or env.a_store
         n = Nginx(env.root, env.module, store, env.up, name, extra=extra)
         r = n.test_config()
