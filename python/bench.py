@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""The decorator on Redis beside the seed's design written plainly with redis-py.
+
+    python3 python/bench.py [--url redis://127.0.0.1:PORT] [--seconds S]
+
+Without --url a redis-server is started on a free 127.0.0.1 port in a
+temporary directory and stopped by PID. Both sides run on that one server in
+the same run, at 1 and 4 threads and 4 processes:
+
+  new      a new key each call: the function runs once and its value is stored
+  replay   keys already completed: the stored value comes back
+
+The seed's design is SET NX of a STARTED marker, the function, SET of the
+value (2 round trips for a new key), and for a duplicate SET NX then GET (2
+round trips). The library claims and returns the existing record in one
+round trip, and commits in one. Then the decorator's own cost per call in
+microseconds, on memory:// (no store round trip), beside the same work done
+with the extension's begin/commit (the C library's cost and the binding's).
+Figures only: nothing here asserts a speed.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+
+import redis
+
+from idempotency import IdempotencyLayer
+
+TTL_S = 86400
+
+
+def seed_handle(client, prefix):
+    """The seed's decorator, as its README describes it, on redis-py."""
+    def decorate(fn):
+        def wrapper(idempotency_key, **kwargs):
+            key = prefix + idempotency_key
+            if client.set(key, "STARTED", nx=True, ex=TTL_S):
+                try:
+                    value = fn(idempotency_key=idempotency_key, **kwargs)
+                except Exception:
+                    client.delete(key)
+                    raise
+                client.set(key, json.dumps(value), ex=TTL_S)
+                return value
+            stored = client.get(key)
+            if stored == b"STARTED":
+                return {"error": "Request currently processing", "status_code": 409,
+                        "retry_after": client.ttl(key),
+                        "message": f"Request with key {idempotency_key} is being processed"}
+            return json.loads(stored), 200
+        return wrapper
+    return decorate
+
+
+def payment(idempotency_key, amount):
+    return {"status": "success", "amount": amount, "ref": "PAY-123"}
+
+
+def make_call(kind, url, prefix):
+    if kind == "seed":
+        client = redis.Redis.from_url(url)
+        return seed_handle(client, prefix)(payment)
+    return IdempotencyLayer(url, key_prefix=prefix).handle()(payment)
+
+
+POOL = 2000  # completed keys per worker that the replay path cycles over
+
+
+def run_worker(kind, url, prefix, path, seconds, counts, w):
+    """Call for `seconds`; counts[w] = calls made. Keys are made in the loop
+    on both sides alike."""
+    call = make_call(kind, url, prefix)
+    n = 0
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        call(idempotency_key=f"w{w}-{n % POOL if path == 'replay' else n}", amount=100)
+        n += 1
+    counts[w] = n
+
+
+def measure(kind, url, path, mode, workers, seconds):
+    """Calls per second of one configuration."""
+    prefix = f"b{uuid.uuid4().hex[:10]}:"
+    if path == "replay":
+        call = make_call(kind, url, prefix)
+        for w in range(workers):
+            for j in range(POOL):
+                call(idempotency_key=f"w{w}-{j}", amount=100)
+    if mode == "threads":
+        counts = [0] * workers
+        runners = [threading.Thread(target=run_worker, args=(kind, url, prefix, path, seconds, counts, w))
+                   for w in range(workers)]
+    else:
+        ctx = multiprocessing.get_context("fork")
+        counts = ctx.Array("q", workers)
+        runners = [ctx.Process(target=run_worker, args=(kind, url, prefix, path, seconds, counts, w))
+                   for w in range(workers)]
+    start = time.perf_counter()
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join()
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def own_cost_us(calls):
+    """Microseconds per call on memory://: decorator, and begin/commit alone."""
+    layer = IdempotencyLayer(f"memory://bench-{uuid.uuid4().hex}")
+    decorated = layer.handle()(payment)
+    body = json.dumps(payment("k", 100)).encode()
+    out = {}
+    start = time.perf_counter()
+    for i in range(calls):
+        decorated(idempotency_key=f"d{i}", amount=100)
+    out["decorator new"] = (time.perf_counter() - start) / calls * 1e6
+    start = time.perf_counter()
+    for i in range(calls):
+        decorated(idempotency_key=f"d{i}", amount=100)
+    out["decorator replay"] = (time.perf_counter() - start) / calls * 1e6
+    start = time.perf_counter()
+    for i in range(calls):
+        layer.begin(f"s{i}").commit(200, body)
+    out["begin+commit new"] = (time.perf_counter() - start) / calls * 1e6
+    start = time.perf_counter()
+    for i in range(calls):
+        layer.begin(f"s{i}")
+    out["begin replay"] = (time.perf_counter() - start) / calls * 1e6
+    return out
+
+
+def start_redis():
+    """A redis-server on a free loopback port: (url, process, directory)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    directory = tempfile.mkdtemp(prefix="idem-pybench-")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", directory],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}"
+    client = redis.Redis.from_url(url)
+    for _ in range(200):
+        try:
+            client.ping()
+            return url, proc, directory
+        except redis.ConnectionError:
+            time.sleep(0.025)
+    proc.kill()
+    proc.wait()
+    raise SystemExit("bench: redis-server did not start")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="a Redis to use (default: start one)")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per round (default 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (default 3)")
+    args = parser.parse_args()
+    proc = directory = None
+    url = args.url
+    if url is None:
+        url, proc, directory = start_redis()
+    try:
+        print(f"Redis at {url}; best of {args.rounds} rounds of {args.seconds:g} s; calls/s")
+        print(f"{'path':8} {'concurrency':12} {'seed (redis-py)':>16} {'decorator':>10} {'ratio':>6}")
+        for path in ("new", "replay"):
+            for mode, workers in (("threads", 1), ("threads", 4), ("processes", 4)):
+                # Alternating rounds, the best of each side: the machine's
+                # other load then costs both sides alike.
+                seed = lib = 0.0
+                for _ in range(args.rounds):
+                    seed = max(seed, measure("seed", url, path, mode, workers, args.seconds))
+                    lib = max(lib, measure("lib", url, path, mode, workers, args.seconds))
+                conc = f"{workers} {mode}" if workers > 1 else "1 thread"
+                print(f"{path:8} {conc:12} {seed:16.0f} {lib:10.0f} {lib / seed:5.2f}x", flush=True)
+        print()
+        print("cost per call on memory:// (no round trip), microseconds")
+        for name, us in own_cost_us(20000).items():
+            print(f"  {name:18} {us:6.1f}")
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
