@@ -16,7 +16,6 @@ exception frees the key and propagates. See python/README.md.
 
 import asyncio
 import functools
-import hashlib
 import inspect
 import json
 import logging
@@ -106,16 +105,35 @@ def _key_text(key):
     return key if isinstance(key, str) else bytes(key).decode("utf-8", "backslashreplace")
 
 
+# Made once: json.dumps() with options builds an encoder on every call.
+_canonical_encoder = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                                      allow_nan=False)
+_value_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _canonical_json(value):
     """One byte string per value, for fingerprints: sorted keys, no spaces,
     no NaN."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return _canonical_encoder.encode(value).encode("utf-8")
 
 
 def _value_json(value):
     """A value as stored: its keys in their order, as a replay returns them."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    return _value_encoder.encode(value).encode("utf-8")
+
+
+# Counts the fork()s this process descends from (os.fork, multiprocessing):
+# a layer opened under another count was inherited from a parent. Cheaper
+# than asking os.getpid(), a system call, on every call.
+_fork_generation = 0
+
+
+def _after_fork_in_child():
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class IdempotencyLayer:
@@ -135,17 +153,17 @@ class IdempotencyLayer:
         self.url = url if url is not None else default_url()
         self.options = dict(options)
         self._layer = _c.Layer(self.url, **self.options)
-        self._pid = os.getpid()
+        self._generation = _fork_generation
 
     def _current(self):
         # A store belongs to the process that opened it; the library refuses
         # one inherited through fork(). The child opens its own, once; the
         # inherited one is then freed, which leaves the parent's alone.
-        # _layer is set before _pid, so a thread that sees this pid also
-        # sees this process's layer.
-        if self._pid != os.getpid():
+        # _layer is set before _generation, so a thread that sees this
+        # process's generation also sees this process's layer.
+        if self._generation != _fork_generation:
             self._layer = _c.Layer(self.url, **self.options)
-            self._pid = os.getpid()
+            self._generation = _fork_generation
         return self._layer
 
     @property
@@ -208,12 +226,12 @@ class IdempotencyLayer:
                     fp = fingerprint(*args, **kwargs)
                     fp = fp.encode("utf-8") if isinstance(fp, str) else bytes(fp)
                 else:
+                    # The library keeps a SHA-256 of it, not the bytes.
                     try:
-                        payload = _canonical_json({"function": name, "args": list(args), "kwargs": kwargs})
+                        fp = _canonical_json({"function": name, "args": list(args), "kwargs": kwargs})
                     except (TypeError, ValueError) as e:
                         raise TypeError(f"{name}(): the arguments are fingerprinted as JSON and {e}; "
                                         "pass fingerprint=... to handle()") from e
-                    fp = hashlib.sha256(payload).digest()
                 return key, fp
 
             if inspect.iscoroutinefunction(fn):
