@@ -279,3 +279,34 @@ def test_options_as_keyword_arguments(make_layer):
     assert f(idempotency_key="o") == (1, 200)
     stats = layer.stats()
     assert stats["executed"] == 1 and stats["replayed"] + stats["cache_hits"] >= 1
+
+
+def test_a_function_that_outran_its_lease_returns_its_value_unstored(make_layer, caplog):
+    layer = make_layer(lease_ms=300)
+    slow = [True]
+
+    @layer.handle()
+    def f(idempotency_key):
+        if slow[0]:
+            slow[0] = False
+            time.sleep(0.6)
+            return "late"
+        return "in time"
+
+    late = []
+    t = threading.Thread(target=lambda: late.append(f(idempotency_key="outrun")))
+    t.start()
+    time.sleep(0.4)
+    assert f(idempotency_key="outrun") == "in time"  # took the key over
+    t.join()
+    assert late == ["late"]
+    assert any("outrun" in r.getMessage() for r in caplog.records if r.levelname == "ERROR")
+    assert f(idempotency_key="outrun") == ("in time", 200)
+
+
+def test_exception_classes():
+    assert issubclass(idempotency.BackendError, idempotency.IdempotencyError)
+    assert issubclass(idempotency.InvalidArgument, ValueError)
+    assert issubclass(idempotency.MissingKey, idempotency.InvalidArgument)
+    assert issubclass(idempotency.ResultNotStorable, TypeError)
+    assert idempotency.IdempotencyError.__module__ == "idempotency"

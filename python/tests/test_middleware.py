@@ -5,6 +5,7 @@ import asyncio
 import http.client
 import json
 import socketserver
+import sqlite3
 import threading
 import time
 import wsgiref.simple_server
@@ -241,3 +242,22 @@ def test_asgi(layer):
 
     asyncio.run(scenario())
     assert payment_asgi.charges == [b'{"amount":1}'] * 3
+
+
+def test_wsgi_store_busy_is_503(tmp_path, serve):
+    # A real store failing: SQLite's write lock held past busy_timeout_ms.
+    db = tmp_path / "busy.db"
+    layer = idempotency.IdempotencyLayer(f"sqlite://{db}?busy_timeout_ms=200")
+    layer.begin("warm-up").commit(200, b"")
+    app = PaymentApp()
+    port = serve(IdempotencyMiddleware(app, layer))
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        status, headers, data = _post(port, {"amount": 1}, key="busy")
+    finally:
+        lock.execute("COMMIT")
+    assert status == 503 and headers["Retry-After"] == "1"
+    _problem(headers, data, 503)
+    assert app.charges == []
+    assert _post(port, {"amount": 1}, key="busy")[0] == 201  # the store is back
