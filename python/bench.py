@@ -22,7 +22,6 @@ Figures only: nothing here asserts a speed.
 import argparse
 import json
 import multiprocessing
-import os
 import shutil
 import socket
 import subprocess

@@ -199,7 +199,14 @@ def test_a_value_over_max_response_len_is_stored_as_a_500_record(make_layer):
 
     with pytest.raises(idempotency.ResultNotStorable):
         f(idempotency_key="big")
-    assert f(idempotency_key="big")[1] == 500
+    record, status = f(idempotency_key="big")
+    assert status == 500 and record["status_code"] == 500
+
+    tiny = make_layer(max_response_len=8, key_prefix="tiny" + layer.options["key_prefix"])
+    g = tiny.handle()(f.__wrapped__)
+    with pytest.raises(idempotency.ResultNotStorable):
+        g(idempotency_key="big")
+    assert g(idempotency_key="big") == (None, 500)  # even the record was too large
 
 
 def test_arguments_that_are_not_json_need_a_fingerprint(layer):

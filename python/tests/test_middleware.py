@@ -261,3 +261,21 @@ def test_wsgi_store_busy_is_503(tmp_path, serve):
     _problem(headers, data, 503)
     assert app.charges == []
     assert _post(port, {"amount": 1}, key="busy")[0] == 201  # the store is back
+
+
+def test_wsgi_response_too_large_to_store_is_not_run_twice(make_layer, serve):
+    layer = make_layer(max_response_len=400)
+    app = PaymentApp()
+
+    def big(environ, start_response):
+        app(environ, lambda status, headers: None)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"x" * 1000]
+
+    port = serve(IdempotencyMiddleware(big, layer))
+    status, _, data = _post(port, {"amount": 1}, key="big")
+    assert status == 200 and data == b"x" * 1000  # the first client gets the real answer
+    status, headers, data = _post(port, {"amount": 1}, key="big")
+    assert status == 500 and headers["Idempotent-Replayed"] == "true"
+    _problem(headers, data, 500)
+    assert app.charges == [1]
