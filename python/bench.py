@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The decorator on Redis beside the seed's design written plainly with redis-py.
 
-    python3 python/bench.py [--url redis://127.0.0.1:PORT] [--seconds S]
+    python3 python/bench.py [--url redis://127.0.0.1:PORT] [--seconds S] [--rounds N]
+                            [--c-bench build/bench/idem_bench]
 
 Without --url a redis-server is started on a free 127.0.0.1 port in a
 temporary directory and stopped by PID. Both sides run on that one server in
@@ -13,14 +14,17 @@ the same run, at 1 and 4 threads and 4 processes:
 The seed's design is SET NX of a STARTED marker, the function, SET of the
 value (2 round trips for a new key), and for a duplicate SET NX then GET (2
 round trips). The library claims and returns the existing record in one
-round trip, and commits in one. Then the decorator's own cost per call in
-microseconds, on memory:// (no store round trip), beside the same work done
-with the extension's begin/commit (the C library's cost and the binding's).
-Figures only: nothing here asserts a speed.
+round trip, and commits in one. With --c-bench, the C library's own
+benchmark on the same Redis, and the decorator's cost per call beside it.
+Last, the cost per call on memory:// (no store round trip) of the decorator
+and of the extension's begin/commit alone. Figures only: nothing here
+asserts a speed.
 """
 
 import argparse
+import csv
 import json
+import os
 import multiprocessing
 import shutil
 import socket
@@ -136,6 +140,31 @@ def own_cost_us(calls):
     return out
 
 
+def c_library_beside(idem_bench, url, seconds, decorator):
+    """The C library on the same Redis (bench/idem_bench), beside the
+    decorator. The decorator's own cost per call is measured apart, on
+    memory:// (below): on a shared machine the difference of two rates
+    over a network round trip is mostly noise."""
+    with tempfile.TemporaryDirectory() as d:
+        csv_path = os.path.join(d, "c.csv")
+        subprocess.run([idem_bench, "--only", "redis", "--paths", "new,replay", "--conc", "1t,4t",
+                        "--seconds", str(seconds), "--rounds", "2", "--url", f"redis={url}",
+                        "--csv", csv_path], check=True, stdout=subprocess.DEVNULL)
+        with open(csv_path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["backend"] == "redis" and r["side"] == "lib"]
+    print()
+    print("the C library (bench/idem_bench) on the same Redis, calls/s")
+    print(f"{'path':8} {'concurrency':12} {'C library':>10} {'decorator':>10} {'ratio':>6}")
+    for r in rows:
+        dec = decorator.get((r["path"], r["conc"]))
+        if dec is None:
+            continue
+        c_rate = float(r["ops_per_s"])
+        workers = int(r["conc"][:-1])
+        conc = f"{workers} threads" if workers > 1 else "1 thread"
+        print(f"{r['path']:8} {conc:12} {c_rate:10.0f} {dec:10.0f} {dec / c_rate:5.2f}x")
+
+
 def start_redis():
     """A redis-server on a free loopback port: (url, process, directory)."""
     with socket.socket() as s:
@@ -163,6 +192,8 @@ def main():
     parser.add_argument("--url", help="a Redis to use (default: start one)")
     parser.add_argument("--seconds", type=float, default=1.0, help="per round (default 1)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per side (default 3)")
+    parser.add_argument("--c-bench", metavar="IDEM_BENCH",
+                        help="also run the C library's benchmark (build/bench/idem_bench) on the same Redis")
     args = parser.parse_args()
     proc = directory = None
     url = args.url
@@ -171,6 +202,7 @@ def main():
     try:
         print(f"Redis at {url}; best of {args.rounds} rounds of {args.seconds:g} s; calls/s")
         print(f"{'path':8} {'concurrency':12} {'seed (redis-py)':>16} {'decorator':>10} {'ratio':>6}")
+        decorator = {}
         for path in ("new", "replay"):
             for mode, workers in (("threads", 1), ("threads", 4), ("processes", 4)):
                 # Alternating rounds, the best of each side: the machine's
@@ -181,6 +213,9 @@ def main():
                     lib = max(lib, measure("lib", url, path, mode, workers, args.seconds))
                 conc = f"{workers} {mode}" if workers > 1 else "1 thread"
                 print(f"{path:8} {conc:12} {seed:16.0f} {lib:10.0f} {lib / seed:5.2f}x", flush=True)
+                decorator[path, f"{workers}{mode[0]}"] = lib
+        if args.c_bench:
+            c_library_beside(args.c_bench, url, args.seconds, decorator)
         print()
         print("cost per call on memory:// (no round trip), microseconds")
         for name, us in own_cost_us(20000).items():
