@@ -7,8 +7,6 @@
 #include <string.h>
 #include <strings.h>
 
-#include <openssl/evp.h>
-
 #include <idempotency/http.h>
 
 #include "internal.h"
@@ -27,12 +25,6 @@ static int refuse(const char *fmt, ...)
     vsnprintf(key_reason, sizeof key_reason, fmt, ap);
     va_end(ap);
     return idem_error_set(IDEM_EKEY, "%s", key_reason);
-}
-
-static bool is_tchar(unsigned char c)
-{
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
 }
 
 static bool is_alpha(unsigned char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
@@ -104,7 +96,7 @@ static int parse_bare_item(cursor *c)
             }
             what = "number";
         } else if (is_alpha(ch) || ch == '*') {
-            while (c->p < c->end && (is_tchar(*c->p) || *c->p == ':' || *c->p == '/'))
+            while (c->p < c->end && (idem__is_tchar(*c->p) || *c->p == ':' || *c->p == '/'))
                 c->p++;
             return IDEM_OK;
         } else if (ch == ':') {
@@ -191,11 +183,11 @@ int idem_http_key_parse(char *key, size_t key_size, size_t *key_len, const char 
         if (n == 0)
             return refuse("the Idempotency-Key is an empty string; send a key of 1 to %zu characters",
                           key_size - 1);
-    } else if (is_tchar(*c.p)) {
+    } else if (idem__is_tchar(*c.p)) {
         /* A bare key, as Stripe-style clients send them: tokens, and UUIDs,
          * which are not sf-tokens because they may start with a digit. */
         const unsigned char *from = c.p;
-        while (c.p < c.end && (is_tchar(*c.p) || *c.p == ':' || *c.p == '/'))
+        while (c.p < c.end && (idem__is_tchar(*c.p) || *c.p == ':' || *c.p == '/'))
             c.p++;
         n = (size_t)(c.p - from);
         if (n >= key_size)
@@ -221,20 +213,6 @@ int idem_http_key_parse(char *key, size_t key_size, size_t *key_len, const char 
 
 /* ---- fingerprints ---- */
 
-#define ABSENT UINT64_MAX
-
-/* One field: its length as 8 bytes big-endian, then its bytes. */
-static bool hash_field(EVP_MD_CTX *ctx, const void *p, uint64_t len)
-{
-    uint8_t be[8];
-    uint64_t v = len;
-    for (int i = 7; i >= 0; i--, v >>= 8)
-        be[i] = (uint8_t)v;
-    if (!EVP_DigestUpdate(ctx, be, sizeof be))
-        return false;
-    return len == ABSENT || len == 0 || EVP_DigestUpdate(ctx, p, (size_t)len);
-}
-
 int idem_http_fingerprint(uint8_t out[IDEM_HTTP_FINGERPRINT_LEN], const char *method, const char *path,
                           const void *body, size_t body_len, const idem_header *headers,
                           size_t nheaders)
@@ -243,38 +221,36 @@ int idem_http_fingerprint(uint8_t out[IDEM_HTTP_FINGERPRINT_LEN], const char *me
     if (!out || !method || !path || (!body && body_len) || (!headers && nheaders))
         return idem_error_set(IDEM_EINVAL, "idem_http_fingerprint: out, method and path must not be "
                               "NULL, nor body or headers with a length");
-    for (size_t i = 0; i < nheaders; i++)
+    for (size_t i = 0; i < nheaders; i++) {
         if (!headers[i].name)
             return idem_error_set(IDEM_EINVAL, "idem_http_fingerprint: header %zu has no name", i);
+        if (strlen(headers[i].name) > 256)
+            return idem_error_set(IDEM_EINVAL, "idem_http_fingerprint: header %zu's name is over 256 "
+                                  "bytes", i);
+    }
     static const char tag[] = "idem-http-fingerprint-1";
-    EVP_MD_CTX *ctx = EVP_MD_CTX_new();
-    bool ok = ctx && EVP_DigestInit_ex(ctx, EVP_sha256(), NULL) &&
-              hash_field(ctx, tag, sizeof tag - 1) && hash_field(ctx, method, strlen(method)) &&
-              hash_field(ctx, path, strlen(path)) && hash_field(ctx, body, body_len);
+    idem_hash *h = idem__hash_begin();
+    idem__hash_add_field(h, tag, sizeof tag - 1);
+    idem__hash_add_field(h, method, strlen(method));
+    idem__hash_add_field(h, path, strlen(path));
+    idem__hash_add_field(h, body, body_len);
     uint8_t count[8];
     uint64_t v = nheaders;
     for (int i = 7; i >= 0; i--, v >>= 8)
         count[i] = (uint8_t)v;
-    ok = ok && EVP_DigestUpdate(ctx, count, sizeof count);
-    for (size_t i = 0; ok && i < nheaders; i++) {
+    idem__hash_add(h, count, sizeof count);
+    for (size_t i = 0; i < nheaders; i++) {
         char lower[256];
         size_t nl = strlen(headers[i].name);
-        if (nl > sizeof lower) {
-            EVP_MD_CTX_free(ctx);
-            return idem_error_set(IDEM_EINVAL, "idem_http_fingerprint: header %zu's name is over %zu "
-                                  "bytes", i, sizeof lower);
-        }
         for (size_t k = 0; k < nl; k++) {
             char ch = headers[i].name[k];
             lower[k] = ch >= 'A' && ch <= 'Z' ? (char)(ch - 'A' + 'a') : ch;
         }
         const char *val = headers[i].value;
-        ok = hash_field(ctx, lower, nl) && hash_field(ctx, val, val ? strlen(val) : ABSENT);
+        idem__hash_add_field(h, lower, nl);
+        idem__hash_add_field(h, val, val ? strlen(val) : IDEM_HASH_ABSENT);
     }
-    unsigned int n = 0;
-    ok = ok && EVP_DigestFinal_ex(ctx, out, &n) && n == IDEM_HTTP_FINGERPRINT_LEN;
-    EVP_MD_CTX_free(ctx);
-    if (!ok)
+    if (idem__hash_end(h, out) != IDEM_OK)
         return idem_error_set(IDEM_ENOMEM, "computing a request fingerprint failed in libcrypto");
     return IDEM_OK;
 }

@@ -38,11 +38,7 @@ static int check_args(idem_layer *l, const void *scope, size_t scope_len, const 
     if (scope && (scope_len == 0 || scope_len > IDEM_MAX_SCOPE_LEN))
         return idem_error_set(IDEM_EINVAL, "%s: scope is %zu bytes; give 1 to %d, or NULL for none", fn,
                               scope_len, IDEM_MAX_SCOPE_LEN);
-    const idem_store *s = idem__layer_store(l);
-    if (s->fork_generation != idem__fork_generation())
-        return idem_error_set(IDEM_EINVAL, "this %s store was opened before fork(); open a store in "
-                              "each process after forking", s->ops->name);
-    return IDEM_OK;
+    return idem__store_check_process(idem__layer_store(l));
 }
 
 _Static_assert(sizeof ((idem_key_info *)0)->store_key >= IDEM_MAX_STORE_KEY_LEN,
@@ -102,19 +98,13 @@ static int read_key(idem_layer *l, const void *scope, size_t scope_len, const vo
     if (rc)
         return rc;
     idem_store *s = idem__layer_store(l);
-    if (!IDEM_HAS(s->ops, 2, read))
-        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot read a key (its table has no "
-                              "read member, version 2): this store cannot be inspected", s->ops->name);
     if ((rc = idem__store_key(l, scope, scope_len, key, key_len, info->store_key, &info->store_key_len)))
         return rc;
     void *value = NULL;
     size_t len = 0;
     uint32_t remaining = UINT32_MAX;
-    rc = s->ops->read(s->state, info->store_key, info->store_key_len, &value, &len, &remaining);
-    if (rc) {
-        free(value);
+    if ((rc = idem__store_read(s, info->store_key, info->store_key_len, &value, &len, &remaining)))
         return rc;
-    }
     if (value)
         describe(info, value, len, remaining);
     return IDEM_OK;
@@ -145,16 +135,12 @@ int idem_layer_delete(idem_layer *l, const void *scope, size_t scope_len, const 
     idem_store *s = idem__layer_store(l);
     if (force) {
         bool gone = false;
-        if (!IDEM_HAS(s->ops, 2, remove))
-            rc = idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot delete a key whoever wrote it "
-                                "(its table has no remove member, version 2)", s->ops->name);
-        else if ((rc = s->ops->remove(s->state, info->store_key, info->store_key_len, &gone)) == IDEM_OK &&
-                 !gone)
+        if ((rc = idem__store_remove(s, info->store_key, info->store_key_len, &gone)) == IDEM_OK && !gone)
             forget_value(info); /* it expired between the read and the delete */
     } else if (info->state == IDEM_KEY_STARTED) {
         /* Fenced by the token just read: a handler that commits meanwhile
          * keeps its response. */
-        rc = s->ops->release(s->state, info->store_key, info->store_key_len, info->token);
+        rc = idem__store_release(s, info->store_key, info->store_key_len, info->token);
         if (rc == IDEM_ELOST)
             idem_error_set(rc, "the claim changed while it was being deleted (its handler committed or "
                            "gave it up, or its lease ended and another request took the key); nothing "
@@ -244,20 +230,14 @@ int idem_store_check(idem_store *s, idem_findings **out)
     *out = NULL;
     if (!s)
         return idem_error_set(IDEM_EINVAL, "idem_store_check: store is NULL");
-    if (s->fork_generation != idem__fork_generation())
-        return idem_error_set(IDEM_EINVAL, "this %s store was opened before fork(); open a store in "
-                              "each process after forking", s->ops->name);
-    if (!IDEM_HAS(s->ops, 2, check))
-        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver offers no check of its store's settings "
-                              "(its table has no check member, version 2)", s->ops->name);
+    int rc = idem__store_check_process(s);
+    if (rc)
+        return rc;
     idem_findings *list = calloc(1, sizeof *list);
     if (!list)
         return idem_error_set(IDEM_ENOMEM, "out of memory checking a store");
-    int rc = s->ops->check(s->state, list);
-    if (rc) {
+    if ((rc = idem__store_check(s, list))) {
         idem_findings_free(list);
-        if (idem_last_error()[0] == '\0')
-            idem_error_set(rc, "%s driver failed to check the store", s->ops->name);
         return rc;
     }
     *out = list;

@@ -13,15 +13,21 @@
 /* The longest key prefix a layer accepts. */
 #define IDEM_MAX_PREFIX_LEN 255
 
-struct idem_store {
-    const idem_backend *ops;
-    void               *state;
-    size_t              max_record_len;  /* SIZE_MAX: no limit */
-    unsigned            fork_generation; /* idem__fork_generation() at open */
-};
-
 /* Does driver table b have member m, which version v of the table added? */
 #define IDEM_HAS(b, v, m) ((b)->version >= (v) && (b)->m != NULL)
+
+/* ---- platform.c: clocks, sleep, random bytes, fork() ---- */
+/* Milliseconds of CLOCK_MONOTONIC: the clock of leases, deadlines and the
+ * local cache's expiry (idem_mono_ms() is the same for drivers). */
+uint64_t idem__mono_ms(void);
+/* Sleep ms milliseconds, through signals. */
+void idem__sleep_ms(uint64_t ms);
+/* Random bytes from getrandom(), buffered per thread and never repeated
+ * across fork(). IDEM_OK or IDEM_EBACKEND. */
+int idem__random_bytes(uint8_t *buf, size_t len);
+/* How many fork()s this process descends from since the library was first
+ * used; a store opened in an earlier generation belongs to an ancestor. */
+unsigned idem__fork_generation(void);
 
 /* ---- error.c ---- */
 void idem__error_clear(void);
@@ -32,12 +38,30 @@ extern const idem_backend *const idem__builtin_backends[];
 /* Why the driver named by scheme is missing from this build, or NULL when
  * the scheme is not one the project knows. */
 const char *idem__missing_backend_hint(const char *scheme);
-/* The driver's read and remove (version 2), or IDEM_EUNSUPPORTED with a
- * message when its table has none. Arguments as in backend.h; out-parameters
- * are set on every return. */
+/* Every call from the core to a store's driver goes through these. They
+ * take the arguments and give the results of the table's members
+ * (backend.h), with out-parameters set on every return; a member the table
+ * lacks is IDEM_EUNSUPPORTED with a message, and a code the member may not
+ * return is IDEM_EBACKEND. */
+const char *idem__store_name(const idem_store *s);
+unsigned    idem__store_version(const idem_store *s);
+size_t      idem__store_max_record_len(const idem_store *s);  /* SIZE_MAX: no limit */
+/* The driver's own state, for the core's tests of a fake driver. */
+void       *idem__store_state(const idem_store *s);
+/* IDEM_OK, or IDEM_EINVAL with a message for a store opened before fork(). */
+int idem__store_check_process(const idem_store *s);
+int idem__store_claim(idem_store *s, const void *key, size_t key_len, const void *record,
+                      size_t record_len, uint32_t lease_ms, void **existing, size_t *existing_len,
+                      uint32_t *remaining_ms);
+int idem__store_commit(idem_store *s, const void *key, size_t key_len, const uint8_t *token,
+                       const void *record, size_t record_len, uint64_t ttl_ms);
+int idem__store_release(idem_store *s, const void *key, size_t key_len, const uint8_t *token);
+int idem__store_extend(idem_store *s, const void *key, size_t key_len, const uint8_t *token,
+                       const void *record, size_t record_len, uint32_t lease_ms);
 int idem__store_read(idem_store *s, const void *key, size_t key_len, void **record, size_t *record_len,
                      uint32_t *remaining_ms);
 int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted);
+int idem__store_check(idem_store *s, idem_findings *list);
 
 /* ---- layer.c ---- */
 #define IDEM_MAX_SCOPE_LEN 255
@@ -49,12 +73,6 @@ int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *del
 int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, const void *key,
                     size_t key_len, uint8_t *out, size_t *out_len);
 idem_store *idem__layer_store(const idem_layer *l);
-/* Random bytes from getrandom(), buffered per thread and never repeated
- * across fork(). IDEM_OK or IDEM_EBACKEND. */
-int idem__random_bytes(uint8_t *buf, size_t len);
-/* How many fork()s this process descends from since the library was first
- * used; a store opened in an earlier generation belongs to an ancestor. */
-unsigned idem__fork_generation(void);
 
 /* ---- record.c ---- */
 #define IDEM_DIGEST_LEN 32
@@ -75,12 +93,22 @@ typedef struct idem_record {
     const idem_header *headers;
     const uint8_t     *fields;               /* points into the encoded bytes */
     size_t             fields_len;
+    /* STARTED with a checkpoint (format 3 when cp_name_len > 0): the step's
+     * name and data, and how long the store keeps the record after its
+     * lease ends, so that the next holder finds the checkpoint. */
+    const char        *cp_name;              /* not NUL-terminated */
+    size_t             cp_name_len;
+    const uint8_t     *cp_data;
+    size_t             cp_len;
+    uint32_t           kept_ms;
 } idem_record;
 
 /* Bytes a COMPLETED record adds to its body: format 1 (no header fields),
  * and format 2 before its encoded fields. */
 #define IDEM_RECORD_COMPLETED_OVERHEAD (IDEM_RECORD_HEADER_LEN + 8)
 #define IDEM_RECORD_FIELDS_OVERHEAD    (IDEM_RECORD_HEADER_LEN + 16)
+/* Bytes a STARTED record with a checkpoint adds before its name and data. */
+#define IDEM_RECORD_CHECKPOINT_OVERHEAD (IDEM_RECORD_HEADER_LEN + 12)
 
 /* The encoded length of rec, and its encoding into p (that many bytes). */
 size_t idem__record_len(const idem_record *rec);
@@ -102,13 +130,25 @@ int idem__headers_from_record(const idem_record *rec, idem_header **out);
 bool idem__header_name_ok(const char *name, size_t len);
 bool idem__header_value_ok(const char *value, size_t len);
 
-/* SHA-256 of a fingerprint. IDEM_OK or IDEM_ENOMEM/IDEM_EBACKEND (libcrypto failed). */
+/* tchar of RFC 9110, section 5.6.2. */
+bool idem__is_tchar(unsigned char c);
+
+/* ---- digest.c: SHA-256 ---- */
+/* One digest in steps, on the calling thread's context: begin, add, end.
+ * A failure in add is remembered and reported by end, which is IDEM_OK or
+ * IDEM_ENOMEM with a message. One digest at a time per thread. */
+typedef struct idem_hash idem_hash;
+#define IDEM_HASH_ABSENT UINT64_MAX
+idem_hash *idem__hash_begin(void);
+void idem__hash_add(idem_hash *h, const void *data, size_t len);
+/* A field: len as 8 bytes big-endian, then the bytes (IDEM_HASH_ABSENT:
+ * the length alone, for a value that is not there). */
+void idem__hash_add_field(idem_hash *h, const void *data, uint64_t len);
+int  idem__hash_end(idem_hash *h, uint8_t out[IDEM_DIGEST_LEN]);
+/* SHA-256 of data. IDEM_OK or IDEM_ENOMEM. */
 int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN]);
 
 /* ---- lease.c: a layer's keeper (deferred frees, renewals) ---- */
-/* Milliseconds of CLOCK_MONOTONIC: the clock of leases, deadlines and the
- * local cache's expiry. */
-uint64_t idem__mono_ms(void);
 
 typedef struct idem_keeper idem_keeper;
 
@@ -138,7 +178,6 @@ int  idem__keeper_defer_release(idem_keeper *k, const uint8_t *key, size_t key_l
 /* The store just answered a request: try the pending frees now. Cheap
  * when nothing is pending. */
 void idem__keeper_poke(idem_keeper *k);
-size_t idem__keeper_pending(idem_keeper *k);
 /* Renew r from due on; IDEM_OK or IDEM_ENOMEM (no thread). unwatch waits
  * for a renewal in flight, so afterwards renew() no longer runs. */
 int  idem__keeper_watch(idem_keeper *k, idem_renewal *r, uint64_t due);
@@ -157,7 +196,7 @@ void idem__durations_add(idem_durations *d, uint64_t ms);
 /* The 95th percentile of the recent ones; false until IDEM_DURATIONS_MIN. */
 bool idem__durations_p95(idem_durations *d, uint32_t *out);
 
-/* ---- record.c: libcrypto ---- */
+/* ---- digest.c: libcrypto ---- */
 /* Set OpenSSL up and fetch SHA-256 (again, after a failure). IDEM_OK or
  * IDEM_ENOMEM with a message. Thread-safe. */
 int idem__crypto_init(void);

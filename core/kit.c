@@ -1,5 +1,6 @@
 /* Small pieces every driver shares, declared in <idempotency/backend.h>. */
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,14 +24,37 @@ int idem_driver_error(int err, const char *where, const char *what, const char *
     return err;
 }
 
+/* A parameter that carries a secret: its name ends in "password"
+ * (redis+unix's password, redis+sentinel's sentinel_password, libpq's
+ * sslpassword). */
+static bool secret_param(const char *name)
+{
+    static const char tail[] = "password";
+    size_t n = strlen(name), t = sizeof tail - 1;
+    return n >= t && strcmp(name + n - t, tail) == 0;
+}
+
 int idem_url_check_params(const idem_url *url, const char *driver, const char *const *known)
 {
+    const char *secret = NULL; /* the first known secret parameter seen */
     for (size_t i = 0; i < url->nparams; i++) {
         size_t k = 0;
         while (known[k] && strcmp(known[k], url->params[i].name) != 0)
             k++;
-        if (known[k])
+        if (known[k]) {
+            if (!secret && secret_param(known[k]))
+                secret = known[k];
             continue;
+        }
+        /* The query is split at every '&', so a password holding an
+         * unescaped '&' ends there and its rest reads as parameters: any
+         * unknown one after a secret may be part of it. Say so without
+         * repeating it. */
+        if (secret)
+            return idem_error_set(IDEM_EINVAL, "malformed %s URL: a parameter after %s is not one "
+                                  "this driver knows, and is not repeated here because it may be part "
+                                  "of the password; write an '&' in a password as %%26 (and '%%' as "
+                                  "%%25, '#' as %%23)", driver, secret);
         /* "a, b and c" */
         size_t len = 1, nknown = 0;
         for (; known[nknown]; nknown++)

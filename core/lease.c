@@ -53,13 +53,6 @@ struct idem_keeper {
     idem_renewal    *renewals;
 };
 
-uint64_t idem__mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 int idem__keeper_new(idem_keeper **out, idem_store *store, _Atomic uint64_t *freed)
 {
     idem_keeper *k = calloc(1, sizeof *k);
@@ -124,7 +117,7 @@ static uint64_t free_round(idem_keeper *k, uint64_t now)
         pending *p = todo;
         todo = p->next;
         pthread_mutex_unlock(&k->mu);
-        int rc = k->store->ops->release(k->store->state, p->key, p->key_len, p->token);
+        int rc = idem__store_release(k->store, p->key, p->key_len, p->token);
         pthread_mutex_lock(&k->mu);
         now = idem__mono_ms();
         bool done = true;
@@ -307,11 +300,6 @@ void idem__keeper_poke(idem_keeper *k)
         pthread_cond_broadcast(&k->cond);
     }
     pthread_mutex_unlock(&k->mu);
-}
-
-size_t idem__keeper_pending(idem_keeper *k)
-{
-    return atomic_load(&k->npending);
 }
 
 int idem__keeper_watch(idem_keeper *k, idem_renewal *r, uint64_t due)

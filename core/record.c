@@ -1,19 +1,12 @@
 /* The versioned record encoding (layout in <idempotency/backend.h>). */
-#include <pthread.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-#include <openssl/crypto.h>
-#include <openssl/err.h>
-#include <openssl/provider.h>
-#include <openssl/evp.h>
 
 #include "internal.h"
 
 #define RECORD_VERSION       1   /* STARTED records, and COMPLETED ones without header fields */
 #define RECORD_VERSION_FIELDS 2  /* COMPLETED records with header fields (since 0.2) */
+#define RECORD_VERSION_CHECKPOINT 3 /* STARTED records with a checkpoint (since 0.3) */
 #define FLAG_FINGERPRINT     0x01u
 #define OFF_FLAGS            6
 #define OFF_ZERO             7
@@ -23,6 +16,10 @@
 #define OFF_NFIELDS          (IDEM_RECORD_HEADER_LEN + 8)   /* format 2 */
 #define OFF_FIELDS_ZERO      (IDEM_RECORD_HEADER_LEN + 10)
 #define OFF_FIELDS_LEN       (IDEM_RECORD_HEADER_LEN + 12)
+#define OFF_CP_KEPT          IDEM_RECORD_HEADER_LEN          /* format 3 */
+#define OFF_CP_NAME_LEN      (IDEM_RECORD_HEADER_LEN + 4)
+#define OFF_CP_ZERO          (IDEM_RECORD_HEADER_LEN + 6)
+#define OFF_CP_DATA_LEN      (IDEM_RECORD_HEADER_LEN + 8)
 #define MAX_NAME_LEN         255
 #define MIN_STATUS           100
 #define MAX_STATUS           999
@@ -65,17 +62,10 @@ static uint64_t get_be64(const uint8_t *p)
     return v;
 }
 
-uint64_t idem_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* ---- header fields ---- */
 
 /* tchar of RFC 9110, section 5.6.2. */
-static bool is_tchar(unsigned char c)
+bool idem__is_tchar(unsigned char c)
 {
     return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
            (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
@@ -86,7 +76,7 @@ bool idem__header_name_ok(const char *name, size_t len)
     if (len == 0 || len > MAX_NAME_LEN)
         return false;
     for (size_t i = 0; i < len; i++)
-        if (!is_tchar((unsigned char)name[i]))
+        if (!idem__is_tchar((unsigned char)name[i]))
             return false;
     return true;
 }
@@ -221,7 +211,8 @@ static bool fields_ok(const uint8_t *p, size_t len, size_t n)
 size_t idem__record_len(const idem_record *rec)
 {
     if (rec->state != IDEM_STATE_COMPLETED)
-        return IDEM_RECORD_HEADER_LEN;
+        return rec->cp_name_len ? IDEM_RECORD_CHECKPOINT_OVERHEAD + rec->cp_name_len + rec->cp_len
+                                : IDEM_RECORD_HEADER_LEN;
     if (rec->nheaders == 0)
         return IDEM_RECORD_COMPLETED_OVERHEAD + rec->body_len;
     return IDEM_RECORD_FIELDS_OVERHEAD + fields_len(rec) + rec->body_len;
@@ -241,6 +232,17 @@ void idem__record_write(const idem_record *rec, uint8_t *p)
         memcpy(p + OFF_DIGEST, rec->digest, IDEM_DIGEST_LEN);
     else
         memset(p + OFF_DIGEST, 0, IDEM_DIGEST_LEN);
+    if (!completed && rec->cp_name_len) {
+        /* Format 3: 0.2 readers refuse it as IDEM_ECORRUPT, never misread it. */
+        p[4] = RECORD_VERSION_CHECKPOINT;
+        put_be32(p + OFF_CP_KEPT, rec->kept_ms);
+        put_be16(p + OFF_CP_NAME_LEN, (uint16_t)rec->cp_name_len);
+        put_be16(p + OFF_CP_ZERO, 0);
+        put_be32(p + OFF_CP_DATA_LEN, (uint32_t)rec->cp_len);
+        memcpy(p + IDEM_RECORD_CHECKPOINT_OVERHEAD, rec->cp_name, rec->cp_name_len);
+        if (rec->cp_len)
+            memcpy(p + IDEM_RECORD_CHECKPOINT_OVERHEAD + rec->cp_name_len, rec->cp_data, rec->cp_len);
+    }
     if (completed) {
         put_be32(p + OFF_STATUS, (uint32_t)rec->status);
         put_be32(p + OFF_BODY_LEN, (uint32_t)rec->body_len);
@@ -321,12 +323,13 @@ int idem_record_peek(const void *buf, size_t len, idem_record_info *out)
 {
     const uint8_t *p = buf;
     if (!p || !out || len < IDEM_RECORD_HEADER_LEN || memcmp(p, magic, sizeof magic) != 0 ||
-        (p[4] != RECORD_VERSION && p[4] != RECORD_VERSION_FIELDS))
+        p[4] < RECORD_VERSION || p[4] > RECORD_VERSION_CHECKPOINT)
         return IDEM_ECORRUPT;
     int state = p[IDEM_RECORD_STATE_OFFSET];
-    bool v2 = p[4] == RECORD_VERSION_FIELDS;
-    if (state == IDEM_STATE_STARTED ? v2 || len != IDEM_RECORD_HEADER_LEN
-        : state == IDEM_STATE_COMPLETED ? len < (v2 ? IDEM_RECORD_FIELDS_OVERHEAD
+    bool v2 = p[4] == RECORD_VERSION_FIELDS, v3 = p[4] == RECORD_VERSION_CHECKPOINT;
+    if (state == IDEM_STATE_STARTED ? v2 || (v3 ? len < IDEM_RECORD_CHECKPOINT_OVERHEAD + 1
+                                                : len != IDEM_RECORD_HEADER_LEN)
+        : state == IDEM_STATE_COMPLETED ? v3 || len < (v2 ? IDEM_RECORD_FIELDS_OVERHEAD
                                                     : IDEM_RECORD_COMPLETED_OVERHEAD)
         : true)
         return IDEM_ECORRUPT;
@@ -354,8 +357,23 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
         for (int i = 0; i < IDEM_DIGEST_LEN; i++)
             if (rec->digest[i])
                 return IDEM_ECORRUPT;
-    if (info.state == IDEM_STATE_STARTED)
-        return info.deadline_ms != 0 ? IDEM_OK : IDEM_ECORRUPT;
+    if (info.state == IDEM_STATE_STARTED) {
+        if (info.deadline_ms == 0)
+            return IDEM_ECORRUPT;
+        if (p[4] != RECORD_VERSION_CHECKPOINT)
+            return IDEM_OK;
+        size_t nl = get_be16(p + OFF_CP_NAME_LEN), dl = get_be32(p + OFF_CP_DATA_LEN);
+        if (nl == 0 || nl > IDEM_CHECKPOINT_NAME_MAX || dl > IDEM_CHECKPOINT_MAX ||
+            get_be16(p + OFF_CP_ZERO) != 0 || len != IDEM_RECORD_CHECKPOINT_OVERHEAD + nl + dl ||
+            memchr(p + IDEM_RECORD_CHECKPOINT_OVERHEAD, '\0', nl))
+            return IDEM_ECORRUPT;
+        rec->kept_ms = get_be32(p + OFF_CP_KEPT);
+        rec->cp_name = (const char *)p + IDEM_RECORD_CHECKPOINT_OVERHEAD;
+        rec->cp_name_len = nl;
+        rec->cp_data = p + IDEM_RECORD_CHECKPOINT_OVERHEAD + nl;
+        rec->cp_len = dl;
+        return IDEM_OK;
+    }
     if (info.deadline_ms != 0)
         return IDEM_ECORRUPT;
     uint32_t status = get_be32(p + OFF_STATUS);
@@ -378,86 +396,5 @@ int idem__record_decode(const void *buf, size_t len, idem_record *rec)
     rec->status = (int)status;
     rec->body = p + body_at;
     rec->body_len = body_len;
-    return IDEM_OK;
-}
-
-/* OpenSSL 3 looks the algorithm up on every EVP_sha256() use and allocates
- * a context in every EVP_Digest(): fetch it once, and keep one context per
- * thread (freed when the thread exits).
- *
- * The digest comes from a library context of our own, not OpenSSL's
- * default one: OpenSSL 3.0 sets its default context up on first use and
- * crashes when an allocation fails in the middle of that, and it remembers
- * some failures for the life of the process. A context of our own fails
- * cleanly, and a failed fetch is not remembered: the context is dropped and
- * the next use (the next idem_layer_new() or fingerprint) starts again. */
-static _Atomic(EVP_MD *) sha256;
-static OSSL_LIB_CTX      *crypto_ctx;
-static pthread_mutex_t    sha256_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_key_t      ctx_key;
-static pthread_once_t     ctx_key_once = PTHREAD_ONCE_INIT;
-static _Thread_local EVP_MD_CTX *thread_ctx;
-
-static void ctx_free(void *ctx)
-{
-    EVP_MD_CTX_free(ctx);
-}
-
-static void ctx_key_make(void)
-{
-    (void)pthread_key_create(&ctx_key, ctx_free);
-}
-
-static EVP_MD *sha256_get(void)
-{
-    EVP_MD *md = atomic_load_explicit(&sha256, memory_order_acquire);
-    if (md)
-        return md;
-    pthread_mutex_lock(&sha256_mu);
-    md = atomic_load_explicit(&sha256, memory_order_relaxed);
-    if (!md) {
-        if (!crypto_ctx)
-            crypto_ctx = OSSL_LIB_CTX_new();
-        if (crypto_ctx && (md = EVP_MD_fetch(crypto_ctx, "SHA256", NULL)) != NULL) {
-            atomic_store_explicit(&sha256, md, memory_order_release);
-        } else {
-            ERR_clear_error();
-            OSSL_LIB_CTX_free(crypto_ctx);
-            crypto_ctx = NULL;
-        }
-    }
-    pthread_mutex_unlock(&sha256_mu);
-    return md;
-}
-
-int idem__crypto_init(void)
-{
-    if (!sha256_get())
-        return idem_error_set(IDEM_ENOMEM, "setting up libcrypto's SHA-256 failed (out of memory?); "
-                              "try again");
-    return IDEM_OK;
-}
-
-int idem__digest(const void *data, size_t len, uint8_t out[IDEM_DIGEST_LEN])
-{
-    unsigned int n = 0;
-    (void)pthread_once(&ctx_key_once, ctx_key_make);
-    EVP_MD *md = sha256_get();
-    if (!thread_ctx && (thread_ctx = EVP_MD_CTX_new()) != NULL)
-        (void)pthread_setspecific(ctx_key, thread_ctx);
-    if (!md || !thread_ctx || !EVP_DigestInit_ex2(thread_ctx, md, NULL) ||
-        !EVP_DigestUpdate(thread_ctx, data, len) || !EVP_DigestFinal_ex(thread_ctx, out, &n) ||
-        n != IDEM_DIGEST_LEN) {
-        /* a context that failed half-way is not reused: the next digest
-         * starts from a new one */
-        ERR_clear_error(); /* our failure is not left in the caller's OpenSSL error queue */
-        if (thread_ctx) {
-            EVP_MD_CTX_free(thread_ctx);
-            thread_ctx = NULL;
-            (void)pthread_setspecific(ctx_key, NULL);
-        }
-        return idem_error_set(IDEM_ENOMEM, "computing the SHA-256 of the fingerprint failed in libcrypto "
-                              "(out of memory?); try again");
-    }
     return IDEM_OK;
 }

@@ -6,6 +6,17 @@
 
 #include "idem_drivers.h"
 
+/* A store is its driver's table and the driver's own state. Only this file
+ * looks inside: the rest of the core goes through the wrappers at its end,
+ * which check the table's version and member, answer for a member the
+ * table lacks, and hold drivers to the return codes backend.h allows. */
+struct idem_store {
+    const idem_backend *ops;
+    void               *state;
+    size_t              max_record_len;  /* SIZE_MAX: no limit */
+    unsigned            fork_generation; /* idem__fork_generation() at open */
+};
+
 #define IDEM_DECLARE_DRIVER(name) extern const idem_backend idem__##name##_backend;
 IDEM_BUILTIN_DRIVERS(IDEM_DECLARE_DRIVER)
 
@@ -149,29 +160,6 @@ int idem_store_open(idem_store **out, const char *url)
     return rc;
 }
 
-int idem__store_read(idem_store *s, const void *key, size_t key_len, void **record, size_t *record_len,
-                     uint32_t *remaining_ms)
-{
-    *record = NULL;
-    *record_len = 0;
-    *remaining_ms = UINT32_MAX;
-    if (!IDEM_HAS(s->ops, 2, read))
-        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot read a record without "
-                              "claiming it (its table, version %u, has no read function); use the "
-                              "store's own tools", s->ops->name, s->ops->version);
-    return s->ops->read(s->state, key, key_len, record, record_len, remaining_ms);
-}
-
-int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted)
-{
-    *deleted = false;
-    if (!IDEM_HAS(s->ops, 2, remove))
-        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot delete a key (its table, "
-                              "version %u, has no remove function); use the store's own tools",
-                              s->ops->name, s->ops->version);
-    return s->ops->remove(s->state, key, key_len, deleted);
-}
-
 void idem_store_close(idem_store *store)
 {
     if (!store)
@@ -187,4 +175,131 @@ void idem_store_close(idem_store *store)
 const char *idem_store_backend(const idem_store *store)
 {
     return store ? store->ops->name : NULL;
+}
+
+/* ---- the wrappers: every call from the core to a driver ---- */
+
+const char *idem__store_name(const idem_store *s)
+{
+    return s->ops->name;
+}
+
+unsigned idem__store_version(const idem_store *s)
+{
+    return s->ops->version;
+}
+
+void *idem__store_state(const idem_store *s)
+{
+    return s->state;
+}
+
+size_t idem__store_max_record_len(const idem_store *s)
+{
+    return s->max_record_len;
+}
+
+int idem__store_check_process(const idem_store *s)
+{
+    if (s->fork_generation == idem__fork_generation())
+        return IDEM_OK;
+    return idem_error_set(IDEM_EINVAL, "this %s store was opened before fork(); its connections belong "
+                          "to the parent: open a store in each process after forking", s->ops->name);
+}
+
+/* What a driver returned, held to backend.h: IDEM_OK, the codes the member
+ * may return (allowed, a list ending in IDEM_OK), IDEM_EBACKEND and
+ * IDEM_ENOMEM. Anything else is the driver's bug, answered as a store error
+ * with a message that says so. */
+static int driver_rc(const idem_store *s, const char *member, int rc, const int *allowed)
+{
+    if (rc == IDEM_OK)
+        return IDEM_OK;
+    if (rc == IDEM_EBACKEND || rc == IDEM_ENOMEM) {
+        if (idem_last_error()[0] == '\0')
+            idem_error_set(rc, "%s driver failed in %s and said nothing more", s->ops->name, member);
+        return rc;
+    }
+    for (; allowed && *allowed != IDEM_OK; allowed++)
+        if (rc == *allowed)
+            return rc;
+    return idem_error_set(IDEM_EBACKEND, "%s driver returned %d from %s, which backend.h does not allow "
+                          "there; taken as a store error (%s)", s->ops->name, rc, member,
+                          idem_last_error()[0] ? idem_last_error() : "no message");
+}
+
+static const int may_lose[] = {IDEM_ELOST, IDEM_OK};
+static const int may_lose_or_refuse[] = {IDEM_ELOST, IDEM_ETOOBIG, IDEM_OK};
+static const int may_refuse[] = {IDEM_EINVAL, IDEM_ECORRUPT, IDEM_OK};
+
+int idem__store_claim(idem_store *s, const void *key, size_t key_len, const void *record,
+                      size_t record_len, uint32_t lease_ms, void **existing, size_t *existing_len,
+                      uint32_t *remaining_ms)
+{
+    *existing = NULL;
+    *existing_len = 0;
+    *remaining_ms = UINT32_MAX;
+    int rc = s->ops->claim(s->state, key, key_len, record, record_len, lease_ms, existing, existing_len,
+                           remaining_ms);
+    if (rc != IDEM_OK) {
+        free(*existing);
+        *existing = NULL;
+    }
+    return driver_rc(s, "claim", rc, may_refuse);
+}
+
+int idem__store_commit(idem_store *s, const void *key, size_t key_len, const uint8_t *token,
+                       const void *record, size_t record_len, uint64_t ttl_ms)
+{
+    return driver_rc(s, "commit", s->ops->commit(s->state, key, key_len, token, record, record_len, ttl_ms),
+                     may_lose_or_refuse);
+}
+
+int idem__store_release(idem_store *s, const void *key, size_t key_len, const uint8_t *token)
+{
+    return driver_rc(s, "release", s->ops->release(s->state, key, key_len, token), may_lose);
+}
+
+int idem__store_extend(idem_store *s, const void *key, size_t key_len, const uint8_t *token,
+                       const void *record, size_t record_len, uint32_t lease_ms)
+{
+    return driver_rc(s, "extend", s->ops->extend(s->state, key, key_len, token, record, record_len, lease_ms),
+                     may_lose_or_refuse);
+}
+
+int idem__store_read(idem_store *s, const void *key, size_t key_len, void **record, size_t *record_len,
+                     uint32_t *remaining_ms)
+{
+    *record = NULL;
+    *record_len = 0;
+    *remaining_ms = UINT32_MAX;
+    if (!IDEM_HAS(s->ops, 2, read))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot read a record without "
+                              "claiming it (its table, version %u, has no read function); use the "
+                              "store's own tools", s->ops->name, s->ops->version);
+    int rc = s->ops->read(s->state, key, key_len, record, record_len, remaining_ms);
+    if (rc != IDEM_OK) {
+        free(*record);
+        *record = NULL;
+    }
+    return driver_rc(s, "read", rc, may_refuse);
+}
+
+int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted)
+{
+    *deleted = false;
+    if (!IDEM_HAS(s->ops, 2, remove))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver cannot delete a key whoever wrote it "
+                              "(its table, version %u, has no remove function); use the store's own "
+                              "tools", s->ops->name, s->ops->version);
+    return driver_rc(s, "remove", s->ops->remove(s->state, key, key_len, deleted), NULL);
+}
+
+int idem__store_check(idem_store *s, idem_findings *list)
+{
+    if (!IDEM_HAS(s->ops, 2, check))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s driver offers no check of its store's settings "
+                              "(its table, version %u, has no check member)", s->ops->name,
+                              s->ops->version);
+    return driver_rc(s, "check", s->ops->check(s->state, list), NULL);
 }

@@ -174,6 +174,8 @@ static bool parse_amount(const char *s, size_t len, long long *out)
 /* ---- HTTP ---- */
 
 typedef struct request {
+    char  *target;        /* the request target as received: path and query */
+    bool   headers_seen;  /* the access handler's first call is done */
     char  *body;
     size_t len;
     bool   too_big;
@@ -233,7 +235,7 @@ static enum MHD_Result charge_without_layer(struct MHD_Connection *conn, const p
     return send_answer(conn, &ans);
 }
 
-static enum MHD_Result post_payment(struct MHD_Connection *conn, const char *url, const request *rq)
+static enum MHD_Result post_payment(struct MHD_Connection *conn, const request *rq)
 {
     payment p = {0};
     const char *delay = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Demo-Delay-Ms");
@@ -269,7 +271,7 @@ static enum MHD_Result post_payment(struct MHD_Connection *conn, const char *url
     idem_layer *l = NULL;
     idem_reply reply = {0};
     if (rc == IDEM_OK)
-        rc = idem_http_fingerprint(fp, "POST", url, rq->body, rq->len, NULL, 0);
+        rc = idem_http_fingerprint(fp, "POST", rq->target, rq->body, rq->len, NULL, 0);
     if (rc == IDEM_OK)
         rc = layer_get(&l);
     if (rc == IDEM_OK) {
@@ -298,16 +300,33 @@ static enum MHD_Result get_stats(struct MHD_Connection *conn)
     return send_answer(conn, &ans);
 }
 
+/* A request begins. libmicrohttpd hands the access handler the path only,
+ * decoded and without its query, while the fingerprint covers the target
+ * as received, path and query (http.h): a payment sent to
+ * /payments?currency=usd is not a retry of one sent with currency=eur.
+ * This callback alone sees that target; what it returns is the request's
+ * *con_cls. NULL (out of memory) ends the connection. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn)
+{
+    (void)cls, (void)conn;
+    request *rq = calloc(1, sizeof *rq);
+    if (rq && !(rq->target = strdup(uri))) {
+        free(rq);
+        rq = NULL;
+    }
+    return rq;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
                                   const char *method, const char *version, const char *upload,
                                   size_t *upload_size, void **con_cls)
 {
     (void)cls, (void)version;
     request *rq = *con_cls;
-    if (!rq) {
-        if (!(rq = calloc(1, sizeof *rq)))
-            return MHD_NO;
-        *con_cls = rq;
+    if (!rq)
+        return MHD_NO;
+    if (!rq->headers_seen) {
+        rq->headers_seen = true;
         return MHD_YES;
     }
     if (*upload_size) {
@@ -327,7 +346,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     }
     if (strcmp(url, "/payments") == 0) {
         if (strcmp(method, "POST") == 0)
-            return post_payment(conn, url, rq);
+            return post_payment(conn, rq);
         return send_problem(conn, 405, "use POST /payments");
     }
     if (strcmp(url, "/stats") == 0 && strcmp(method, "GET") == 0)
@@ -341,6 +360,7 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
     (void)cls, (void)conn, (void)why;
     request *rq = *con_cls;
     if (rq) {
+        free(rq->target);
         free(rq->body);
         free(rq);
         *con_cls = NULL;
@@ -361,8 +381,8 @@ static void usage(FILE *f)
           "                  the id, the amount and the --name of the process that charged.\n"
           "                  A retry gets the same answer with Idempotent-Replayed: true; 409 +\n"
           "                  Retry-After while the first runs; 422 for the key with another\n"
-          "                  body; 400 for a missing or malformed key; 503 + Retry-After while\n"
-          "                  the store is down.\n"
+          "                  body or query; 400 for a missing or malformed key; 503 +\n"
+          "                  Retry-After while the store is down.\n"
           "                  Request headers for the demo: X-Demo-Delay-Ms: N (the charge takes\n"
           "                  N ms), X-Demo-Fail: 1 (the card processor fails: nothing charged,\n"
           "                  503, the key is freed for a retry).\n"
@@ -480,6 +500,7 @@ int main(int argc, char *argv[])
         MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_THREAD_PER_CONNECTION | MHD_USE_ERROR_LOG,
         (uint16_t)port, NULL, NULL, on_request, NULL,
         MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&addr,
+        MHD_OPTION_URI_LOG_CALLBACK, on_uri, NULL,
         MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
         MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)30,
         MHD_OPTION_END);

@@ -211,7 +211,7 @@ static void plant(const char *key, const void *value, size_t len)
     uint32_t remaining;
     char full[128];
     int n = snprintf(full, sizeof full, "bad:%s", key);
-    if (store->ops->claim(store->state, full, (size_t)n, value, len, 60000, &existing, &existing_len,
+    if (idem__store_claim(store, full, (size_t)n, value, len, 60000, &existing, &existing_len,
                           &remaining) != IDEM_OK)
         fprintf(stderr, "bad_inputs: cannot plant %s: %s\n", key, idem_last_error());
     free(existing);

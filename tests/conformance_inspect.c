@@ -162,7 +162,7 @@ Test(inspect, a_foreign_value_is_shown_as_foreign_with_its_bytes_and_deleted_onl
     void *existing = NULL;
     size_t existing_len = 0;
     uint32_t remaining;
-    cr_assert_eq(store->ops->claim(store->state, full, (size_t)n, "{\"x\":1}", 7, 60000, &existing,
+    cr_assert_eq(idem__store_claim(store, full, (size_t)n, "{\"x\":1}", 7, 60000, &existing,
                                    &existing_len, &remaining), IDEM_OK);
     idem_key_info k = {0};
     show_ok("foreign", &k);
@@ -193,7 +193,7 @@ Test(inspect, bad_arguments_are_refused_with_a_message)
 
 Test(inspect, a_driver_without_read_remove_or_check_answers_unsupported)
 {
-    idem_backend bare = *store->ops;
+    idem_backend bare = *idem_backend_find(idem_store_backend(store));
     bare.read = NULL;
     bare.remove = NULL;
     bare.check = NULL;

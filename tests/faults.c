@@ -849,6 +849,15 @@ Test(faults, passwords_from_urls_appear_in_no_message)
     check_no_password("bad parameter", url);
     snprintf(url, sizeof url, "redis://:" SECRET " @127.0.0.1:1");
     check_no_password("space in the URL", url);
+    /* An unescaped '&' splits the password: what follows may be the rest
+     * of it, and is no parameter the driver knows. */
+    snprintf(url, sizeof url, "redis+unix:///nonexistent/redis.sock?password=Pw-&s3cr3t-Z9q");
+    check_no_password("'&' in a redis+unix password", url);
+    snprintf(url, sizeof url, "redis+unix:///nonexistent/redis.sock?db=1&password=Pw-&db=2&s3cr3t=Z9q");
+    check_no_password("'&' in a redis+unix password, a known parameter between", url);
+    snprintf(url, sizeof url, "redis+sentinel://127.0.0.1:%u/mymaster?sentinel_password=Pw-&s3cr3t-Z9q",
+             dead);
+    check_no_password("'&' in a sentinel password", url);
 }
 
 Test(faults, wrong_redis_password_is_refused_without_printing_it)

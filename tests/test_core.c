@@ -342,7 +342,7 @@ static idem_layer *layer;
 static void start_url(const char *url, uint32_t lease_ms)
 {
     cr_assert_eq(idem_store_open_backend(&store, &fake_backend, url), IDEM_OK, "%s", idem_last_error());
-    fk = store->state;
+    fk = idem__store_state(store);
     idem_options o;
     idem_options_init(&o);
     if (lease_ms)
@@ -1292,7 +1292,7 @@ Test(core, driver_table_without_the_optional_max_record_len_opens_with_no_limit)
     idem_store *s;
     cr_assert_eq(idem_store_open_backend(&s, &t, "fake://"), IDEM_OK, "%s", idem_last_error());
     cr_assert_str_eq(idem_store_backend(s), "fake");
-    cr_assert_eq(s->max_record_len, SIZE_MAX);
+    cr_assert_eq(idem__store_max_record_len(s), SIZE_MAX);
     idem_store_close(s);
 }
 
@@ -1376,7 +1376,7 @@ Test(core, layer_max_response_len_refuses_a_bigger_response_naming_the_option)
 {
     idem_options o;
     cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
-    fk = store->state;
+    fk = idem__store_state(store);
     idem_options_init(&o);
     o.max_response_len = 10;
     cr_assert_eq(idem_layer_new(&layer, store, &o), IDEM_OK);
@@ -1777,7 +1777,7 @@ Test(core, layer_new_refuses_zero_lease_zero_ttl_bad_max_key_len_and_a_long_pref
 Test(core, layer_copies_its_options_and_prefix)
 {
     cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
-    fk = store->state;
+    fk = idem__store_state(store);
     char prefix[] = "idem:";
     idem_options o;
     idem_options_init(&o);
@@ -2076,7 +2076,7 @@ static int refuse_then_fail(void *arg, idem_response *resp)
 Test(core, failed_reply_carries_the_handlers_response_and_message_but_stores_nothing)
 {
     cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
-    fk = store->state;
+    fk = idem__store_state(store);
     cr_assert_eq(idem_layer_new(&layer, store, NULL), IDEM_OK);
     idem_request req = req_of("k");
     idem_reply r = {0};
@@ -2127,7 +2127,7 @@ Test(core, scopes_keep_the_same_key_apart_and_do_not_count_against_max_key_len)
 static void start_with(const idem_options *o)
 {
     cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK, "%s", idem_last_error());
-    fk = store->state;
+    fk = idem__store_state(store);
     cr_assert_eq(idem_layer_new(&layer, store, o), IDEM_OK, "%s", idem_last_error());
 }
 

@@ -95,7 +95,7 @@ static size_t claim_new(idem_store *s, char key[64], uint8_t rec[IDEM_RECORD_HEA
     void *ex = NULL;
     size_t exl;
     uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, IDEM_RECORD_HEADER_LEN, lease_ms, &ex, &exl, &left),
+    cr_assert_eq(idem__store_claim(s, key, kl, rec, IDEM_RECORD_HEADER_LEN, lease_ms, &ex, &exl, &left),
                  IDEM_OK, "%s", idem_last_error());
     cr_assert_null(ex, "a fresh key was taken");
     return kl;
@@ -152,16 +152,16 @@ Test(drivers, claim_sent_again_finds_its_own_started_record_and_has_claimed)
     void *ex = NULL;
     size_t exl = 0;
     uint32_t left = 0;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK,
+    cr_assert_eq(idem__store_claim(s, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK,
                  "%s", idem_last_error());
     cr_assert_null(ex);
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK,
+    cr_assert_eq(idem__store_claim(s, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK,
                  "%s", idem_last_error());
     cr_assert_null(ex, "the same claim sent again must find itself claimed, not in progress");
     /* another token still sees it taken */
     uint8_t other[IDEM_RECORD_HEADER_LEN];
     started(other, 0xB2, 30000);
-    cr_assert_eq(s->ops->claim(s->state, key, kl, other, sizeof other, 30000, &ex, &exl, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, key, kl, other, sizeof other, 30000, &ex, &exl, &left), IDEM_OK);
     cr_assert_not_null(ex, "a claim of another token must get the record back");
     idem_record_info info;
     cr_assert_eq(idem_record_peek(ex, exl, &info), IDEM_OK);
@@ -180,11 +180,11 @@ Test(drivers, commit_sent_again_after_it_happened_is_ok_and_changes_nothing)
     uint32_t left;
     size_t dl;
     uint8_t *done = completed(0xC3, "first", &dl);
-    cr_assert_eq(s->ops->commit(s->state, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000),
+    cr_assert_eq(idem__store_commit(s, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000),
                  IDEM_OK, "%s", idem_last_error());
     size_t dl2;
     uint8_t *again = completed(0xC3, "second", &dl2);
-    cr_assert_eq(s->ops->commit(s->state, key, kl, again + IDEM_RECORD_TOKEN_OFFSET, again, dl2, 60000),
+    cr_assert_eq(idem__store_commit(s, key, kl, again + IDEM_RECORD_TOKEN_OFFSET, again, dl2, 60000),
                  IDEM_OK, "a commit sent again finds its own COMPLETED record: IDEM_OK");
     void *back = NULL;
     size_t bl = 0;
@@ -195,7 +195,7 @@ Test(drivers, commit_sent_again_after_it_happened_is_ok_and_changes_nothing)
     /* another token's commit is lost and changes nothing */
     size_t dl3;
     uint8_t *foreign = completed(0xD4, "third", &dl3);
-    cr_assert_eq(s->ops->commit(s->state, key, kl, foreign + IDEM_RECORD_TOKEN_OFFSET, foreign, dl3, 60000),
+    cr_assert_eq(idem__store_commit(s, key, kl, foreign + IDEM_RECORD_TOKEN_OFFSET, foreign, dl3, 60000),
                  IDEM_ELOST);
     free(done);
     free(again);
@@ -212,22 +212,22 @@ Test(drivers, release_then_a_separate_release_is_elost_and_extend_sent_again_is_
     const uint8_t *token = rec + IDEM_RECORD_TOKEN_OFFSET;
     uint8_t ext[IDEM_RECORD_HEADER_LEN];
     started(ext, 0xE5, 40000);
-    cr_assert_eq(s->ops->extend(s->state, key, kl, token, ext, sizeof ext, 40000), IDEM_OK);
-    cr_assert_eq(s->ops->extend(s->state, key, kl, token, ext, sizeof ext, 40000), IDEM_OK,
+    cr_assert_eq(idem__store_extend(s, key, kl, token, ext, sizeof ext, 40000), IDEM_OK);
+    cr_assert_eq(idem__store_extend(s, key, kl, token, ext, sizeof ext, 40000), IDEM_OK,
                  "an extend sent again extends again");
-    cr_assert_eq(s->ops->release(s->state, key, kl, token), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(idem__store_release(s, key, kl, token), IDEM_OK, "%s", idem_last_error());
     cr_assert_eq(state_of(s, key, kl, NULL), 0);
-    cr_assert_eq(s->ops->release(s->state, key, kl, token), IDEM_ELOST,
+    cr_assert_eq(idem__store_release(s, key, kl, token), IDEM_ELOST,
                  "a second, separate release finds nothing on its first send: IDEM_ELOST");
-    cr_assert_eq(s->ops->extend(s->state, key, kl, token, ext, sizeof ext, 40000), IDEM_ELOST);
+    cr_assert_eq(idem__store_extend(s, key, kl, token, ext, sizeof ext, 40000), IDEM_ELOST);
     idem_store_close(s);
 }
 
 Test(drivers, read_sees_a_record_without_changing_it_and_remove_deletes_whoever_wrote_it)
 {
     idem_store *s = open_store(url);
-    cr_assert(IDEM_HAS(s->ops, 2, read) && IDEM_HAS(s->ops, 2, remove), "the %s driver lacks read or remove",
-              s->ops->name);
+    const idem_backend *b = idem_backend_find(idem_store_backend(s));
+    cr_assert(IDEM_HAS(b, 2, read) && IDEM_HAS(b, 2, remove), "the %s driver lacks read or remove", b->name);
     char key[64];
     size_t kl = fresh_key(key, sizeof key);
     bool deleted = true;
@@ -239,7 +239,7 @@ Test(drivers, read_sees_a_record_without_changing_it_and_remove_deletes_whoever_
     void *ex = NULL;
     size_t exl;
     uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
     void *back = NULL;
     size_t bl = 0;
     left = 0;
@@ -253,7 +253,7 @@ Test(drivers, read_sees_a_record_without_changing_it_and_remove_deletes_whoever_
     cr_assert(deleted);
     cr_assert_eq(state_of(s, key, kl, NULL), 0);
     /* the key is free again */
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK);
     cr_assert_null(ex);
     idem_store_close(s);
 }
@@ -430,7 +430,7 @@ Test(drivers, sqlite_lease_counts_from_the_write_not_from_before_the_wait_for_th
     size_t exl;
     uint32_t left;
     uint64_t t0 = mono_ms();
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 500, &ex, &exl, &left), IDEM_OK, "%s",
+    cr_assert_eq(idem__store_claim(s, key, kl, rec, sizeof rec, 500, &ex, &exl, &left), IDEM_OK, "%s",
                  idem_last_error());
     uint64_t waited = mono_ms() - t0;
     pthread_join(t, NULL);
@@ -465,12 +465,12 @@ Test(drivers, sqlite_out_of_memory_is_enomem_not_a_store_error)
     uint8_t *done = completed(0x33, body, &dl);
     free(body);
     sqlite3_int64 old = sqlite3_hard_heap_limit64(sqlite3_memory_used() + (1 << 20));
-    int rc = s->ops->commit(s->state, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000);
+    int rc = idem__store_commit(s, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000);
     sqlite3_hard_heap_limit64(old);
     cr_assert_eq(rc, IDEM_ENOMEM, "rc %d: %s", rc, idem_last_error());
     cr_assert(strstr(idem_last_error(), "out of memory"), "%s", idem_last_error());
     /* memory back: the claim still commits */
-    cr_assert_eq(s->ops->commit(s->state, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000), IDEM_OK,
+    cr_assert_eq(idem__store_commit(s, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000), IDEM_OK,
                  "%s", idem_last_error());
     free(done);
     idem_store_close(s);
@@ -709,7 +709,7 @@ Test(drivers, memcached_release_whose_reply_was_lost_after_it_freed_the_key_is_o
     uint8_t rec[IDEM_RECORD_HEADER_LEN];
     size_t kl = claim_new(s, key, rec, 0x41, 30000);
     proxy_cut_next(&p, "cas ");
-    cr_assert_eq(s->ops->release(s->state, key, kl, rec + IDEM_RECORD_TOKEN_OFFSET), IDEM_OK,
+    cr_assert_eq(idem__store_release(s, key, kl, rec + IDEM_RECORD_TOKEN_OFFSET), IDEM_OK,
                  "a release retried after its reply was lost finds the key gone: %s", idem_last_error());
     cr_assert_eq(atomic_load(&p.cuts), 1, "the proxy dropped no reply: the test tested nothing");
     cr_assert_eq(state_of(s, key, kl, NULL), 0);
@@ -732,14 +732,14 @@ Test(drivers, memcached_commit_and_claim_whose_replies_were_lost_are_recognised)
     size_t exl;
     uint32_t left;
     proxy_cut_next(&p, "add ");
-    cr_assert_eq(s->ops->claim(s->state, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK,
+    cr_assert_eq(idem__store_claim(s, key, kl, rec, sizeof rec, 30000, &ex, &exl, &left), IDEM_OK,
                  "%s", idem_last_error());
     cr_assert_null(ex, "a claim retried after its reply was lost finds its own record: claimed");
     cr_assert_eq(atomic_load(&p.cuts), 1);
     size_t dl;
     uint8_t *done = completed(0x52, "paid", &dl);
     proxy_cut_next(&p, "cas ");
-    cr_assert_eq(s->ops->commit(s->state, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000),
+    cr_assert_eq(idem__store_commit(s, key, kl, done + IDEM_RECORD_TOKEN_OFFSET, done, dl, 60000),
                  IDEM_OK, "%s", idem_last_error());
     cr_assert_eq(atomic_load(&p.cuts), 2);
     uint8_t tok = 0;
@@ -765,12 +765,12 @@ Test(drivers, memcached_call_of_several_slow_steps_is_bounded_by_timeout_ms_as_a
     void *ex = NULL;
     size_t exl;
     uint32_t left;
-    cr_assert_eq(s->ops->claim(s->state, key, kl, held, sizeof held, 30000, &ex, &exl, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, key, kl, held, sizeof held, 30000, &ex, &exl, &left), IDEM_OK);
     /* Each reply 800 ms late: the add's answer (taken) comes in time, the
      * gets that must follow would take as long again. */
     atomic_store(&p.delay_ms, 800);
     uint64_t t0 = mono_ms();
-    int rc = s->ops->claim(s->state, key, kl, mine, sizeof mine, 30000, &ex, &exl, &left);
+    int rc = idem__store_claim(s, key, kl, mine, sizeof mine, 30000, &ex, &exl, &left);
     uint64_t took = mono_ms() - t0;
     atomic_store(&p.delay_ms, 0);
     cr_assert_eq(rc, IDEM_EBACKEND, "rc %d", rc);

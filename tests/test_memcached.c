@@ -914,7 +914,7 @@ static int driver_claim(idem_store *s, const char *key, uint8_t token_byte)
     void *existing = NULL;
     size_t existing_len = 0;
     uint32_t remaining = 0;
-    int rc = s->ops->claim(s->state, key, strlen(key), rec, len, 10000, &existing, &existing_len, &remaining);
+    int rc = idem__store_claim(s, key, strlen(key), rec, len, 10000, &existing, &existing_len, &remaining);
     cr_assert_eq(rc, IDEM_OK, "%s", idem_last_error());
     free(existing);
     return existing == NULL;
@@ -968,7 +968,7 @@ Test(memcached, commit_the_server_refuses_for_its_size_is_etoobig_and_the_claim_
     memset(rec + COMPLETED_OVERHEAD, 'z', body);
     uint8_t token[16];
     memset(token, 0x55, sizeof token);
-    int rc = s->ops->commit(s->state, "idem:big", 8, token, rec, len, 3600000);
+    int rc = idem__store_commit(s, "idem:big", 8, token, rec, len, 3600000);
     free(rec);
     cr_assert_eq(rc, IDEM_ETOOBIG, "got %d: %s", rc, idem_last_error());
     cr_assert(message_names(idem_last_error(), srv.ports[0]), "%s", idem_last_error());
@@ -978,7 +978,7 @@ Test(memcached, commit_the_server_refuses_for_its_size_is_etoobig_and_the_claim_
     /* The claim is intact: a response that fits is stored. */
     uint8_t ok[COMPLETED_OVERHEAD + 2];
     size_t ok_len = record_of(ok, 'C', 0x55, 0);
-    cr_assert_eq(s->ops->commit(s->state, "idem:big", 8, token, ok, ok_len, 3600000), IDEM_OK, "%s",
+    cr_assert_eq(idem__store_commit(s, "idem:big", 8, token, ok, ok_len, 3600000), IDEM_OK, "%s",
                  idem_last_error());
     idem_store_close(s);
 }

@@ -132,15 +132,15 @@ static const char *field(const answer *a, const char *name, char *out, size_t ro
     return NULL;
 }
 
-/* POST /payments to server i; extra is a NULL-terminated list of header
- * lines ("Idempotency-Key: \"k\""). */
-static answer post(int i, const char *body, const char *const *extra)
+/* POST to target ("/payments?x=1") on server i; extra is a NULL-terminated
+ * list of header lines ("Idempotency-Key: \"k\""). */
+static answer post_to(int i, const char *target, const char *body, const char *const *extra)
 {
     answer a = {0};
     CURL *c = curl_easy_init();
     cr_assert(c);
-    char url[64];
-    snprintf(url, sizeof url, "http://127.0.0.1:%u/payments", api_port[i]);
+    char url[256];
+    snprintf(url, sizeof url, "http://127.0.0.1:%u%s", api_port[i], target);
     struct curl_slist *h = curl_slist_append(NULL, "Content-Type: application/json");
     h = curl_slist_append(h, "Expect:");
     for (size_t k = 0; extra && extra[k]; k++)
@@ -162,6 +162,12 @@ static answer post(int i, const char *body, const char *const *extra)
     if (!a.body)
         a.body = calloc(1, 1);
     return a;
+}
+
+/* POST /payments to server i. */
+static answer post(int i, const char *body, const char *const *extra)
+{
+    return post_to(i, "/payments", body, extra);
 }
 
 static answer post_key(int i, const char *key_line, const char *body)
@@ -322,6 +328,30 @@ Test(payment_api, the_same_key_with_another_body_is_422_and_charges_nothing)
     cr_assert_eq(charges(0) + charges(1), 1);
     answer_free(&a);
     answer_free(&b);
+}
+
+/* The fingerprint covers the request target as received, path and query
+ * (http.h): the same key and body sent with another query is another
+ * request. */
+Test(payment_api, the_same_key_with_another_query_is_422_and_charges_nothing)
+{
+    const char *extra[] = {"Idempotency-Key: \"order-q\"", NULL};
+    answer a = post_to(0, "/payments?currency=eur", "{\"amount\": 10}", extra);
+    cr_assert_eq(a.status, 201, "%s", a.body);
+    answer b = post_to(1, "/payments?currency=usd", "{\"amount\": 10}", extra);
+    assert_problem(&b, 422);
+    answer c = post_to(0, "/payments", "{\"amount\": 10}", extra);
+    assert_problem(&c, 422);
+    answer d = post_to(1, "/payments?currency=eur", "{\"amount\": 10}", extra);
+    char v[64];
+    cr_assert_eq(d.status, 201, "%s", d.body);
+    cr_assert(field(&d, "Idempotent-Replayed", v, sizeof v), "the same target is a replay");
+    cr_assert_str_eq(d.body, a.body);
+    cr_assert_eq(charges(0) + charges(1), 1);
+    answer_free(&a);
+    answer_free(&b);
+    answer_free(&c);
+    answer_free(&d);
 }
 
 Test(payment_api, a_missing_malformed_or_oversized_key_is_400_and_charges_nothing)

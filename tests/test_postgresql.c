@@ -272,6 +272,47 @@ Test(postgresql, table_names_and_parameters_are_checked)
     cr_assert_eq(idem_store_open(&s, "postgresql://127.0.0.1:1/a/b"), IDEM_EINVAL);
 }
 
+/* A table in pg_temp lives in one connection only, while the store keeps a
+ * pool of them (and every process its own): no two requests would share
+ * their records. Any other pg_ schema is the system's. Both are refused by
+ * name, before anything is sent, and the message says why. */
+Test(postgresql, a_temporary_or_system_schema_table_is_refused_with_why)
+{
+    server(NULL);
+    static const char *const temp[] = {"pg_temp.keys", "pg_temp_3.keys", "pg_toast_temp_3.keys"};
+    for (size_t i = 0; i < sizeof temp / sizeof temp[0]; i++) {
+        char url[600];
+        snprintf(url, sizeof url, "%s?table=%s", srv.url, temp[i]);
+        idem_store *s = NULL;
+        int rc = idem_store_open(&s, url);
+        if (rc == IDEM_OK)
+            idem_store_close(s);
+        cr_assert_eq(rc, IDEM_EINVAL, "table=%s: %s: %s", temp[i], idem_error_name(rc), idem_last_error());
+        cr_assert(strstr(idem_last_error(), "temporary") && strstr(idem_last_error(), "connection"),
+                  "table=%s: the message does not say why: %s", temp[i], idem_last_error());
+    }
+    static const char *const system[] = {"pg_catalog.keys", "pg_toast.keys", "information_schema.keys"};
+    for (size_t i = 0; i < sizeof system / sizeof system[0]; i++) {
+        char url[600];
+        snprintf(url, sizeof url, "%s?table=%s", srv.url, system[i]);
+        idem_store *s = NULL;
+        int rc = idem_store_open(&s, url);
+        if (rc == IDEM_OK)
+            idem_store_close(s);
+        cr_assert_eq(rc, IDEM_EINVAL, "table=%s: %s: %s", system[i], idem_error_name(rc),
+                     idem_last_error());
+        cr_assert(strstr(idem_last_error(), "system"), "table=%s: the message does not say why: %s",
+                  system[i], idem_last_error());
+    }
+    /* A schema whose name merely contains pg_ is the user's. */
+    PGconn *c = raw();
+    raw_exec(c, "CREATE SCHEMA app_pg_temp");
+    PQfinish(c);
+    char url[600];
+    snprintf(url, sizeof url, "%s?table=app_pg_temp.keys", srv.url);
+    idem_store_close(open_ok(url));
+}
+
 Test(postgresql, schema_qualified_table_is_used)
 {
     server(NULL);
@@ -639,15 +680,15 @@ Test(postgresql, claim_sent_again_finds_its_own_record_and_counts_as_claimed_rea
     void *ex = NULL;
     size_t exlen = 0;
     uint32_t left = 0;
-    cr_assert_eq(s->ops->claim(s->state, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
     cr_assert_null(ex);
-    cr_assert_eq(s->ops->claim(s->state, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, "k\0x", 3, enc, sizeof enc, 5000, &ex, &exlen, &left), IDEM_OK);
     cr_assert_null(ex, "our own live STARTED record: claimed");
     idem_record other = rec;
     other.token[0] = 9;
     uint8_t enc2[IDEM_RECORD_HEADER_LEN];
     idem__record_write(&other, enc2);
-    cr_assert_eq(s->ops->claim(s->state, "k\0x", 3, enc2, sizeof enc2, 5000, &ex, &exlen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_claim(s, "k\0x", 3, enc2, sizeof enc2, 5000, &ex, &exlen, &left), IDEM_OK);
     cr_assert_not_null(ex);
     cr_assert_eq(exlen, sizeof enc);
     cr_assert_arr_eq(ex, enc, sizeof enc);
@@ -656,18 +697,18 @@ Test(postgresql, claim_sent_again_finds_its_own_record_and_counts_as_claimed_rea
 
     void *got = NULL;
     size_t glen = 0;
-    cr_assert_eq(s->ops->read(s->state, "k\0x", 3, &got, &glen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_read(s, "k\0x", 3, &got, &glen, &left), IDEM_OK);
     cr_assert_not_null(got);
     cr_assert_arr_eq(got, enc, sizeof enc);
     free(got);
     bool deleted = false;
-    cr_assert_eq(s->ops->remove(s->state, "k\0x", 3, &deleted), IDEM_OK);
+    cr_assert_eq(idem__store_remove(s, "k\0x", 3, &deleted), IDEM_OK);
     cr_assert(deleted);
-    cr_assert_eq(s->ops->remove(s->state, "k\0x", 3, &deleted), IDEM_OK);
+    cr_assert_eq(idem__store_remove(s, "k\0x", 3, &deleted), IDEM_OK);
     cr_assert_not(deleted);
-    cr_assert_eq(s->ops->read(s->state, "k\0x", 3, &got, &glen, &left), IDEM_OK);
+    cr_assert_eq(idem__store_read(s, "k\0x", 3, &got, &glen, &left), IDEM_OK);
     cr_assert_null(got);
-    cr_assert_eq(s->ops->release(s->state, "k\0x", 3, rec.token), IDEM_ELOST);
+    cr_assert_eq(idem__store_release(s, "k\0x", 3, rec.token), IDEM_ELOST);
     idem_store_close(s);
 }
 
@@ -703,7 +744,7 @@ Test(postgresql, large_response_round_trips_and_the_limit_is_a_gigabyte)
 {
     server(NULL);
     idem_store *s = open_ok(srv.url);
-    cr_assert(s->max_record_len >= ((size_t)1 << 30) - ((size_t)2 << 20) && s->max_record_len < (size_t)1 << 30);
+    cr_assert(idem__store_max_record_len(s) >= ((size_t)1 << 30) - ((size_t)2 << 20) && idem__store_max_record_len(s) < (size_t)1 << 30);
     idem_options o;
     idem_options_init(&o);
     o.max_response_len = 8u << 20;

@@ -822,8 +822,49 @@ typedef struct proxy {
      * Redis answers with "ERR syntax error". Counts the SETs so spoilt. */
     atomic_bool  old_set;
     atomic_uint  old_sets;
+    /* Race a claim against the end of a lease, at the worst instant: for
+     * the next `vanish` claims (SET ... GET with PTTL pipelined), put the
+     * holder's record under vanish_key, pass the SET on, wait for its
+     * reply (the holder's record), delete the key, and only then pass the
+     * PTTL on, which answers -2. Counts the claims so raced. */
+    atomic_int   vanish;
+    atomic_uint  vanished;
+    char         vanish_key[64];
+    void        *holder;
+    size_t       holder_len;
     pthread_t   thread;
 } proxy;
+
+/* buf, read from a client, holds a claim: SET ... GET, then PTTL. Pass it
+ * on to up with the key deleted between the two (see vanish above). 1:
+ * done; 0: buf is something else, pass it on as usual; -1: a connection
+ * failed. */
+static int vanish_between(proxy *p, int cli, int up, const char *buf, size_t len)
+{
+    static const char set[] = "$3\r\nSET\r\n", pttl[] = "*2\r\n$4\r\nPTTL\r\n";
+    const char *at = memmem(buf, len, pttl, sizeof pttl - 1);
+    if (!at || !memmem(buf, (size_t)(at - buf), set, sizeof set - 1))
+        return 0;
+    redisContext *side = redisConnect("127.0.0.1", p->upstream);
+    if (!side || side->err) {
+        redisFree(side);
+        return -1;
+    }
+    freeReplyObject(redisCommand(side, "SET %s %b PX 60000", p->vanish_key, p->holder, p->holder_len));
+    size_t head = (size_t)(at - buf), rest = len - head;
+    char reply[4096];
+    struct pollfd w = {.fd = up, .events = POLLIN};
+    ssize_t n = -1;
+    if (write(up, buf, head) == (ssize_t)head && poll(&w, 1, 2000) > 0)
+        n = read(up, reply, sizeof reply);
+    bool ok = n > 0 && write(cli, reply, (size_t)n) == n;
+    freeReplyObject(redisCommand(side, "DEL %s", p->vanish_key));
+    redisFree(side);
+    ok = ok && write(up, at, rest) == (ssize_t)rest;
+    atomic_fetch_sub(&p->vanish, 1);
+    atomic_fetch_add(&p->vanished, 1);
+    return ok ? 1 : -1;
+}
 
 static void spoil_set_get(proxy *p, char *buf, size_t len)
 {
@@ -893,7 +934,11 @@ static void *proxy_run(void *arg)
                 ssize_t got = read(cli[i], buf, sizeof buf);
                 if (got > 0 && atomic_load(&p->old_set))
                     spoil_set_get(p, buf, (size_t)got);
-                if (got <= 0 || write(up[i], buf, (size_t)got) != got) {
+                int raced = got > 0 && atomic_load(&p->vanish) > 0
+                                ? vanish_between(p, cli[i], up[i], buf, (size_t)got) : 0;
+                if (raced) {
+                    dead = raced < 0;
+                } else if (got <= 0 || write(up[i], buf, (size_t)got) != got) {
                     dead = true;
                 } else if (atomic_exchange(&p->drop_reply, false)) {
                     struct pollfd w = {.fd = up[i], .events = POLLIN};
@@ -1010,6 +1055,109 @@ Test(redis, abort_whose_reply_was_lost_after_the_server_freed_the_key_is_ok)
     idem_layer_free(l);
     idem_store_close(st);
     proxy_stop(&p);
+}
+
+/* ---- the retry hint never comes from the holder's clock ---- */
+
+/* A holder's STARTED record whose deadline, by the holder's clock, is an
+ * hour ahead: a clock that runs fast, or a record written by hand. */
+static void holder_record(proxy *p, const char *key)
+{
+    uint8_t token[IDEM_TOKEN_LEN];
+    memset(token, 0x77, sizeof token);
+    snprintf(p->vanish_key, sizeof p->vanish_key, "%s", key);
+    cr_assert_eq(idem_record_build(&p->holder, &p->holder_len, IDEM_STATE_STARTED, token,
+                                   idem_now_ms() + 3600000, 0, NULL, 0), IDEM_OK, "%s", idem_last_error());
+}
+
+Test(redis, a_lease_that_ends_between_set_get_and_pttl_is_claimed_again)
+{
+    proxy p;
+    proxy_start(&p, srv.ports[0]);
+    holder_record(&p, "idem:gone-between");
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", p.port);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 300);
+    /* SET ... GET finds the holder's record; by the PTTL the key is gone:
+     * by the server's clock it is free, so the claim is made again. */
+    atomic_store(&p.vanish, 1);
+    handler_arg a = {.body = "claimed again"};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "gone-between", 12, &a, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(atomic_load(&p.vanished), 1, "the proxy raced no claim");
+    cr_assert(r.outcome != IDEM_IN_PROGRESS || r.retry_after_ms <= 300,
+              "a 409 for a 300 ms lease says to come back in %u ms (the holder's clock)", r.retry_after_ms);
+    cr_assert_eq(r.outcome, IDEM_EXECUTED, "the key was free by the server's clock, yet outcome %d",
+                 r.outcome);
+    cr_assert_eq(atomic_load(&a.calls), 1);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+    proxy_stop(&p);
+    free(p.holder);
+}
+
+Test(redis, a_key_that_vanishes_at_every_claim_is_claimed_again_a_few_times_then_answered_409)
+{
+    proxy p;
+    proxy_start(&p, srv.ports[0]);
+    holder_record(&p, "idem:always-gone");
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", p.port);
+    idem_store *st = open_store(url);
+    idem_layer *l = layer_on(st, 300);
+    atomic_store(&p.vanish, 1000);
+    handler_arg a = {0};
+    idem_reply r = {0};
+    cr_assert_eq(run_key(l, "always-gone", 11, &a, &r), IDEM_OK, "%s", idem_last_error());
+    unsigned raced = atomic_load(&p.vanished);
+    atomic_store(&p.vanish, 0);
+    cr_assert(raced >= 2 && raced <= 5, "the claim was sent %u times: it is retried, a bounded number "
+              "of times", raced);
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert(r.retry_after_ms >= 1 && r.retry_after_ms <= 300,
+              "a 409 for a 300 ms lease says to come back in %u ms", r.retry_after_ms);
+    cr_assert_eq(atomic_load(&a.calls), 0);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(st);
+    proxy_stop(&p);
+    free(p.holder);
+}
+
+/* A key with no expiry has no time left the server can tell (PTTL -1):
+ * the hint is the deadline the holder wrote, but never past the lease. The
+ * same with the claim script of a server before 7.0. */
+Test(redis, a_started_record_without_expiry_gets_a_hint_within_the_lease)
+{
+    proxy p;
+    proxy_start(&p, srv.ports[0]);
+    holder_record(&p, "idem:no-expiry");
+    redisContext *c = raw();
+    freeReplyObject(raw_cmd(c, "SET %s %b", p.vanish_key, p.holder, p.holder_len));
+    char url[64];
+    snprintf(url, sizeof url, "redis://127.0.0.1:%u", p.port);
+    for (int script = 0; script < 2; script++) {
+        atomic_store(&p.old_set, script == 1);
+        idem_store *st = open_store(script ? url : srv.url);
+        idem_layer *l = layer_on(st, 300);
+        handler_arg a = {0};
+        idem_reply r = {0};
+        cr_assert_eq(run_key(l, "no-expiry", 9, &a, &r), IDEM_OK, "%s", idem_last_error());
+        cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+        cr_assert(r.retry_after_ms >= 1 && r.retry_after_ms <= 300, "%s: a 409 for a 300 ms lease says "
+                  "to come back in %u ms", script ? "script" : "SET NX GET", r.retry_after_ms);
+        cr_assert_eq(atomic_load(&a.calls), 0);
+        idem_reply_clear(&r);
+        idem_layer_free(l);
+        idem_store_close(st);
+    }
+    cr_assert_geq(atomic_load(&p.old_sets), 1, "the claim script was not used");
+    freeReplyObject(raw_cmd(c, "DEL %s", p.vanish_key));
+    redisFree(c);
+    proxy_stop(&p);
+    free(p.holder);
 }
 
 /* ---- a server that refuses writes, a reply that trickles, a huge value ---- */

@@ -373,7 +373,7 @@ Test(table, open_ex_is_called_instead_of_open_with_its_own_table_and_app_data)
     };
     idem_store *s;
     cr_assert_eq(idem_store_open_backend(&s, &t, "newmem://"), IDEM_OK, "%s", idem_last_error());
-    cr_assert_eq(((mem *)s->state)->app_data, config, "open_ex did not get its table's app_data");
+    cr_assert_eq(((mem *)idem__store_state(s))->app_data, config, "open_ex did not get its table's app_data");
 
     idem_layer *l;
     cr_assert_eq(idem_layer_new(&l, s, NULL), IDEM_OK);

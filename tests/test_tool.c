@@ -308,6 +308,32 @@ Test(tool, usage_errors_exit_64_and_help_is_complete)
     run_free(&r);
 }
 
+/* A command line typed wrong is refused without repeating a URL or an
+ * option's value, either of which may hold a password. */
+Test(tool, a_mistyped_command_line_never_repeats_a_password)
+{
+    static const char secret_url[] = "redis://:Sw0rdf1sh-xyzzy@127.0.0.1:1";
+    run r = tool(secret_url, "k", NULL);
+    cr_assert_eq(r.status, 64, "the command left out");
+    cr_assert_null(strstr(r.err, "Sw0rdf1sh"), "the command left out: %s", r.err);
+    assert_has(r, "command");
+    run_free(&r);
+    r = tool("show", "--url=redis://:Sw0rdf1sh-xyzzy@127.0.0.1:1", "k", NULL);
+    cr_assert_eq(r.status, 64, "an unknown option");
+    cr_assert_null(strstr(r.err, "Sw0rdf1sh"), "an unknown option: %s", r.err);
+    assert_has(r, "--url");
+    run_free(&r);
+    r = tool("show", url, "k", "x", secret_url, NULL);
+    cr_assert_eq(r.status, 64, "too many arguments");
+    cr_assert_null(strstr(r.err, "Sw0rdf1sh"), "too many arguments: %s", r.err);
+    run_free(&r);
+    r = tool("check", "redis+unix:///nonexistent/redis.sock?password=Sw0rd&f1sh-xyzzy", NULL);
+    cr_assert(r.status == 64 || r.status == 2, "an '&' in a password: status %d", r.status);
+    cr_assert_null(strstr(r.err, "f1sh"), "an '&' in a password: %s", r.err);
+    cr_assert_null(strstr(r.out, "f1sh"), "an '&' in a password: %s", r.out);
+    run_free(&r);
+}
+
 /* ---- check ---- */
 
 Test(tool, check_reports_what_the_store_promises)

@@ -297,6 +297,47 @@ Test(url, a_refused_url_never_repeats_its_password)
     cr_assert_null(strstr(idem_last_error(), "Hunter2pw"), "message: '%s'", idem_last_error());
 }
 
+/* An '&' in a password written into the query ends the parameter there, so
+ * what follows it may be the rest of the password: an unknown parameter
+ * after a password parameter is refused without being named. */
+Test(url, an_unknown_parameter_after_a_password_parameter_is_refused_without_naming_it)
+{
+    static const char *const unix_known[] = {"db", "password", "timeout_ms", NULL};
+    static const char *const sentinel_known[] = {"db", "sentinel_password", "timeout_ms", NULL};
+    static const struct {
+        const char *url;
+        const char *const *known;
+    } cases[] = {
+        {"redis+unix:///x.sock?password=Hunter&2secret", unix_known},
+        {"redis+unix:///x.sock?password=Hunter&2secret=more", unix_known},
+        {"redis+unix:///x.sock?password=Hunter&db=0&2secret", unix_known},
+        {"redis+unix:///x.sock?db=0&password=Hunter&timeout_ms=5&2secret", unix_known},
+        {"redis+sentinel://h:1/m?sentinel_password=Hunter&2secret", sentinel_known},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        parse_ok(cases[i].url);
+        cr_assert_eq(idem_url_check_params(url, "redis", cases[i].known), IDEM_EINVAL, "%s",
+                     cases[i].url);
+        const char *msg = idem_last_error();
+        cr_assert_null(strstr(msg, "2secret"), "%s: the message shows part of the password: '%s'",
+                       cases[i].url, msg);
+        cr_assert_null(strstr(msg, "Hunter"), "%s: the message shows the password: '%s'", cases[i].url,
+                       msg);
+        cr_assert_not_null(strstr(msg, "malformed"), "%s: message '%s'", cases[i].url, msg);
+        cr_assert_not_null(strstr(msg, "%26"), "%s: the message should say how to write '&': '%s'",
+                           cases[i].url, msg);
+    }
+    /* Before any password, an unknown parameter is named, as everywhere. */
+    parse_ok("redis+unix:///x.sock?tiemout_ms=5&password=Hunter");
+    cr_assert_eq(idem_url_check_params(url, "redis", unix_known), IDEM_EINVAL);
+    cr_assert_not_null(strstr(idem_last_error(), "'tiemout_ms' is unknown"), "message '%s'",
+                       idem_last_error());
+    cr_assert_null(strstr(idem_last_error(), "Hunter"), "message '%s'", idem_last_error());
+    /* Known parameters after it are fine. */
+    parse_ok("redis+unix:///x.sock?password=Hunter&db=2&timeout_ms=5");
+    cr_assert_eq(idem_url_check_params(url, "redis", unix_known), IDEM_OK, "%s", idem_last_error());
+}
+
 /* ---- query parameters as numbers ---- */
 
 Test(url, param_uint_reads_numbers_in_range_and_leaves_absent_ones_alone)

@@ -129,6 +129,13 @@ static void usage_error(const char *fmt, ...)
     exit(EXIT_USAGE);
 }
 
+/* A word of the command line that looks like a store URL, which may hold
+ * a password: the messages about a misplaced word never repeat it. */
+static bool may_be_url(const char *word)
+{
+    return strstr(word, "://") != NULL;
+}
+
 /* ---- bytes on the command line and on the terminal ---- */
 
 static int hexval(int c)
@@ -332,13 +339,17 @@ static void parse_args(int argc, char **argv, args *a)
             } else if (flag && !eq) {
                 *flag = true;
             } else {
-                usage_error("unknown option %s", s);
+                /* Only its name: its value may be a URL with a password. */
+                usage_error("unknown option --%.*s", (int)nlen, name);
             }
         } else if (!a->cmd) {
             a->cmd = s;
         } else if (a->npos < 3) {
             a->pos[a->npos++] = s;
         } else {
+            if (may_be_url(s))
+                usage_error("%s", "too many arguments (the extra one looks like a store URL, so it is "
+                                  "not repeated here)");
             usage_error("too many arguments (%s)", s);
         }
     }
@@ -523,6 +534,8 @@ int main(int argc, char **argv)
         fputs(usage_text, stdout);
         return EXIT_DONE;
     }
+    if (may_be_url(a.cmd))
+        usage_error("%s", "the command comes first, before the store URL (which is not repeated here)");
     usage_error("unknown command '%s'", a.cmd);
     return EXIT_USAGE;
 }

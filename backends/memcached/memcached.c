@@ -412,19 +412,12 @@ static uint8_t *envelope(const op *o, size_t *len)
     return v;
 }
 
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* Before each step of an op: let libmemcached wait only for what is left
  * of the call's timeout_ms (it reads the limit at every wait), or say the
  * time is up. */
 static memcached_return_t step_budget(memcached_st *mc, const op *o)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     if (now >= o->until_mono)
         return MEMCACHED_TIMEOUT;
     if (memcached_failed(memcached_behavior_set(mc, MEMCACHED_BEHAVIOR_POLL_TIMEOUT, o->until_mono - now)))
@@ -609,7 +602,7 @@ static int run_call(void *conn, void *arg, idem_conn_state *state)
 static int with_conn(store *s, op *o, op_fn fn)
 {
     call k = {.s = s, .o = o, .fn = fn};
-    o->until_mono = mono_ms() + s->timeout_ms; /* the retry on a new connection shares it */
+    o->until_mono = idem_mono_ms() + s->timeout_ms; /* the retry on a new connection shares it */
     return idem_pool_run(s->pool, run_call, &k);
 }
 

@@ -70,13 +70,6 @@ static void registry_lock(void) { pthread_mutex_lock(&registry_mu); }
 static void registry_unlock(void) { pthread_mutex_unlock(&registry_mu); }
 static void registry_atfork(void) { (void)pthread_atfork(registry_lock, registry_unlock, registry_unlock); }
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 static uint64_t deadline(uint64_t now, uint64_t ms)
 {
     return ms > UINT64_MAX - now ? UINT64_MAX : now + ms;
@@ -313,7 +306,7 @@ static int mem_claim(void *state, const void *key, size_t key_len, const void *r
     *existing = NULL;
     *existing_len = 0;
     pthread_mutex_lock(&t->mu);
-    uint64_t now = now_ms();
+    uint64_t now = idem_mono_ms();
     entry *e = find(t, key, key_len, now);
     idem_record_info mine;
     int rc;
@@ -335,7 +328,7 @@ static int mem_commit(void *state, const void *key, size_t key_len, const uint8_
 {
     table *t = state;
     pthread_mutex_lock(&t->mu);
-    uint64_t now = now_ms();
+    uint64_t now = idem_mono_ms();
     entry *e = find(t, key, key_len, now);
     int rc = IDEM_ELOST;
     if (fenced(e, token, IDEM_STATE_STARTED))
@@ -350,7 +343,7 @@ static int mem_release(void *state, const void *key, size_t key_len, const uint8
 {
     table *t = state;
     pthread_mutex_lock(&t->mu);
-    entry *e = find(t, key, key_len, now_ms());
+    entry *e = find(t, key, key_len, idem_mono_ms());
     int rc = IDEM_ELOST;
     if (fenced(e, token, IDEM_STATE_STARTED)) {
         unlink_entry(t, e);
@@ -365,7 +358,7 @@ static int mem_extend(void *state, const void *key, size_t key_len, const uint8_
 {
     table *t = state;
     pthread_mutex_lock(&t->mu);
-    uint64_t now = now_ms();
+    uint64_t now = idem_mono_ms();
     entry *e = find(t, key, key_len, now);
     int rc = IDEM_ELOST;
     if (fenced(e, token, IDEM_STATE_STARTED))
@@ -381,7 +374,7 @@ static int mem_read(void *state, const void *key, size_t key_len, void **record,
     *record = NULL;
     *record_len = 0;
     pthread_mutex_lock(&t->mu);
-    uint64_t now = now_ms();
+    uint64_t now = idem_mono_ms();
     entry *e = find(t, key, key_len, now);
     int rc = IDEM_OK;
     if (e) {
@@ -396,7 +389,7 @@ static int mem_remove(void *state, const void *key, size_t key_len, bool *delete
 {
     table *t = state;
     pthread_mutex_lock(&t->mu);
-    entry *e = find(t, key, key_len, now_ms());
+    entry *e = find(t, key, key_len, idem_mono_ms());
     *deleted = e != NULL;
     if (e)
         unlink_entry(t, e);

@@ -125,9 +125,10 @@ static const char *const stmt_sql[ST_COUNT] = {
     [ST_RELEASE] =
         "(bytea, bytea) AS DELETE FROM @T "
         "WHERE key = $1 AND token = $2 AND state = 'S' AND expires_at > clock_timestamp()",
-    /* $1 key, $2 token, $3 record, $4 lease ms; rows updated. */
+    /* $1 key, $2 token, $3 record, $4 lease ms; rows updated. The token
+     * comes from the record: a takeover writes another one. */
     [ST_EXTEND] =
-        "(bytea, bytea, bytea, bigint) AS UPDATE @T SET value = $3, "
+        "(bytea, bytea, bytea, bigint) AS UPDATE @T SET token = substring($3 FROM 9 FOR 16), value = $3, "
         "expires_at = clock_timestamp() + " MS("$4") " "
         "WHERE key = $1 AND token = $2 AND state = 'S' AND expires_at > clock_timestamp()",
     /* $1 key -> the live record and the ms left on it, or no row. */
@@ -197,13 +198,6 @@ typedef struct store {
     idem_pool       *pool;
     _Atomic uint64_t next_cleanup_ms;
 } store;
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 /* ---- messages ---- */
 
@@ -345,7 +339,7 @@ static int await_result(const store *s, PGconn *pg, uint64_t deadline, unsigned 
             return conn_error(s, pg, what);
         if (flushed == 0 && !PQisBusy(pg))
             return IDEM_OK;
-        uint64_t now = mono_ms();
+        uint64_t now = idem_mono_ms();
         if (now >= deadline)
             return idem_driver_error(IDEM_EBACKEND, s->where, what,
                                      "no reply within %u ms; the server may be frozen or unreachable "
@@ -444,7 +438,7 @@ static int connect_raw(store *s, PGconn **out, uint64_t deadline)
             PQfinish(pg);
             return rc;
         }
-        uint64_t now = mono_ms();
+        uint64_t now = idem_mono_ms();
         if (now >= deadline) {
             PQfinish(pg);
             return idem_driver_error(IDEM_EBACKEND, s->where, what,
@@ -473,7 +467,7 @@ static int connect_raw(store *s, PGconn **out, uint64_t deadline)
 static int pool_connect(void *ctx, void **conn)
 {
     store *s = ctx;
-    uint64_t deadline = mono_ms() + s->connect_ms;
+    uint64_t deadline = idem_mono_ms() + s->connect_ms;
     PGconn *pg;
     int rc = connect_raw(s, &pg, deadline);
     if (rc)
@@ -545,7 +539,7 @@ static int exec_stmt(store *s, PGconn *pg, enum stmt_id id, int nparams, const c
         return conn_error(s, pg, what);
     }
     PGresult *res;
-    int rc = collect(s, pg, mono_ms() + timeout, timeout, what, &res);
+    int rc = collect(s, pg, idem_mono_ms() + timeout, timeout, what, &res);
     if (rc) {
         *state = IDEM_CONN_BROKEN;
         return rc;
@@ -568,7 +562,7 @@ static bool is_serialization_failure(const PGresult *res)
  * failure is left for the next time, unless the connection broke. */
 static void maybe_cleanup(store *s, PGconn *pg, idem_conn_state *state)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     uint64_t due = atomic_load_explicit(&s->next_cleanup_ms, memory_order_relaxed);
     if (now < due ||
         !atomic_compare_exchange_strong(&s->next_cleanup_ms, &due, now + CLEANUP_INTERVAL_MS))
@@ -608,7 +602,7 @@ static int op_fn(void *conn, void *arg, idem_conn_state *state)
             return conn_error(s, pg, stmt_what[o->id]);
         }
         unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
-        int rc = collect(s, pg, mono_ms() + timeout, timeout, stmt_what[o->id], &res);
+        int rc = collect(s, pg, idem_mono_ms() + timeout, timeout, stmt_what[o->id], &res);
         if (rc) {
             *state = IDEM_CONN_BROKEN;
             return rc;
@@ -873,6 +867,26 @@ static int parse_table(store *s, const char *name)
                               "63 lower-case letters, digits and '_' (not starting with a digit), "
                               "optionally after a schema name and a '.': table=idempotency_keys or "
                               "table=app.idempotency_keys");
+    /* pg_temp (an alias of the session's pg_temp_N, with its pg_toast_temp_N)
+     * holds tables that exist in one connection only: the one that made the
+     * table would see it, every other connection of the pool, and of every
+     * other process, would not, and no two of them would share a key. Left
+     * to the server, that shows up as a table missing from the next
+     * connection, which reads like a table dropped meanwhile. */
+    size_t schema_len = dot ? (size_t)(dot - name) : 0;
+    if (schema_len >= 7 && (strncmp(name, "pg_temp", 7) == 0 || strncmp(name, "pg_toast_temp", 13) == 0))
+        return idem_error_set(IDEM_EINVAL, DRIVER " URL parameter table=%s names a temporary table, "
+                              "which exists only in the connection that made it; this store keeps a "
+                              "pool of connections (and every process its own), which must all see "
+                              "the same table: name one in an ordinary schema, e.g. "
+                              "table=idempotency_keys or table=app.idempotency_keys", name);
+    /* Names that start with pg_ are reserved for the system's schemas. */
+    if ((schema_len >= 3 && strncmp(name, "pg_", 3) == 0) ||
+        (schema_len == 18 && strncmp(name, "information_schema", 18) == 0))
+        return idem_error_set(IDEM_EINVAL, DRIVER " URL parameter table=%s names a table in the "
+                              "system schema %.*s, which belongs to PostgreSQL: name one in a schema "
+                              "of your own, e.g. table=app.idempotency_keys (or table=idempotency_keys "
+                              "for the first schema of the search_path)", name, (int)schema_len, name);
     int n = dot ? asprintf(&s->table, "\"%.*s\".\"%s\"", (int)(dot - name), name, dot + 1)
                 : asprintf(&s->table, "\"%s\"", name);
     if (n < 0) {
@@ -1167,9 +1181,9 @@ static int pg_open(void **state, const idem_url *url)
      * and not at the first request; then keep one prepared connection. */
     PGconn *pg = NULL;
     if (rc == IDEM_OK)
-        rc = connect_raw(s, &pg, mono_ms() + s->connect_ms);
+        rc = connect_raw(s, &pg, idem_mono_ms() + s->connect_ms);
     if (rc == IDEM_OK) {
-        rc = schema_ensure(s, pg, mono_ms() + s->connect_ms);
+        rc = schema_ensure(s, pg, idem_mono_ms() + s->connect_ms);
         PQfinish(pg);
     }
     if (rc == IDEM_OK) {

@@ -341,19 +341,12 @@ static struct timeval tv_ms(uint64_t ms)
     return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
 }
 
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
 /* Before one read or write: fit the socket's timeout to the time left
  * until deadline, so that no read or write, and so no reply however it
  * trickles in, outlasts it. false when the time is up. */
 static bool conn_budget(conn *c, uint64_t deadline)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     if (now >= deadline) {
         c->timed_out = true;
         return false;
@@ -458,7 +451,7 @@ static int conn_setup(store *s, const char *where, conn *c)
         sent[n++] = ROLE;
     }
     int ret = IDEM_OK;
-    uint64_t deadline = mono_ms() + s->command_ms;
+    uint64_t deadline = idem_mono_ms() + s->command_ms;
     for (int i = 0; i < n; i++) {
         const char *what = sent[i] == AUTH ? "authenticating"
                          : sent[i] == SELECT ? "selecting the database" : "checking the role";
@@ -737,7 +730,7 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         snprintf(t, sizeof t, "%u", s->wait_timeout_ms);
         const char *argv[3] = {"WAIT", n, t};
         size_t lens[3] = {4, strlen(n), strlen(t)};
-        redisReply *w = conn_command(c, mono_ms() + s->wait_timeout_ms + s->command_ms, 3, argv, lens);
+        redisReply *w = conn_command(c, idem_mono_ms() + s->wait_timeout_ms + s->command_ms, 3, argv, lens);
         if (!w) {
             freeReplyObject(r);
             freeReplyObject(o->reply2);
@@ -950,7 +943,7 @@ static int check_run(void *connp, void *arg, idem_conn_state *state)
 static int resolve_master(store *s, uint64_t deadline)
 {
     int rc = IDEM_EBACKEND;
-    for (size_t i = 0; i < s->nsentinels && (i == 0 || mono_ms() < deadline); i++) {
+    for (size_t i = 0; i < s->nsentinels && (i == 0 || idem_mono_ms() < deadline); i++) {
         node *m = NULL;
         rc = sentinel_ask(s, &s->sentinels[i], deadline, &m);
         ask_arg a = {.n = m, .deadline = deadline};
@@ -979,7 +972,7 @@ static int refresh_slots(store *s, uint64_t deadline)
     node *first = s->nodes;
     pthread_mutex_unlock(&s->mu);
     int rc = IDEM_EBACKEND;
-    for (node *n = first; n && (n == first || mono_ms() < deadline); n = n->next) {
+    for (node *n = first; n && (n == first || idem_mono_ms() < deadline); n = n->next) {
         ask_arg a = {.n = n, .deadline = deadline};
         rc = idem_pool_run(n->pool, slots_run, &a);
         if (rc == IDEM_OK || rc == IDEM_ENOMEM)
@@ -994,11 +987,11 @@ static int refresh_slots(store *s, uint64_t deadline)
 static int learn(store *s, bool force, uint64_t deadline)
 {
     pthread_mutex_lock(&s->learn_mu);
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     int rc = IDEM_OK;
     if (force || now - s->learned_ms >= LEARN_INTERVAL_MS) {
         rc = s->topo == TOPO_CLUSTER ? refresh_slots(s, deadline) : resolve_master(s, deadline);
-        s->learned_ms = mono_ms();
+        s->learned_ms = idem_mono_ms();
         atomic_store(&s->unsure, rc != IDEM_OK);
         atomic_fetch_add(&s->learned, 1);
     }
@@ -1015,7 +1008,7 @@ static node *route(store *s, unsigned slot)
 /* Sleep ms, but not past deadline. */
 static void backoff(uint64_t deadline, unsigned ms)
 {
-    uint64_t now = mono_ms();
+    uint64_t now = idem_mono_ms();
     if (now + ms > deadline)
         ms = now < deadline ? (unsigned)(deadline - now) : 0;
     struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
@@ -1039,7 +1032,7 @@ static void backoff(uint64_t deadline, unsigned ms)
 static int op_exec(store *s, op *o, const void *key, size_t key_len)
 {
     if (!o->deadline) /* else the deadline of the operation this one continues */
-        o->deadline = mono_ms() + s->command_ms;
+        o->deadline = idem_mono_ms() + s->command_ms;
     o->acked = -1;
     unsigned slot = s->topo == TOPO_CLUSTER ? key_slot(key, key_len) : 0;
     const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
@@ -1047,7 +1040,7 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
     if (s->topo != TOPO_SINGLE && atomic_load(&s->unsure))
         (void)learn(s, false, o->deadline);
     for (int hop = 0;; hop++) {
-        bool last = hop + 1 >= MAX_HOPS || mono_ms() >= o->deadline;
+        bool last = hop + 1 >= MAX_HOPS || idem_mono_ms() >= o->deadline;
         node *n = ask ? ask : route(s, slot);
         if (!n && s->topo != TOPO_SINGLE && learn(s, false, o->deadline) == IDEM_OK)
             n = route(s, slot);
@@ -1068,7 +1061,7 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
              * another may have taken over. */
             if (rc != IDEM_EBACKEND || s->topo == TOPO_SINGLE)
                 return rc;
-            if (last || mono_ms() >= o->deadline) {
+            if (last || idem_mono_ms() >= o->deadline) {
                 atomic_store(&s->unsure, true);
                 return rc;
             }
@@ -1405,7 +1398,7 @@ static int load_scripts_run(void *connp, void *arg, idem_conn_state *state)
         }
     }
     int ret = IDEM_OK;
-    uint64_t deadline = mono_ms() + s->command_ms;
+    uint64_t deadline = idem_mono_ms() + s->command_ms;
     for (int i = 0; i < SC_COUNT; i++) {
         redisReply *r = conn_reply(c, deadline);
         if (!r) {
@@ -1441,7 +1434,7 @@ static int rd_open(void **state, const idem_url *url)
     /* Connect now, so a wrong address or password fails here and not at
      * the first request; the connection stays in the pool. */
     if (rc == IDEM_OK && s->topo != TOPO_SINGLE)
-        rc = learn(s, true, mono_ms() + s->command_ms);
+        rc = learn(s, true, idem_mono_ms() + s->command_ms);
     if (rc == IDEM_OK && s->topo == TOPO_CLUSTER) {
         first = NULL;
         for (unsigned k = 0; k < CLUSTER_SLOTS && !first; k++)
@@ -1474,16 +1467,36 @@ static void format_ms(char *buf, size_t len, uint64_t ms, size_t *out_len)
     *out_len = (size_t)n;
 }
 
-/* A key that is taken by the string v (pttl: its PTTL): IDEM_OK and the
- * record in *existing. */
-static int taken_by(const redisReply *v, long long pttl, void **existing, size_t *existing_len,
-                    uint32_t *remaining_ms)
+/* A key that is taken by the string v: IDEM_OK, the record in *existing
+ * and the time left on it in *remaining_ms. pttl is the key's PTTL: -1 for
+ * no expiry (or no answer), -2 for a key gone since v was read. lease_ms is
+ * the lease of the claim that found it, 0 for a read.
+ *
+ * The time left is the server's, whose clock is the one that frees the key.
+ * A key with no expiry is not one this library wrote (its claims always
+ * expire); there only the deadline in the record is left, written by the
+ * holder's clock, which may run an hour fast: for a claim, that is never
+ * counted for more than lease_ms, so that a duplicate is never told to wait
+ * past a lease. */
+static int taken_by(const redisReply *v, long long pttl, uint32_t lease_ms, void **existing,
+                    size_t *existing_len, uint32_t *remaining_ms)
 {
     int rc = idem_record_dup("redis", v->str, v->len, existing, existing_len);
     if (rc)
         return rc;
-    /* -1: no expiry (not a record of ours), so the core reads the deadline. */
-    *remaining_ms = pttl < 0 ? UINT32_MAX : pttl >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)pttl;
+    idem_record_info info;
+    if (pttl >= 0) {
+        *remaining_ms = pttl >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)pttl;
+    } else if (pttl == -2) {
+        *remaining_ms = 0; /* freed meanwhile: nothing is left of it */
+    } else if (lease_ms && idem_record_peek(v->str, v->len, &info) == IDEM_OK &&
+               info.state == IDEM_STATE_STARTED) {
+        uint64_t now = idem_now_ms(), cap = lease_ms < UINT32_MAX ? lease_ms : UINT32_MAX - 1;
+        uint64_t left = info.deadline_ms > now ? info.deadline_ms - now : 0;
+        *remaining_ms = (uint32_t)(left < cap ? left : cap);
+    } else {
+        *remaining_ms = UINT32_MAX; /* a read, or a COMPLETED record: the core reads the record */
+    }
     return IDEM_OK;
 }
 
@@ -1506,8 +1519,8 @@ static int foreign_length(const store *s, const char *where, const char *what, l
 /* A key that is taken, from the answer of the claim or read script:
  * IDEM_OK and the record in *existing, or IDEM_ECORRUPT for a value that
  * cannot be a record (another type, too long to read). */
-static int taken(store *s, const char *where, enum script_id id, redisReply *r, void **existing,
-                 size_t *existing_len, uint32_t *remaining_ms)
+static int taken(store *s, const char *where, enum script_id id, redisReply *r, uint32_t lease_ms,
+                 void **existing, size_t *existing_len, uint32_t *remaining_ms)
 {
     if (r->type != REDIS_REPLY_ARRAY || r->elements < 2 || r->elements > 3 ||
         (r->element[0]->type != REDIS_REPLY_STRING && r->element[0]->type != REDIS_REPLY_INTEGER) ||
@@ -1519,7 +1532,8 @@ static int taken(store *s, const char *where, enum script_id id, redisReply *r, 
         return foreign_type(where, script_what[id], r->element[2]->str);
     if (r->element[0]->type == REDIS_REPLY_INTEGER)
         return foreign_length(s, where, script_what[id], r->element[0]->integer);
-    return taken_by(r->element[0], r->element[1]->integer, existing, existing_len, remaining_ms);
+    return taken_by(r->element[0], r->element[1]->integer, lease_ms, existing, existing_len,
+                    remaining_ms);
 }
 
 /* Send a plain command about key, with PTTL key pipelined after it when
@@ -1546,10 +1560,11 @@ static int plain_op(store *s, op *o, const void *key, size_t key_len, int argc, 
 /* What the claim, or the read after a refused one, found under the key:
  * claimed (the value is this claim's record: a try whose reply was lost),
  * or the record of another in *existing, or IDEM_ECORRUPT for a value that
- * cannot be a record. r is a string, nil or an error reply. */
+ * cannot be a record. r is a string, nil or an error reply. *gone: the
+ * record of another was read, but the PTTL after it found the key gone. */
 static int plain_found(store *s, const op *o, const void *key, size_t key_len, const void *record,
-                       size_t record_len, bool *claimed, void **existing, size_t *existing_len,
-                       uint32_t *remaining_ms)
+                       size_t record_len, uint32_t lease_ms, bool *claimed, bool *gone,
+                       void **existing, size_t *existing_len, uint32_t *remaining_ms)
 {
     const char *where = o->n->where, *what = script_what[SC_CLAIM];
     const redisReply *r = o->reply, *t = o->reply2;
@@ -1560,8 +1575,9 @@ static int plain_found(store *s, const op *o, const void *key, size_t key_len, c
             *claimed = true;
             return IDEM_OK;
         }
-        return taken_by(r, t && t->type == REDIS_REPLY_INTEGER ? t->integer : -1, existing,
-                        existing_len, remaining_ms);
+        long long pttl = t && t->type == REDIS_REPLY_INTEGER ? t->integer : -1;
+        *gone = pttl == -2;
+        return taken_by(r, pttl, lease_ms, existing, existing_len, remaining_ms);
     }
     if (r->type == REDIS_REPLY_ERROR && !reply_is(r, "WRONGTYPE"))
         return reply_error(where, r, what);
@@ -1601,10 +1617,12 @@ static bool refused_write(const redisReply *r)
  * A server that refuses the write (OOM at maxmemory, MISCONF) may still
  * hold the record a replay needs: it is read (GET, PTTL), and the refusal
  * is the answer only when nothing is there. 1: this server does not take
- * NX with GET (before 7.0): claim with the script. */
+ * NX with GET (before 7.0): claim with the script. The two commands are
+ * not atomic: a key whose lease ends (or whose holder frees it) between
+ * them has its record read and PTTL -2, *gone. */
 static int claim_plain(store *s, const void *key, size_t key_len, const void *record,
-                       size_t record_len, uint32_t lease_ms, bool *claimed, void **existing,
-                       size_t *existing_len, uint32_t *remaining_ms, op_result *res)
+                       size_t record_len, uint32_t lease_ms, bool *claimed, bool *gone,
+                       void **existing, size_t *existing_len, uint32_t *remaining_ms, op_result *res)
 {
     char lease[24];
     size_t lease_len;
@@ -1635,14 +1653,14 @@ static int claim_plain(store *s, const void *key, size_t key_len, const void *re
             if (rc == IDEM_OK && g.reply && g.reply->type == REDIS_REPLY_NIL)
                 rc = reply_error(res->where, r, script_what[SC_CLAIM]);
             else if (rc == IDEM_OK)
-                rc = plain_found(s, &g, key, key_len, record, record_len, claimed, existing,
-                                 existing_len, remaining_ms);
+                rc = plain_found(s, &g, key, key_len, record, record_len, lease_ms, claimed, gone,
+                                 existing, existing_len, remaining_ms);
             freeReplyObject(g.reply);
             freeReplyObject(g.reply2);
         }
     } else {
-        rc = plain_found(s, &o, key, key_len, record, record_len, claimed, existing, existing_len,
-                         remaining_ms);
+        rc = plain_found(s, &o, key, key_len, record, record_len, lease_ms, claimed, gone, existing,
+                         existing_len, remaining_ms);
     }
     freeReplyObject(o.reply);
     freeReplyObject(o.reply2);
@@ -1671,27 +1689,48 @@ static int claim_script(store *s, const void *key, size_t key_len, const void *r
         memcmp(r->element[0]->str, record, record_len) == 0)
         *claimed = true;
     if (!*claimed)
-        rc = taken(s, res->where, SC_CLAIM, r, existing, existing_len, remaining_ms);
+        rc = taken(s, res->where, SC_CLAIM, r, lease_ms, existing, existing_len, remaining_ms);
     freeReplyObject(r);
     return rc;
 }
+
+/* How many times a claim is sent while the key it finds is gone by the
+ * time its PTTL runs (claim_plain()). */
+#define CLAIM_TRIES 3
 
 static int rd_claim(void *state, const void *key, size_t key_len, const void *record,
                     size_t record_len, uint32_t lease_ms, void **existing, size_t *existing_len,
                     uint32_t *remaining_ms)
 {
     store *s = state;
-    *existing = NULL;
-    *existing_len = 0;
-    bool claimed = false;
-    op_result res = {.where = "redis", .acked = -1};
-    int rc = 1;
-    if (!atomic_load(&s->claim_script))
-        rc = claim_plain(s, key, key_len, record, record_len, lease_ms, &claimed, existing,
-                         existing_len, remaining_ms, &res);
-    if (rc == 1)
-        rc = claim_script(s, key, key_len, record, record_len, lease_ms, &claimed, existing,
-                          existing_len, remaining_ms, &res);
+    bool claimed;
+    op_result res;
+    int rc;
+    for (int tries = 1;; tries++) {
+        *existing = NULL;
+        *existing_len = 0;
+        claimed = false;
+        res = (op_result){.where = "redis", .acked = -1};
+        bool gone = false;
+        rc = 1;
+        if (!atomic_load(&s->claim_script))
+            rc = claim_plain(s, key, key_len, record, record_len, lease_ms, &claimed, &gone, existing,
+                             existing_len, remaining_ms, &res);
+        if (rc == 1)
+            rc = claim_script(s, key, key_len, record, record_len, lease_ms, &claimed, existing,
+                              existing_len, remaining_ms, &res);
+        /* The record found was freed before its PTTL ran: by the server's
+         * clock, the one that counts, the key is free, so claim it again
+         * rather than answer with a time left that only the deadline in
+         * that record (the holder's clock) could give. A few times, for a
+         * key that keeps changing hands; then the record is answered as
+         * having no time left, and the duplicate comes back at once. */
+        if (rc == IDEM_OK && gone && tries < CLAIM_TRIES) {
+            free(*existing);
+            continue;
+        }
+        break;
+    }
     if (rc)
         return rc;
     if (claimed && s->wait_replicas && res.acked < (long long)s->wait_replicas) {
@@ -1767,7 +1806,7 @@ static int rd_read(void *state, const void *key, size_t key_len, void **record, 
     if (rc)
         return rc;
     if (!(r->type == REDIS_REPLY_INTEGER && r->integer == 0))
-        rc = taken(s, res.where, SC_READ, r, record, record_len, remaining_ms);
+        rc = taken(s, res.where, SC_READ, r, 0, record, record_len, remaining_ms);
     freeReplyObject(r);
     return rc;
 }

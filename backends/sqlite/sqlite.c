@@ -57,7 +57,9 @@ static const char *const stmt_sql[S_COUNT] = {
     [S_STATE] = "SELECT state FROM idem_records WHERE key = ?1 AND token = ?2 AND expires_at > ?3",
     [S_RELEASE] = "DELETE FROM idem_records "
                   "WHERE key = ?1 AND token = ?2 AND state = 'S' AND expires_at > idem_now_ms()",
-    [S_EXTEND] = "UPDATE idem_records SET value = ?1, expires_at = idem_now_ms() + ?2 "
+    /* The token comes from the record: a takeover writes another one. */
+    [S_EXTEND] = "UPDATE idem_records SET token = substr(?1, 9, 16), value = ?1, "
+                 "expires_at = idem_now_ms() + ?2 "
                  "WHERE key = ?3 AND token = ?4 AND state = 'S' AND expires_at > idem_now_ms()",
     [S_CLEANUP] = "DELETE FROM idem_records WHERE key IN "
                   "(SELECT key FROM idem_records WHERE expires_at <= ?1 LIMIT " CLEANUP_BATCH ")",
@@ -105,13 +107,6 @@ typedef struct store {
     wqueue           wq;
     _Atomic uint64_t next_cleanup_ms;
 } store;
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 /* ---- the write queue ---- */
 
@@ -392,13 +387,13 @@ static int begin_write(store *s, conn *c, const char *what)
         return wq_lock(&s->wq, 0, &(unsigned){0}) ? IDEM_OK
                : sq_error(s, IDEM_EBACKEND, what, "another thread of this process is writing and "
                           "busy_timeout_ms is 0; retry, or raise busy_timeout_ms");
-    uint64_t start = mono_ms();
+    uint64_t start = idem_mono_ms();
     unsigned ahead = 0;
     if (!wq_lock(&s->wq, s->busy_ms, &ahead))
         return sq_error(s, IDEM_EBACKEND, what, "%u threads of this process were waiting to write "
                         "before this one, and its turn did not come within busy_timeout_ms (%d ms); "
                         "retry, raise busy_timeout_ms, or use fewer threads", ahead, s->busy_ms);
-    uint64_t waited = mono_ms() - start;
+    uint64_t waited = idem_mono_ms() - start;
     sqlite3_busy_timeout(c->db, waited >= (uint64_t)s->busy_ms ? 1 : s->busy_ms - (int)waited);
     return IDEM_OK;
 }

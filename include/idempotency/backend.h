@@ -36,7 +36,8 @@ extern "C" {
  *   offset size
  *        0    4  magic "IDEM"
  *        4    1  format version: 1, or 2 for a COMPLETED record with header
- *                fields (since 0.2; 0.1.0 refuses it as IDEM_ECORRUPT)
+ *                fields (since 0.2; 0.1.0 refuses it as IDEM_ECORRUPT), or 3
+ *                for a STARTED record with a checkpoint (since 0.3)
  *        5    1  state: 'S' (STARTED) or 'C' (COMPLETED)
  *        6    1  flags (core-private)
  *        7    1  zero
@@ -45,11 +46,21 @@ extern "C" {
  *                (STARTED; 0 in a COMPLETED record)
  *       32   32  SHA-256 digest of the request fingerprint
  *
- * A STARTED record is exactly the header; a COMPLETED record continues with
- * the response. A COMPLETED record keeps the token of the claim that
+ * A STARTED record is the header, and a checkpoint when it has one; a
+ * COMPLETED record continues with the response. A COMPLETED record keeps the token of the claim that
  * committed it, so a commit retried after a lost reply is recognised.
  *
  * The response (integers big-endian):
+ *
+ * A STARTED record with a checkpoint (format 3, since 0.3; 0.2 refuses it
+ * as IDEM_ECORRUPT) continues after the header:
+ *
+ *   64  4  kept: milliseconds the store keeps the record after its lease
+ *          ends, so that the next holder finds the checkpoint
+ *   68  2  name length N (1..IDEM_CHECKPOINT_NAME_MAX)
+ *   70  2  zero
+ *   72  4  data length D (0..IDEM_CHECKPOINT_MAX)
+ *   76  N  name, then D bytes of data
  *
  *   format 1                         format 2
  *   64  4  status (100..999)         64  4  status
@@ -86,6 +97,10 @@ IDEM_API int idem_record_peek(const void *rec, size_t len, idem_record_info *out
 /* Milliseconds since the Unix epoch by the wall clock (CLOCK_REALTIME), the
  * clock of the deadline above. */
 IDEM_API uint64_t idem_now_ms(void);
+
+/* Milliseconds of CLOCK_MONOTONIC (since 0.3): the clock a driver measures
+ * its timeouts and budgets by, never a deadline stored in a record. */
+IDEM_API uint64_t idem_mono_ms(void);
 
 /* Encode a record as the core writes it, without a request: for a driver's
  * own tests and for tools. state IDEM_STATE_STARTED: the claim of token with
@@ -169,7 +184,10 @@ IDEM_API int idem_driver_error(int err, const char *where, const char *what, con
 
 /* IDEM_OK when every query parameter of url is named in known (a
  * NULL-terminated list); else IDEM_EINVAL with a message that names the
- * driver, the unknown parameter and the known ones. */
+ * driver, the unknown parameter and the known ones. A known parameter whose
+ * name ends in "password" holds a secret: an unknown parameter after it may
+ * be the rest of a password that held an unescaped '&', so the message then
+ * says the URL is malformed without naming it. */
 IDEM_API int idem_url_check_params(const idem_url *url, const char *driver, const char *const *known);
 
 /* Copy len bytes of src into a new buffer that the core frees: how a driver
@@ -273,7 +291,7 @@ IDEM_API int idem_findings_add(idem_findings *list, idem_finding_level level, co
  * at least N and the member is not NULL, and falls back as each member says
  * otherwise. The version grows by one with every change to the table.
  */
-#define IDEM_BACKEND_VERSION 2
+#define IDEM_BACKEND_VERSION 3
 
 /* The longest store key a driver is given: a prefix (255), a scope tag (33)
  * and a key (1024). */
@@ -415,7 +433,65 @@ struct idem_backend {
      * of several that is down is a warning). Must not change the store.
      * NULL member: IDEM_EUNSUPPORTED. */
     int (*check)(void *state, idem_findings *out);
+
+    /* ---- version 3 ----
+     *
+     * Duties a version-3 table takes on for the members above:
+     *   - extend's record may carry another token than token, and may be
+     *     longer than the header (a STARTED record with a checkpoint): the
+     *     core takes a key over that way, fenced by the old holder's token,
+     *     and saves checkpoints. Store the record as given and fence every
+     *     later call by the token inside it. An extend sent again after its
+     *     reply was lost then finds the new token and answers IDEM_ELOST,
+     *     which the core settles by claiming again.
+     *   - claim, read and extend handle STARTED records longer than the
+     *     header like any other.
+     * The core saves checkpoints and takes keys over only on a table of
+     * version 3 or more; on an older one they are IDEM_EUNSUPPORTED.
+     *
+     * The members below are for stores that are a database the caller can
+     * work in (PostgreSQL, SQLite); the others leave them NULL, and
+     * idem_run_tx() and idem_commit_tx() then answer IDEM_EUNSUPPORTED.
+     * The three come together: all set, or none.
+     */
+
+    /* Take one of the store's connections and open a transaction on it.
+     * IDEM_OK: *conn is the native handle given to the handler (PGconn *,
+     * sqlite3 *), *tx what tx_end() gets back. The transaction must not
+     * lock the key's record: a duplicate must still be answered at once
+     * while the handler runs. */
+    int (*tx_begin)(void *state, void **tx, void **conn);
+
+    /* In the transaction open on conn (tx_begin's, or the caller's own
+     * connection to the store's database), if the record under key is
+     * STARTED and carries token, replace it by record (a COMPLETED record,
+     * or a STARTED one with a checkpoint) with an expiry of expiry_ms, and
+     * commit the transaction: IDEM_OK. Fence by the token alone, expired or
+     * not: a lease that ended with nobody taking the key over leaves the
+     * holder's work valid, and a taker's own write changes the token.
+     * Otherwise roll the transaction back: IDEM_ELOST.
+     * A write or commit that fails: roll back (as far as the connection
+     * allows) and return IDEM_EBACKEND with *outcome IDEM_TX_ROLLED_BACK,
+     * or IDEM_TX_RETRY when the database refused it for a conflict with
+     * another transaction (a serialization failure, a deadlock: the same
+     * work in a new transaction may succeed). A commit whose outcome is
+     * unknown (the connection broke during it) must be settled, never
+     * guessed: make sure the old transaction can no longer commit, then
+     * read the record on another connection. It holds record: IDEM_OK.
+     * Anything else: IDEM_EBACKEND, IDEM_TX_ROLLED_BACK. Cannot tell:
+     * IDEM_EBACKEND, IDEM_TX_UNKNOWN. */
+    int (*tx_write)(void *state, void *conn, const void *key, size_t key_len, const uint8_t *token,
+                    const void *record, size_t record_len, uint64_t expiry_ms, int *outcome);
+
+    /* Give back the connection of tx_begin(), rolling back whatever is still
+     * open on it. Must not fail. */
+    void (*tx_end)(void *state, void *tx);
 };
+
+/* What became of a transaction that tx_write() could not commit. */
+#define IDEM_TX_ROLLED_BACK 0
+#define IDEM_TX_RETRY       1
+#define IDEM_TX_UNKNOWN     2
 
 /* Open a store on a driver of your own. The table is checked: a version
  * outside 1..IDEM_BACKEND_VERSION or a missing mandatory function is

@@ -136,10 +136,14 @@ typedef struct idem_options {
     uint32_t    commit_timeout_ms; /* how long idem_run() and idem_commit() retry a failed
                                       commit; default 0: until the lease nearly ends. Set it
                                       below the HTTP timeout in front of the service */
+    /* ---- since 0.3 ---- */
+    const char *subkey_secret;     /* mixed into idem_claim_subkey(); copied; default NULL (none).
+                                      Give every machine the same one, and never change it while
+                                      keys live: a changed secret gives a step a new subkey */
     /* Later versions take new fields from this space, so the struct keeps
      * its size; idem_options_init() fills them all, so always call it before
      * setting fields of your own. */
-    uint64_t    reserved_[6];
+    uint64_t    reserved_[5];
 } idem_options;
 
 /* Fill *opts with the defaults above. NULL is a no-op. */
@@ -389,6 +393,144 @@ IDEM_API int idem_abort(idem_claim *claim);
  * and free it. IDEM_EBACKEND or IDEM_ENOMEM: the old lease stands.
  * IDEM_EINVAL: NULL claim or lease 0. */
 IDEM_API int idem_extend(idem_claim *claim, uint32_t lease_ms);
+
+/* ------------------------------------------------------------------------ */
+/* Exactly once for the work itself (since 0.3)                            */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * idem_run() runs a handler at most once while its record lives; a process
+ * killed after its work but before its commit leaves the key STARTED, and
+ * the request after the lease runs the work again. Two tools close that
+ * window (docs/contract.md, "Exactly once"):
+ *
+ *   - Work in the store's own database (PostgreSQL, SQLite) commits in the
+ *     same transaction as the stored response: idem_run_tx(), or
+ *     idem_begin() then idem_commit_tx() on a connection of one's own. A
+ *     process killed at any instant leaves both or neither.
+ *   - Work elsewhere (a card processor, another service) is done in steps:
+ *     each step saves a checkpoint, fenced by the claim's token, and calls
+ *     the other service with a subkey it deduplicates on. A claim that
+ *     takes a dead holder's key over starts from its last checkpoint.
+ */
+
+/* The longest checkpoint name (bytes, NUL excluded) and data. */
+#define IDEM_CHECKPOINT_NAME_MAX 255
+#define IDEM_CHECKPOINT_MAX      65536
+/* Bytes of a subkey, NUL included: 64 lower-case hex digits. */
+#define IDEM_SUBKEY_SIZE         65
+
+/*
+ * A handler that works in the store's database. conn is a PGconn *
+ * (postgresql) or a sqlite3 * (sqlite) on the store's own database, inside
+ * a transaction the library opened: run statements there, never end the
+ * transaction, never keep conn after returning. 0: success; anything else
+ * is a failure, as for idem_handler.
+ */
+typedef int (*idem_tx_handler)(void *arg, void *conn, idem_response *resp);
+
+/*
+ * idem_run() for work in the store's database. The handler runs inside a
+ * transaction on one of the store's connections; on 0 the response is
+ * written in that transaction, fenced by the claim's token, and the
+ * transaction commits: the handler's writes and the stored response become
+ * durable together or not at all.
+ *   IDEM_OK, EXECUTED   both committed
+ *   IDEM_OK, FAILED     the handler failed: its writes were rolled back and
+ *                       the key freed, as idem_run() says
+ *   IDEM_ELOST          the key was taken over meanwhile (the lease ended):
+ *                       everything the handler wrote was rolled back; reply
+ *                       holds no outcome
+ *   IDEM_EBACKEND       the transaction could not commit: rolled back and
+ *                       the key freed (nothing of the run remains; retry),
+ *                       or, when the message says its outcome is unknown,
+ *                       the key stays claimed until its lease ends. A
+ *                       serialization failure or deadlock (PostgreSQL's
+ *                       repeatable read and serializable) runs the handler
+ *                       again in a new transaction, up to 3 times within
+ *                       the lease, before it is returned
+ *   IDEM_EUNSUPPORTED   the store is not PostgreSQL or SQLite (or its
+ *                       driver predates version 3 of the table): nothing ran
+ * and the other errors of idem_run() before the handler runs.
+ */
+IDEM_API int idem_run_tx(idem_layer *layer, const idem_request *req, idem_tx_handler fn, void *arg,
+                         idem_reply *reply);
+IDEM_API int idem_run_tx_scoped(idem_layer *layer, const void *scope, size_t scope_len,
+                                const idem_request *req, idem_tx_handler fn, void *arg,
+                                idem_reply *reply);
+
+/*
+ * Commit the caller's transaction on conn (a PGconn * or sqlite3 * of one's
+ * own, on the store's database, with a transaction open) together with the
+ * response: the response is written in it, fenced by the claim's token,
+ * and the transaction commits.
+ *   IDEM_OK      both committed; the claim is freed
+ *   IDEM_ELOST   the key was taken over: the transaction was rolled back;
+ *                the claim is freed
+ *   IDEM_EBACKEND the transaction could not commit and was rolled back
+ *                (the claim stays: do the work again in a new transaction,
+ *                or idem_abort()). A commit whose outcome is unknown (the
+ *                connection broke during it) is settled by reading the
+ *                record: committed is IDEM_OK; when even that cannot be
+ *                told, IDEM_EBACKEND says so and the claim stays
+ *   IDEM_EUNSUPPORTED the store is neither PostgreSQL nor SQLite; nothing
+ *                changed, the claim stays
+ *   IDEM_EINVAL, IDEM_ETOOBIG, IDEM_ENOMEM: as idem_commit(), nothing
+ *                changed
+ */
+IDEM_API int idem_commit_tx(idem_claim *claim, void *conn, int status, const void *body, size_t len);
+
+/*
+ * Save a checkpoint: a step's name (1..IDEM_CHECKPOINT_NAME_MAX bytes, no
+ * NUL) and up to IDEM_CHECKPOINT_MAX bytes of data, in the key's STARTED
+ * record, fenced by the claim's token, in one round trip; it also renews
+ * the lease, as idem_extend() does. Every store. The checkpoint outlives
+ * its holder: a claim that takes the key over (the holder died, its lease
+ * ended, or it called idem_abort()) gets it from idem_claim_checkpoint().
+ *   IDEM_OK; IDEM_ELOST (taken over: nothing saved; commit or abort);
+ *   IDEM_EINVAL (bad name, NULL data with a length), IDEM_ETOOBIG (data or
+ *   the record over the limit); IDEM_EBACKEND, IDEM_ENOMEM (the earlier
+ *   checkpoint stands); IDEM_EUNSUPPORTED (a driver before version 3).
+ */
+IDEM_API int idem_checkpoint(idem_claim *claim, const char *name, const void *data, size_t len);
+
+/* idem_checkpoint() inside the caller's transaction on conn (PostgreSQL,
+ * SQLite), which it then commits: the step's own writes and its checkpoint
+ * become durable together. Results as idem_commit_tx(), but the claim is
+ * never freed: IDEM_OK (both committed), IDEM_ELOST (rolled back),
+ * IDEM_EBACKEND (rolled back; or unknown, as the message says). */
+IDEM_API int idem_checkpoint_tx(idem_claim *claim, void *conn, const char *name, const void *data,
+                                size_t len);
+
+/* The checkpoint this claim holds: its own last one, else the one it took
+ * over. *name is "" and *len 0 when there is none. The pointers stay valid
+ * until the next checkpoint, commit or abort of the claim. IDEM_OK, or
+ * IDEM_EINVAL for a NULL argument. */
+IDEM_API int idem_claim_checkpoint(const idem_claim *claim, const char **name, const void **data,
+                                   size_t *len);
+
+/*
+ * A key for a call to another idempotent service (a card processor's
+ * Idempotency-Key) on behalf of this claim's step: out gets 64 hex digits
+ * and a NUL (IDEM_SUBKEY_SIZE bytes). The same for every holder of this key
+ * and step, on every machine, across takeovers; different for any other
+ * key, scope, prefix or step. It is a SHA-256 digest, so it reveals nothing
+ * of the key to whoever cannot guess it; set idem_options.subkey_secret (the
+ * same on every machine) so that it reveals nothing even to one who can.
+ * IDEM_OK; IDEM_EINVAL (NULL argument, empty step, out_size below
+ * IDEM_SUBKEY_SIZE); IDEM_ENOMEM (libcrypto failed).
+ */
+IDEM_API int idem_claim_subkey(const idem_claim *claim, const char *step, char *out, size_t out_size);
+
+/* The same for the handler of idem_run() and idem_run_tx(), through its
+ * response: idem_checkpoint(), idem_claim_checkpoint() and
+ * idem_claim_subkey() on the handler's claim. */
+IDEM_API int idem_response_checkpoint(idem_response *resp, const char *name, const void *data,
+                                      size_t len);
+IDEM_API int idem_response_checkpoint_get(const idem_response *resp, const char **name,
+                                          const void **data, size_t *len);
+IDEM_API int idem_response_subkey(const idem_response *resp, const char *step, char *out,
+                                  size_t out_size);
 
 /* ------------------------------------------------------------------------ */
 /* Counters                                                                 */
