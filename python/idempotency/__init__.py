@@ -15,6 +15,7 @@ exception frees the key and propagates. See python/README.md.
 """
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import json
@@ -50,7 +51,7 @@ __all__ = [
     "IdempotencyLayer", "default_url", "IdempotencyError", "InvalidArgument", "MissingKey",
     "BackendError", "ClaimLost", "CorruptRecord", "ResponseTooLarge", "ResultNotStorable",
     "Unsupported", "Claim", "Reply", "REPLAYED", "IN_PROGRESS", "MISMATCH",
-    "IdempotencyMiddleware", "IdempotencyASGIMiddleware",
+    "IdempotencyMiddleware", "IdempotencyASGIMiddleware", "checkpoint", "last_checkpoint", "subkey",
 ]
 
 log = logging.getLogger("idempotency")
@@ -136,6 +137,46 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+# The claim of the decorated call running in this context, for checkpoint(),
+# last_checkpoint() and subkey().
+_running = contextvars.ContextVar("idempotency_claim", default=None)
+
+
+def _running_claim(what):
+    claim = _running.get()
+    if claim is None:
+        raise IdempotencyError(f"idempotency.{what}() is for a function decorated with "
+                               "@layer.handle(), while it runs")
+    return claim
+
+
+def checkpoint(name, value=None):
+    """Save a finished step of the running decorated call: its name (str)
+    and a JSON value, in the key's record, fenced by the call's claim; it
+    also renews the lease. If the call then dies or raises, the call that
+    takes the key over starts from it (last_checkpoint()). ClaimLost: the
+    key was taken over, stop. A store call: from an ``async def``
+    function, ``await asyncio.to_thread(idempotency.checkpoint, ...)``."""
+    _running_claim("checkpoint").checkpoint(name, _value_json(value))
+
+
+def last_checkpoint():
+    """(name, value) of the running call's last checkpoint: its own, or the
+    one saved by an earlier call with its key that died or raised; None when
+    there is none."""
+    saved = _running_claim("last_checkpoint").last_checkpoint
+    return None if saved is None else (saved[0], json.loads(saved[1]))
+
+
+def subkey(step):
+    """The Idempotency-Key for the running call's step (str) at another
+    service, e.g. a card processor: the same for every call with this key,
+    on every machine and after a takeover, different for any other key,
+    prefix or step, and revealing nothing of the key (set the layer's
+    subkey_secret for keys a client could guess)."""
+    return _running_claim("subkey").subkey(step)
+
+
 class IdempotencyLayer:
     """A store and the policy applied to it.
 
@@ -143,7 +184,7 @@ class IdempotencyLayer:
     ``postgresql://...``, ``memcached://...``, ``memory://``); None means
     default_url(). ``options`` are the library's, as keyword arguments:
     lease_ms, ttl_s, key_prefix, max_key_len, max_response_len,
-    cache_bytes, auto_extend, commit_timeout_ms.
+    cache_bytes, auto_extend, commit_timeout_ms, subkey_secret.
 
     Thread-safe; the store calls release the GIL. Safe across fork(): a
     process that did not open the store opens its own on first use.
@@ -242,11 +283,14 @@ class IdempotencyLayer:
                     got = await asyncio.to_thread(layer.begin, _key_bytes(key), fp)
                     if isinstance(got, Reply):
                         return _answer(got, key)
+                    running = _running.set(got)
                     try:
                         value = await fn(*args, **kwargs)
                     except BaseException:
                         await asyncio.to_thread(_abort, got, key)
                         raise
+                    finally:
+                        _running.reset(running)
                     return await asyncio.to_thread(_commit, got, key, value)
                 return async_wrapper
 
@@ -256,11 +300,14 @@ class IdempotencyLayer:
                 got = self._current().begin(_key_bytes(key), fp)
                 if isinstance(got, Reply):
                     return _answer(got, key)
+                running = _running.set(got)
                 try:
                     value = fn(*args, **kwargs)
                 except BaseException:
                     _abort(got, key)
                     raise
+                finally:
+                    _running.reset(running)
                 return _commit(got, key, value)
             return wrapper
 

@@ -7,6 +7,7 @@
  *   Layer(url, *, lease_ms, ttl_s, key_prefix, ...)  a store and a policy
  *   Layer.begin(key, fingerprint=None, scope=None)   -> Claim or Reply
  *   Claim.commit(status, body, headers=()) / abort() / extend(ms) / abandon()
+ *   Claim.checkpoint(name, data) / last_checkpoint / subkey(step)
  *   http_key_parse, http_fingerprint, http_error_answer, http_problem,
  *   Reply.http_answer()
  *
@@ -288,15 +289,15 @@ static int Layer_init(LayerObject *self, PyObject *args, PyObject *kwds)
 {
     static char *kwlist[] = {"url", "lease_ms", "ttl_s", "key_prefix", "max_key_len",
                              "max_response_len", "cache_bytes", "auto_extend",
-                             "commit_timeout_ms", NULL};
+                             "commit_timeout_ms", "subkey_secret", NULL};
     const char *url;
-    const char *key_prefix = NULL;
+    const char *key_prefix = NULL, *subkey_secret = NULL;
     PyObject *lease_ms = Py_None, *ttl_s = Py_None, *max_key_len = Py_None,
              *max_response_len = Py_None, *cache_bytes = Py_None, *auto_extend = Py_None,
              *commit_timeout_ms = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|$OOzOOOOO", kwlist, &url, &lease_ms, &ttl_s,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "s|$OOzOOOOOz", kwlist, &url, &lease_ms, &ttl_s,
                                      &key_prefix, &max_key_len, &max_response_len, &cache_bytes,
-                                     &auto_extend, &commit_timeout_ms))
+                                     &auto_extend, &commit_timeout_ms, &subkey_secret))
         return -1;
     if (self->layer) {
         PyErr_SetString(PyExc_RuntimeError, "Layer is already initialised");
@@ -318,6 +319,7 @@ static int Layer_init(LayerObject *self, PyObject *args, PyObject *kwds)
     }
     if (key_prefix)
         opts.key_prefix = key_prefix;
+    opts.subkey_secret = subkey_secret;
 
     idem_store *store = NULL;
     idem_layer *layer = NULL;
@@ -455,7 +457,7 @@ static PyTypeObject LayerType = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "Layer(url, *, lease_ms=None, ttl_s=None, key_prefix=None, max_key_len=None,\n"
               "      max_response_len=None, cache_bytes=None, auto_extend=None,\n"
-              "      commit_timeout_ms=None)\n\n"
+              "      commit_timeout_ms=None, subkey_secret=None)\n\n"
               "A store opened from url and the policy applied to it (None: the library's default).",
     .tp_methods = Layer_methods,
     .tp_getset = Layer_getset,
@@ -551,6 +553,51 @@ static PyObject *Claim_extend(ClaimObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Claim_checkpoint(ClaimObject *self, PyObject *args)
+{
+    const char *name;
+    Py_buffer data = {0};
+    if (!claim_held(self) || !PyArg_ParseTuple(args, "sy*", &name, &data))
+        return NULL;
+    int rc;
+    idem_claim *claim = self->claim;
+    Py_BEGIN_ALLOW_THREADS
+    rc = idem_checkpoint(claim, name, data.buf, (size_t)data.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    if (rc != IDEM_OK)
+        return raise_idem(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Claim_get_checkpoint(ClaimObject *self, void *closure)
+{
+    (void)closure;
+    if (!claim_held(self))
+        return NULL;
+    const char *name;
+    const void *data;
+    size_t len;
+    int rc = idem_claim_checkpoint(self->claim, &name, &data, &len);
+    if (rc != IDEM_OK)
+        return raise_idem(rc);
+    if (!*name)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(sy#)", name, (const char *)data, (Py_ssize_t)len);
+}
+
+static PyObject *Claim_subkey(ClaimObject *self, PyObject *args)
+{
+    const char *step;
+    if (!claim_held(self) || !PyArg_ParseTuple(args, "s", &step))
+        return NULL;
+    char out[IDEM_SUBKEY_SIZE];
+    int rc = idem_claim_subkey(self->claim, step, out, sizeof out);
+    if (rc != IDEM_OK)
+        return raise_idem(rc);
+    return PyUnicode_FromString(out);
+}
+
 static PyObject *Claim_abandon(ClaimObject *self, PyObject *unused)
 {
     (void)unused;
@@ -574,6 +621,13 @@ static PyMethodDef Claim_methods[] = {
      "abort(): give the key up so a retry runs; the claim is finished even on error."},
     {"extend", (PyCFunction)Claim_extend, METH_VARARGS,
      "extend(lease_ms): renew the lease; ClaimLost when another request took the key."},
+    {"checkpoint", (PyCFunction)Claim_checkpoint, METH_VARARGS,
+     "checkpoint(name, data): save a finished step (str) and its data (bytes) in the key's\n"
+     "record, fenced by the claim, and renew the lease. A claim that takes the key over\n"
+     "(this holder died, or aborted) starts from it."},
+    {"subkey", (PyCFunction)Claim_subkey, METH_VARARGS,
+     "subkey(step) -> str: the Idempotency-Key for step's call to another service, the same\n"
+     "for every holder of this key, different for any other key, scope, prefix or step."},
     {"abandon", (PyCFunction)Claim_abandon, METH_NOARGS,
      "abandon(): stop using the claim and leave the key claimed until its lease ends,\n"
      "for work that is done but whose response could not be stored."},
@@ -582,6 +636,8 @@ static PyMethodDef Claim_methods[] = {
 
 static PyGetSetDef Claim_getset[] = {
     {"held", (getter)Claim_get_held, NULL, "True until committed, aborted or abandoned", NULL},
+    {"last_checkpoint", (getter)Claim_get_checkpoint, NULL,
+     "(name, data) of the last checkpoint, this claim's own or the one it took over; None", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -317,3 +317,71 @@ def test_exception_classes():
     assert issubclass(idempotency.MissingKey, idempotency.InvalidArgument)
     assert issubclass(idempotency.ResultNotStorable, TypeError)
     assert idempotency.IdempotencyError.__module__ == "idempotency"
+
+
+def test_checkpoints_let_a_retry_resume_after_a_failure(layer):
+    seen = []
+
+    @layer.handle()
+    def pay(idempotency_key, amount):
+        done = idempotency.last_checkpoint()
+        seen.append((done, idempotency.subkey("charge")))
+        if done is None:
+            # The card processor charged, under a subkey it deduplicates
+            # on; then this process failed before answering.
+            idempotency.checkpoint("charged", {"charge": "ch_1", "amount": amount})
+            raise ConnectionError("lost the answer")
+        return {"charge": done[1]["charge"]}
+
+    with pytest.raises(ConnectionError):
+        pay(idempotency_key="order-7", amount=40)
+    assert pay(idempotency_key="order-7", amount=40) == {"charge": "ch_1"}
+    assert pay(idempotency_key="order-7", amount=40) == ({"charge": "ch_1"}, 200)
+    assert seen[0][0] is None
+    assert seen[1][0] == ("charged", {"charge": "ch_1", "amount": 40})
+    assert seen[0][1] == seen[1][1] and len(seen[0][1]) == 64  # one subkey for every holder
+
+
+def test_a_worker_killed_after_a_checkpoint_is_resumed_from_it(make_layer):
+    layer = make_layer(lease_ms=1000)
+    r, w = os.pipe()
+    hang = [True]
+
+    @layer.handle()
+    def pay(idempotency_key):
+        if hang[0]:
+            idempotency.checkpoint("charged", {"subkey": idempotency.subkey("charge")})
+            os.write(w, b"x")
+            time.sleep(60)
+        return idempotency.last_checkpoint()
+
+    pid = _fork(lambda: pay(idempotency_key="crash-cp"))
+    hang[0] = False
+    assert os.read(r, 1) == b"x"
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    time.sleep(1.2)
+    name, value = pay(idempotency_key="crash-cp")
+    assert name == "charged" and len(value["subkey"]) == 64
+
+
+def test_step_api_checkpoints_and_subkeys(make_layer):
+    layer = make_layer(lease_ms=1000, subkey_secret="s3cret")
+    claim = layer.begin("steps")
+    assert claim.last_checkpoint is None
+    sub = claim.subkey("charge")
+    assert sub != claim.subkey("refund")
+    claim.checkpoint("charged", b"\x00raw")
+    assert claim.last_checkpoint == ("charged", b"\x00raw")
+    claim.abort()  # keeps the checkpoint for the next holder
+    again = layer.begin("steps")
+    assert again.last_checkpoint == ("charged", b"\x00raw") and again.subkey("charge") == sub
+    again.commit(200, b"")
+    other = make_layer(subkey_secret="other").begin("steps2")
+    assert other.subkey("charge") != sub
+    other.abort()
+
+
+def test_checkpoint_outside_a_decorated_call_is_an_error():
+    with pytest.raises(idempotency.IdempotencyError, match="decorated"):
+        idempotency.checkpoint("x")
