@@ -47,7 +47,7 @@ def main():
 
     def client(i):
         start.wait()
-        responses[i] = process_payment(idempotency_key="req-456", amount=300, delay=0.5)
+        responses[i] = process_payment(idempotency_key="req-456", amount=300, delay=1.0)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:

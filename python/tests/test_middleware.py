@@ -7,7 +7,6 @@ import json
 import socketserver
 import sqlite3
 import threading
-import time
 import wsgiref.simple_server
 
 import pytest
@@ -30,13 +29,15 @@ class PaymentApp:
 
     def __init__(self):
         self.charges = []
+        self.entered = threading.Event()  # a request with X-Demo-Hold is inside
+        self.release = threading.Event()  # ... and may finish
 
     def __call__(self, environ, start_response):
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = json.loads(environ["wsgi.input"].read(length) or b"{}")
-        delay = float(environ.get("HTTP_X_DEMO_DELAY_MS", 0)) / 1000
-        if delay:
-            time.sleep(delay)
+        if environ.get("HTTP_X_DEMO_HOLD"):
+            self.entered.set()
+            self.release.wait(10)
         if environ.get("HTTP_X_DEMO_FAIL"):
             start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
             return [b"card processor down"]
@@ -108,11 +109,14 @@ def test_wsgi_concurrent_duplicate_is_409_with_retry_after(layer, serve):
     port = serve(IdempotencyMiddleware(app, layer))
     first = []
     t = threading.Thread(target=lambda: first.append(
-        _post(port, {"amount": 5}, key="slow", X_Demo_Delay_Ms="800")))
+        _post(port, {"amount": 5}, key="slow", X_Demo_Hold="1")))
     t.start()
-    time.sleep(0.3)
-    status, headers, data = _post(port, {"amount": 5}, key="slow")
-    t.join()
+    assert app.entered.wait(10)
+    try:
+        status, headers, data = _post(port, {"amount": 5}, key="slow")
+    finally:
+        app.release.set()
+        t.join()
     assert status == 409 and int(headers["Retry-After"]) >= 1
     _problem(headers, data, 409)
     assert first[0][0] == 201 and app.charges == [5]
@@ -193,7 +197,7 @@ async def payment_asgi(scope, receive, send):
         if not message.get("more_body"):
             break
     payment_asgi.charges.append(body)
-    await asyncio.sleep(0.3)
+    await payment_asgi.release.wait()
     await send({"type": "http.response.start", "status": 201,
                 "headers": [(b"content-type", b"application/json"), (b"location", b"/payments/1")]})
     await send({"type": "http.response.body", "body": b'{"id":', "more_body": True})
@@ -228,9 +232,14 @@ def test_asgi(layer):
     app = IdempotencyASGIMiddleware(payment_asgi, layer)
 
     async def scenario():
-        together = await asyncio.gather(_asgi_call(app, "a"), _asgi_call(app, "a"))
-        assert sorted(r[0] for r in together) == [201, 409]
-        busy = next(r for r in together if r[0] == 409)
+        payment_asgi.release = asyncio.Event()
+        first = asyncio.create_task(_asgi_call(app, "a"))
+        while not payment_asgi.charges:  # until the first is inside the application
+            await asyncio.sleep(0.01)
+        busy = await _asgi_call(app, "a")
+        payment_asgi.release.set()
+        assert (await first)[0] == 201
+        assert busy[0] == 409
         assert busy[1]["content-type"] == "application/problem+json" and int(busy[1]["retry-after"]) >= 1
         status, headers, body = await _asgi_call(app, "a")
         assert (status, body) == (201, b'{"id":"1"}')
