@@ -4,9 +4,8 @@
 
 #include "layer.h"
 
-/* IDEM_OK if claim c's store can keep the checkpoint (name, data). */
-static int check_checkpoint(const idem_claim *c, const char *name, const void *data, size_t len,
-                            size_t *name_len)
+int idem__checkpoint_check(const idem_claim *c, const char *name, const void *data, size_t len,
+                           size_t *name_len)
 {
     if (!c || !name)
         return idem_error_set(IDEM_EINVAL, "idem_checkpoint: claim and name must not be NULL");
@@ -37,7 +36,7 @@ int idem_checkpoint(idem_claim *c, const char *name, const void *data, size_t le
 {
     idem__error_clear();
     size_t name_len = 0;
-    int rc = check_checkpoint(c, name, data, len, &name_len);
+    int rc = idem__checkpoint_check(c, name, data, len, &name_len);
     if (rc)
         return rc;
     pthread_mutex_lock(&c->mu);
@@ -92,6 +91,10 @@ int idem_response_checkpoint(idem_response *resp, const char *name, const void *
     if (!resp || !resp->claim)
         return idem_error_set(IDEM_EINVAL, "idem_response_checkpoint: resp is NULL or not a running "
                               "handler's");
+    if (resp->in_tx)
+        return idem_error_set(IDEM_EINVAL, "idem_response_checkpoint: the work of idem_run_tx() commits "
+                              "with its response in one transaction, so it has no steps to save; for "
+                              "steps, use idem_begin() with idem_checkpoint_tx()");
     return idem_checkpoint(resp->claim, name, data, len);
 }
 

@@ -6,6 +6,12 @@
 
 #define COMMIT_BACKOFF_FIRST_MS 5
 #define COMMIT_BACKOFF_MAX_MS   1000
+/* How long a driver call may outlast the deadline it was given (socket
+ * timeouts count in the kernel's ticks, 10 ms at HZ=100, rounded up): a
+ * commit's attempts end this long before its lease, so that the call
+ * returns while the lease holds, and the call returns within about this
+ * long after commit_timeout_ms. */
+#define COMMIT_SLACK_MS         50
 #define TAKEOVER_ROUNDS         3     /* takeovers lost to other claimants before answering 409 */
 
 static int check_request(const idem_layer *l, const idem_request *req)
@@ -58,10 +64,6 @@ static int backend_failed(idem_layer *l, int rc)
  * seen. Never 0, never past the holder's lease. */
 static uint32_t retry_hint(idem_layer *l, uint32_t left)
 {
-    /* A left read off the holder's deadline is the holder's clock, which
-     * may run ahead: never wait longer than a lease. */
-    if (left > l->opts.lease_ms)
-        left = l->opts.lease_ms;
     uint32_t p95, hint = left;
     if (idem__durations_p95(&l->durations, &p95)) {
         uint32_t ran = l->opts.lease_ms > left ? l->opts.lease_ms - left : 0;
@@ -76,14 +78,18 @@ static uint32_t retry_hint(idem_layer *l, uint32_t left)
  * remaining_ms (UINT32_MAX: it cannot tell, and the record's own deadline
  * is read by this host's clock). A record with a checkpoint is kept
  * kept_ms past its lease. */
-static uint32_t lease_left(const idem_record *old, uint32_t remaining_ms)
+static uint32_t lease_left(const idem_layer *l, const idem_record *old, uint32_t remaining_ms)
 {
     uint64_t left;
     if (remaining_ms != UINT32_MAX) {
         left = remaining_ms > old->kept_ms ? remaining_ms - old->kept_ms : 0;
     } else {
+        /* The holder's deadline, by the holder's clock, which may run
+         * ahead: never counted as more than a lease. */
         uint64_t now = idem_now_ms();
         left = old->deadline_ms > now ? old->deadline_ms - now : 0;
+        if (left > l->opts.lease_ms)
+            left = l->opts.lease_ms;
     }
     return left > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)left;
 }
@@ -106,7 +112,7 @@ static int reply_existing(idem_layer *l, const idem_record *mine, const void *bu
         return IDEM_OK;
     }
     if (old.state == IDEM_STATE_STARTED) {
-        remaining_ms = lease_left(&old, remaining_ms);
+        remaining_ms = lease_left(l, &old, remaining_ms);
         idem__count(&l->in_progress);
         reply->outcome = IDEM_IN_PROGRESS;
         reply->status = 409;
@@ -142,7 +148,7 @@ static int reply_cached(idem_layer *l, const idem_record *mine, const idem_cache
 
 /* How long the store keeps a STARTED record with a checkpoint after a lease
  * of lease_ms: the layer's ttl_s, within what a driver's expiry can say. */
-static uint32_t kept_ms(const idem_layer *l, uint32_t lease_ms)
+uint32_t idem__kept_ms(const idem_layer *l, uint32_t lease_ms)
 {
     uint64_t kept = (uint64_t)l->opts.ttl_s * 1000u, room = UINT32_MAX - (uint64_t)lease_ms;
     return (uint32_t)(kept < room ? kept : room);
@@ -156,7 +162,7 @@ static int put_started(idem_layer *l, const uint8_t *key, size_t key_len, const 
                        idem_record *rec, uint32_t lease_ms)
 {
     rec->deadline_ms = idem_now_ms() + lease_ms;
-    rec->kept_ms = rec->cp_name_len ? kept_ms(l, lease_ms) : 0;
+    rec->kept_ms = rec->cp_name_len ? idem__kept_ms(l, lease_ms) : 0;
     uint8_t small[IDEM_RECORD_HEADER_LEN], *enc = small;
     size_t len = idem__record_len(rec);
     if (len > sizeof small && !(enc = malloc(len)))
@@ -191,8 +197,7 @@ static int give_up(idem_layer *l, const uint8_t *key, size_t key_len, const idem
     return rc;
 }
 
-/* The checkpoint's name and data in one new block; NULL without memory. */
-static uint8_t *checkpoint_copy(const char *name, size_t name_len, const void *data, size_t len)
+uint8_t *idem__checkpoint_copy(const char *name, size_t name_len, const void *data, size_t len)
 {
     uint8_t *cp = malloc(name_len + len + 1);
     if (cp) {
@@ -204,9 +209,7 @@ static uint8_t *checkpoint_copy(const char *name, size_t name_len, const void *d
     return cp;
 }
 
-/* Make cp (from checkpoint_copy() of c->rec's checkpoint, or NULL for
- * none) the claim's own copy. */
-static void checkpoint_adopt(idem_claim *c, uint8_t *cp)
+void idem__checkpoint_adopt(idem_claim *c, uint8_t *cp)
 {
     free(c->cp);
     c->cp = cp;
@@ -240,7 +243,7 @@ static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, 
     }
     idem_claim *c = malloc(sizeof *c + key_len);
     uint8_t *cp = NULL;
-    if (c && rec->cp_name_len && !(cp = checkpoint_copy(rec->cp_name, rec->cp_name_len, rec->cp_data,
+    if (c && rec->cp_name_len && !(cp = idem__checkpoint_copy(rec->cp_name, rec->cp_name_len, rec->cp_data,
                                                         rec->cp_len))) {
         free(c);
         c = NULL;
@@ -255,7 +258,7 @@ static int claim_won(idem_layer *l, const idem_record *rec, const uint8_t *key, 
     }
     *c = (idem_claim){.layer = l, .rec = *rec, .lease_end = lease_end, .started = sent,
                       .key_len = key_len};
-    checkpoint_adopt(c, cp);
+    idem__checkpoint_adopt(c, cp);
     pthread_mutex_init(&c->mu, NULL);
     memcpy(c->key, key, key_len);
     *out = c;
@@ -269,7 +272,7 @@ static bool resumable(const idem_layer *l, const idem_record *mine, const void *
 {
     return idem__store_version(l->store) >= 3 && idem__record_decode(buf, len, old) == IDEM_OK &&
            old->state == IDEM_STATE_STARTED && old->cp_name_len > 0 &&
-           lease_left(old, remaining_ms) == 0 &&
+           lease_left(l, old, remaining_ms) == 0 &&
            !(mine->has_fingerprint && old->has_fingerprint &&
              memcmp(mine->digest, old->digest, IDEM_DIGEST_LEN) != 0);
 }
@@ -412,26 +415,39 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
     done.status = status;
     done.body = body;
     done.body_len = len;
-    uint8_t *enc;
-    size_t enc_len;
-    if ((rc = idem__record_encode(&done, &enc, &enc_len)))
-        return idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
-
-    /* A store error is retried until the lease is nearly over (or the
-     * commit deadline): giving the key up would let a retry repeat a
-     * handler that succeeded. */
-    uint64_t start = idem__mono_ms(), stop = c->lease_end;
+    /* A store error, and a lack of memory, are retried until the lease is
+     * nearly over (or the commit deadline): the handler has run, and giving
+     * the key up would let a retry repeat it. */
+    uint64_t start = idem__mono_ms();
+    uint64_t stop = c->lease_end > start + COMMIT_SLACK_MS ? c->lease_end - COMMIT_SLACK_MS : start;
     if (l->opts.commit_timeout_ms && start + l->opts.commit_timeout_ms < stop)
         stop = start + l->opts.commit_timeout_ms;
+    /* A lease over already leaves one attempt, in the driver's own time (or
+     * commit_timeout_ms): a takeover fences it out, and without one it
+     * still stores the work. */
+    uint64_t deadline = stop > start               ? stop
+                      : l->opts.commit_timeout_ms ? start + l->opts.commit_timeout_ms
+                                                  : 0;
     idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
     uint64_t sent = idem__mono_ms(); /* the record expires ttl_s after the store took it: later than this */
+    uint8_t *enc = NULL;
+    size_t enc_len = 0;
     for (;;) {
-        rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
-                                (uint64_t)l->opts.ttl_s * 1000u);
-        if (rc != IDEM_EBACKEND)
+        if (!enc && (rc = idem__record_encode(&done, &enc, &enc_len)) != IDEM_OK) {
+            rc = idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
+        } else {
+            /* Each attempt gets only the time left, whatever the driver's
+             * own timeouts. */
+            uint64_t outer = idem__call_deadline_set(deadline);
+            rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
+                                    (uint64_t)l->opts.ttl_s * 1000u);
+            idem__call_deadline_set(outer);
+        }
+        if (rc != IDEM_EBACKEND && rc != IDEM_ENOMEM)
             break;
-        idem__count(&l->backend_errors);
+        if (rc == IDEM_EBACKEND)
+            idem__count(&l->backend_errors);
         uint64_t now = idem__mono_ms();
         if (now + backoff >= stop)
             break;
@@ -442,8 +458,8 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
      * response, not this one: only a first commit is cached. */
     if (rc == IDEM_OK && !c->commit_tried)
         idem__cache_put(l->cache, c->key, c->key_len, enc, enc_len, sent + (uint64_t)l->opts.ttl_s * 1000u);
-    if (rc == IDEM_EBACKEND)
-        c->commit_tried = true;
+    if (rc == IDEM_EBACKEND || (rc == IDEM_ENOMEM && enc))
+        c->commit_tried = true; /* a commit was sent and failed: it may have landed */
     free(enc);
     if (rc == IDEM_OK) {
         idem__count(&l->executed);
@@ -520,7 +536,7 @@ int idem__claim_put_locked(idem_claim *c, const char *name, size_t name_len, con
     idem_record next = c->rec;
     uint8_t *cp = NULL;
     if (name) {
-        if (!(cp = checkpoint_copy(name, name_len, data, len)))
+        if (!(cp = idem__checkpoint_copy(name, name_len, data, len)))
             return idem_error_set(IDEM_ENOMEM, "out of memory keeping a %zu-byte checkpoint", len);
         next.cp_name = (const char *)cp;
         next.cp_name_len = name_len;
@@ -533,7 +549,7 @@ int idem__claim_put_locked(idem_claim *c, const char *name, size_t name_len, con
         c->rec = next;
         c->lease_end = lease_end;
         if (name)
-            checkpoint_adopt(c, cp);
+            idem__checkpoint_adopt(c, cp);
         else
             idem__count(&l->extended);
         return IDEM_OK;

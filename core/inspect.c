@@ -17,6 +17,7 @@ void idem_key_info_clear(idem_key_info *info)
         return;
     free(info->value);
     free(info->headers);
+    free(info->checkpoint_name);
     memset(info, 0, sizeof *info);
 }
 
@@ -77,6 +78,13 @@ static void describe(idem_key_info *info, void *value, size_t len, uint32_t rema
             uint64_t now = idem_now_ms();
             uint64_t left = rec.deadline_ms > now ? rec.deadline_ms - now : 0;
             info->remaining_ms = left > UINT32_MAX - 1 ? UINT32_MAX - 1 : (uint32_t)left;
+        } else {
+            /* the store keeps a record with a checkpoint past its lease */
+            info->remaining_ms = remaining_ms > rec.kept_ms ? remaining_ms - rec.kept_ms : 0;
+        }
+        if (rec.cp_name_len && (info->checkpoint_name = strndup(rec.cp_name, rec.cp_name_len))) {
+            info->checkpoint = rec.cp_data;
+            info->checkpoint_len = rec.cp_len;
         }
         return;
     }

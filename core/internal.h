@@ -32,6 +32,13 @@ unsigned idem__fork_generation(void);
 /* ---- error.c ---- */
 void idem__error_clear(void);
 
+/* ---- kit.c: pieces drivers share ---- */
+/* Give the driver calls this thread makes the deadline deadline
+ * (idem__mono_ms(); 0: none), which drivers read with
+ * idem_call_timeout_ms(). Returns the deadline it replaces, to be put back
+ * after the call. */
+uint64_t idem__call_deadline_set(uint64_t deadline);
+
 /* ---- store.c ---- */
 /* The drivers compiled in, NULL-terminated. */
 extern const idem_backend *const idem__builtin_backends[];
@@ -62,6 +69,13 @@ int idem__store_read(idem_store *s, const void *key, size_t key_len, void **reco
                      uint32_t *remaining_ms);
 int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted);
 int idem__store_check(idem_store *s, idem_findings *list);
+/* Version 3's transactions: IDEM_OK when the driver has them, else
+ * IDEM_EUNSUPPORTED with a message naming the stores that do. */
+int  idem__store_tx_supported(const idem_store *s);
+int  idem__store_tx_begin(idem_store *s, void **tx, void **conn);
+int  idem__store_tx_write(idem_store *s, void *conn, const void *key, size_t key_len, const uint8_t *token,
+                          const void *record, size_t record_len, uint64_t expiry_ms, int *outcome);
+void idem__store_tx_end(idem_store *s, void *tx);
 
 /* ---- layer.c ---- */
 #define IDEM_MAX_SCOPE_LEN 255

@@ -42,6 +42,7 @@ struct idem_response {
     size_t            nheaders;
     size_t            fields_len; /* what the headers take in a record */
     idem_claim       *claim;    /* the handler's claim, for its lease */
+    bool              in_tx;    /* the handler of idem_run_tx(): its work commits with this */
 };
 
 struct idem_claim {
@@ -78,6 +79,13 @@ int idem__check_response(const idem_layer *l, int status, const void *body, size
  * in one record of the store; else IDEM_ETOOBIG with a message. */
 int idem__check_fields_fit(const idem_layer *l, size_t fields_len, size_t len);
 
+/* ---- checkpoint.c ---- */
+/* IDEM_OK if claim c's store can keep the checkpoint (name, data), and
+ * *name_len; else IDEM_EINVAL, IDEM_ETOOBIG or IDEM_EUNSUPPORTED with a
+ * message. */
+int idem__checkpoint_check(const idem_claim *c, const char *name, const void *data, size_t len,
+                           size_t *name_len);
+
 /* ---- claim.c ---- */
 /* Add "; more" to this thread's message, keeping the code rc. */
 int idem__error_append(int rc, const char *more);
@@ -86,8 +94,24 @@ int idem__error_append(int rc, const char *more);
 int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, size_t nheaders,
                        const void *body, size_t len);
 void idem__claim_free(idem_claim *c);
+/* Write the response in the transaction open on conn, fenced by c's token,
+ * and commit it (tx.c). Never frees c. IDEM_OK: both committed, counted.
+ * IDEM_ELOST: rolled back, taken over (c is marked lost). IDEM_EBACKEND:
+ * rolled back, or unknown, as *outcome says (IDEM_TX_*). Else: nothing
+ * changed, *outcome IDEM_TX_ROLLED_BACK. */
+int idem__claim_commit_tx(idem_claim *c, void *conn, int status, const idem_header *headers,
+                          size_t nheaders, const void *body, size_t len, int *outcome);
 /* Renew c's lease, c->mu held. */
 int idem__claim_extend_locked(idem_claim *c, uint32_t lease_ms);
+/* The checkpoint's name, a NUL and its data in one new block; NULL without
+ * memory. */
+uint8_t *idem__checkpoint_copy(const char *name, size_t name_len, const void *data, size_t len);
+/* Make cp (from idem__checkpoint_copy() of c->rec's checkpoint, or NULL
+ * for none) the claim's own copy, pointed to by c->rec. */
+void idem__checkpoint_adopt(idem_claim *c, uint8_t *cp);
+/* How long the store keeps a STARTED record with a checkpoint after a lease
+ * of lease_ms. */
+uint32_t idem__kept_ms(const idem_layer *l, uint32_t lease_ms);
 /* Write c's STARTED record anew, fenced by its token, with a lease of
  * lease_ms from now, and the checkpoint (name, data) in place of c's own
  * (name NULL: keep c's); c->mu held. The store's extend: IDEM_OK, IDEM_ELOST

@@ -58,6 +58,10 @@ static int check_table(const idem_backend *b)
     if (missing)
         return idem_error_set(IDEM_EINVAL, "driver %s lacks the mandatory function %s", b->name,
                               missing);
+    int ntx = IDEM_HAS(b, 3, tx_begin) + IDEM_HAS(b, 3, tx_write) + IDEM_HAS(b, 3, tx_end);
+    if (ntx != 0 && ntx != 3)
+        return idem_error_set(IDEM_EINVAL, "driver %s sets some of tx_begin, tx_write and tx_end but not "
+                              "all three", b->name);
     return IDEM_OK;
 }
 
@@ -231,6 +235,7 @@ static int driver_rc(const idem_store *s, const char *member, int rc, const int 
 static const int may_lose[] = {IDEM_ELOST, IDEM_OK};
 static const int may_lose_or_refuse[] = {IDEM_ELOST, IDEM_ETOOBIG, IDEM_OK};
 static const int may_refuse[] = {IDEM_EINVAL, IDEM_ECORRUPT, IDEM_OK};
+static const int may_lose_or_be_misused[] = {IDEM_ELOST, IDEM_ETOOBIG, IDEM_EINVAL, IDEM_OK};
 
 int idem__store_claim(idem_store *s, const void *key, size_t key_len, const void *record,
                       size_t record_len, uint32_t lease_ms, void **existing, size_t *existing_len,
@@ -302,4 +307,36 @@ int idem__store_check(idem_store *s, idem_findings *list)
                               "(its table, version %u, has no check member)", s->ops->name,
                               s->ops->version);
     return driver_rc(s, "check", s->ops->check(s->state, list), NULL);
+}
+
+int idem__store_tx_supported(const idem_store *s)
+{
+    if (IDEM_HAS(s->ops, 3, tx_begin))
+        return IDEM_OK;
+    return idem_error_set(IDEM_EUNSUPPORTED, "the %s store is not a database a handler can work in: "
+                          "idem_run_tx() and idem_commit_tx() need PostgreSQL or SQLite (postgresql://, "
+                          "sqlite://); nothing ran. For work elsewhere use idem_run() with checkpoints "
+                          "and subkeys", s->ops->name);
+}
+
+int idem__store_tx_begin(idem_store *s, void **tx, void **conn)
+{
+    *tx = NULL;
+    *conn = NULL;
+    return driver_rc(s, "tx_begin", s->ops->tx_begin(s->state, tx, conn), NULL);
+}
+
+int idem__store_tx_write(idem_store *s, void *conn, const void *key, size_t key_len, const uint8_t *token,
+                         const void *record, size_t record_len, uint64_t expiry_ms, int *outcome)
+{
+    *outcome = IDEM_TX_ROLLED_BACK;
+    int rc = s->ops->tx_write(s->state, conn, key, key_len, token, record, record_len, expiry_ms, outcome);
+    if (*outcome != IDEM_TX_RETRY && *outcome != IDEM_TX_UNKNOWN)
+        *outcome = IDEM_TX_ROLLED_BACK;
+    return driver_rc(s, "tx_write", rc, may_lose_or_be_misused);
+}
+
+void idem__store_tx_end(idem_store *s, void *tx)
+{
+    s->ops->tx_end(s->state, tx);
 }

@@ -1,9 +1,10 @@
 /*
  * Conformance, operators' part: idem_layer_show() and idem_layer_delete()
- * (README "Operating it") on every driver, through the driver table's read,
- * remove and release members. Linked into the conformance program, whose
+ * (docs/operating.md, "The `idem` command") on every driver, through the
+ * driver table's read, remove and release members. Linked into the conformance program, whose
  * main() starts the store and sets IDEM_TEST_URL.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -217,5 +218,7 @@ Test(inspect, the_public_struct_keeps_its_size)
 {
     /* Fields of later versions come out of reserved_ (x86-64 and other LP64). */
     cr_assert_eq(sizeof(idem_key_info), 1472);
-    cr_assert_eq(sizeof(((idem_key_info *)0)->reserved_), 32);
+    cr_assert_eq(offsetof(idem_key_info, store_key_len), 1432, "a field of 0.2 moved");
+    cr_assert_eq(offsetof(idem_key_info, checkpoint_name), 1440, "0.3's fields come out of reserved_");
+    cr_assert_eq(sizeof(((idem_key_info *)0)->reserved_), 8);
 }

@@ -174,6 +174,21 @@ _Static_assert(offsetof(idem_backend, max_record_len) == offsetof(backend_v1, ma
 _Static_assert(offsetof(idem_backend, app_data) == sizeof(backend_v1),
                "version-2 members must come after every version-1 member");
 
+/* The table as 0.2 defined it: version 2's members, none of version 3's. */
+typedef struct backend_v2 {
+    backend_v1 v1;
+    void  *app_data;
+    int    (*open_ex)(void **state, const idem_url *url, const idem_backend *self);
+    int    (*read)(void *state, const void *key, size_t key_len, void **record, size_t *record_len,
+                   uint32_t *remaining_ms);
+    int    (*remove)(void *state, const void *key, size_t key_len, bool *deleted);
+    int    (*check)(void *state, idem_findings *out);
+} backend_v2;
+
+_Static_assert(offsetof(idem_backend, check) == offsetof(backend_v2, check), "version-2 members moved");
+_Static_assert(offsetof(idem_backend, tx_begin) == sizeof(backend_v2),
+               "version-3 members must come after every version-2 member");
+
 static void *guard_pages;
 static long  page;
 
@@ -289,14 +304,71 @@ Test(table, a_version_1_table_runs_every_operation_and_no_v2_member_is_read)
     idem_store_close(s);
 }
 
-Test(table, version_0_and_version_3_are_refused_with_the_versions_this_library_speaks)
+static int tx_handler(void *arg, void *conn, idem_response *resp)
+{
+    (void)conn;
+    return handler(arg, resp);
+}
+
+/* docs/contract.md, "Exactly once": what a table before version 3 cannot
+ * do is IDEM_EUNSUPPORTED, and the rest goes on working. */
+Test(table, a_version_2_table_runs_and_answers_unsupported_for_checkpoints_and_transactions)
+{
+    backend_v2 v2 = {.v1 = v1_table};
+    v2.v1.version = 2;
+    const idem_backend *b = at_page_end(&v2, sizeof v2);
+    idem_store *s;
+    cr_assert_eq(idem_store_open_backend(&s, b, "oldmem://"), IDEM_OK, "%s", idem_last_error());
+    idem_layer *l;
+    cr_assert_eq(idem_layer_new(&l, s, NULL), IDEM_OK, "%s", idem_last_error());
+    int calls = 0;
+    idem_reply r = {0};
+    idem_request req = {.key = "k", .key_len = 1};
+    cr_assert_eq(idem_run_tx(l, &req, tx_handler, &calls, &r), IDEM_EUNSUPPORTED);
+    cr_assert_eq(calls, 0, "a handler ran on a store without transactions");
+    idem_claim *c;
+    cr_assert_eq(idem_begin(l, &req, &c, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(c, "the refused idem_run_tx left the key claimed");
+    cr_assert_eq(idem_checkpoint(c, "step", "x", 1), IDEM_EUNSUPPORTED);
+    cr_assert(strstr(idem_last_error(), "version 3"), "%s", idem_last_error());
+    char sub[IDEM_SUBKEY_SIZE];
+    cr_assert_eq(idem_claim_subkey(c, "charge", sub, sizeof sub), IDEM_OK, "subkeys need no store");
+    cr_assert_eq(idem_commit_tx(c, (void *)1, 200, "", 0), IDEM_EUNSUPPORTED);
+    cr_assert_eq(idem_commit(c, 201, "made", 4), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(idem_run(l, &req, handler, &calls, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    idem_reply_clear(&r);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+static void tx_end_alone(void *state, void *tx)
+{
+    (void)state;
+    (void)tx;
+}
+
+Test(table, a_version_3_table_with_some_but_not_all_tx_members_is_refused)
+{
+    idem_backend t = {
+        .version = 3, .name = "halftx",
+        .open = mem_open, .close = mem_close, .claim = mem_claim, .commit = mem_commit,
+        .release = mem_release, .extend = mem_extend,
+        .tx_end = tx_end_alone,
+    };
+    idem_store *s;
+    cr_assert_eq(idem_store_open_backend(&s, &t, "halftx://"), IDEM_EINVAL);
+    cr_assert(strstr(idem_last_error(), "all three"), "%s", idem_last_error());
+}
+
+Test(table, version_0_and_a_version_after_this_librarys_are_refused_with_the_versions_it_speaks)
 {
     backend_v1 t = v1_table;
     idem_store *s = (idem_store *)1;
     t.version = 0;
     cr_assert_eq(idem_store_open_backend(&s, at_page_end(&t, sizeof t), "oldmem://"), IDEM_EINVAL);
     cr_assert_null(s);
-    cr_assert(strstr(idem_last_error(), "version 0") && strstr(idem_last_error(), "versions 1 to 2"),
+    cr_assert(strstr(idem_last_error(), "version 0") && strstr(idem_last_error(), "versions 1 to 3"),
               "%s", idem_last_error());
     unmap();
 
@@ -307,7 +379,7 @@ Test(table, version_0_and_version_3_are_refused_with_the_versions_this_library_s
         .release = mem_release, .extend = mem_extend,
     };
     cr_assert_eq(idem_store_open_backend(&s, &t3, "future://"), IDEM_EINVAL);
-    cr_assert(strstr(idem_last_error(), "version 3") &&
+    cr_assert(strstr(idem_last_error(), "version 4") &&
               strstr(idem_last_error(), "rebuild the driver against this <idempotency/backend.h>"),
               "%s", idem_last_error());
 }

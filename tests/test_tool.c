@@ -168,7 +168,7 @@ static idem_outcome run_key(const void *key, size_t key_len, job *j)
 
 /* ---- show and delete ---- */
 
-Test(tool, a_key_left_started_by_a_killed_worker_is_shown_with_its_lease_and_freed_by_delete)
+Test(tool, a_key_left_started_by_a_killed_worker_is_shown_with_its_lease_and_checkpoint_and_freed_by_delete)
 {
     int ready[2];
     cr_assert_eq(pipe(ready), 0);
@@ -187,7 +187,8 @@ Test(tool, a_key_left_started_by_a_killed_worker_is_shown_with_its_lease_and_fre
         idem_request req = {.key = "stuck", .key_len = 5};
         idem_claim *c;
         idem_reply reply = {0};
-        char ok = idem_begin(l, &req, &c, &reply) == IDEM_OK && c ? 'y' : 'n';
+        char ok = idem_begin(l, &req, &c, &reply) == IDEM_OK && c &&
+                  idem_checkpoint(c, "charged", "ch_42", 5) == IDEM_OK ? 'y' : 'n';
         (void)!write(ready[1], &ok, 1);
         for (;;)
             pause();
@@ -203,6 +204,8 @@ Test(tool, a_key_left_started_by_a_killed_worker_is_shown_with_its_lease_and_fre
     assert_has(r, "state:        STARTED");
     assert_has(r, "lease left:   9 min"); /* of 10 minutes: the lease runs, nobody can take the key */
     assert_has(r, "token:        ");
+    assert_has(r, "checkpoint:   \"charged\""); /* where the next holder resumes */
+    assert_has(r, "5 bytes: \"ch_42\"");
     run_free(&r);
 
     job j = {.status = 200, .body = "retried"};

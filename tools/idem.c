@@ -262,6 +262,15 @@ static void describe(FILE *f, const idem_key_info *k)
         fprintf(f, "\ndeadline:     ");
         print_time(f, k->deadline_ms);
         fprintf(f, " (as written by the claimant's clock)\n");
+        if (k->checkpoint_name) {
+            fprintf(f, "checkpoint:   ");
+            print_escaped(f, (const unsigned char *)k->checkpoint_name, strlen(k->checkpoint_name),
+                          SHOW_BODY_MAX);
+            fprintf(f, " (the next holder resumes from this step)\ndata:         %zu bytes: ",
+                    k->checkpoint_len);
+            print_escaped(f, k->checkpoint, k->checkpoint_len, SHOW_BODY_MAX);
+            fputc('\n', f);
+        }
         break;
     case IDEM_KEY_COMPLETED:
         fprintf(f, " (a stored response, replayed to every retry)\nstatus:       %d\n", k->status);

@@ -52,6 +52,9 @@
  * before it gives the connection up (a frozen server or a dead network
  * never sends the cancel). */
 #define REPLY_GRACE_MS               1000
+/* The core's deadline for a call, when sooner, cuts that wait short
+ * (idem_call_timeout_ms()): the connection is then closed, as after a reply
+ * timeout, and the server ends the statement by its statement_timeout. */
 #define CLEANUP_INTERVAL_MS          1000
 #define CLEANUP_BATCH                "500"
 /* A claim that meets a concurrent claimant under REPEATABLE READ or
@@ -191,6 +194,7 @@ typedef struct store {
     char            *password;     /* never printed; kept to scrub messages */
     char            *table;        /* quoted: "idempotency_keys" or "app"."keys" */
     char            *setup_sql;    /* SET and PREPARE, sent on every new connection */
+    char            *tx_sql;       /* tx_write's UPDATE, for any connection (none prepared) */
     const char      *keywords[MAX_KEYWORDS + 1];
     char            *values[MAX_KEYWORDS + 1];
     int              nkeywords;
@@ -339,7 +343,12 @@ static int await_result(const store *s, PGconn *pg, uint64_t deadline, unsigned 
             return conn_error(s, pg, what);
         if (flushed == 0 && !PQisBusy(pg))
             return IDEM_OK;
-        uint64_t now = idem_mono_ms();
+        uint64_t now = idem_mono_ms(), call_deadline = idem_call_deadline_ms();
+        if (now >= deadline && call_deadline && now >= call_deadline)
+            return idem_driver_error(IDEM_EBACKEND, s->where, what,
+                                     "no reply within the %u ms the library left this call (what "
+                                     "remained of commit_timeout_ms or of the lease); the statement "
+                                     "may be waiting for a lock, or the server may be frozen", timeout_ms);
         if (now >= deadline)
             return idem_driver_error(IDEM_EBACKEND, s->where, what,
                                      "no reply within %u ms; the server may be frozen or unreachable "
@@ -467,7 +476,7 @@ static int connect_raw(store *s, PGconn **out, uint64_t deadline)
 static int pool_connect(void *ctx, void **conn)
 {
     store *s = ctx;
-    uint64_t deadline = idem_mono_ms() + s->connect_ms;
+    uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->connect_ms);
     PGconn *pg;
     int rc = connect_raw(s, &pg, deadline);
     if (rc)
@@ -532,7 +541,7 @@ static int exec_stmt(store *s, PGconn *pg, enum stmt_id id, int nparams, const c
                      const int *lengths, const int *formats, PGresult **out, idem_conn_state *state)
 {
     const char *what = stmt_what[id];
-    unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
+    unsigned timeout = idem_call_timeout_ms(s->statement_ms + REPLY_GRACE_MS);
     *out = NULL;
     if (!PQsendQueryPrepared(pg, stmt_name[id], nparams, values, lengths, formats, 1)) {
         *state = IDEM_CONN_BROKEN;
@@ -601,7 +610,7 @@ static int op_fn(void *conn, void *arg, idem_conn_state *state)
             *state = IDEM_CONN_BROKEN;
             return conn_error(s, pg, stmt_what[o->id]);
         }
-        unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
+        unsigned timeout = idem_call_timeout_ms(s->statement_ms + REPLY_GRACE_MS);
         int rc = collect(s, pg, idem_mono_ms() + timeout, timeout, stmt_what[o->id], &res);
         if (rc) {
             *state = IDEM_CONN_BROKEN;
@@ -809,6 +818,184 @@ static size_t pg_max_record_len(void *state)
     return MAX_RECORD_LEN;
 }
 
+/* Roll back what is open on pg, keeping this thread's message. */
+static void tx_rollback(store *s, PGconn *pg)
+{
+    unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
+    char *saved = strdup(idem_last_error());
+    if (PQstatus(pg) == CONNECTION_OK && PQtransactionStatus(pg) != PQTRANS_IDLE)
+        (void)run_simple(s, pg, "ROLLBACK", idem_mono_ms() + timeout, timeout, "rolling back");
+    idem_error_set(IDEM_OK, "%s", saved ? saved : "");
+    free(saved);
+}
+
+/* ---- transactions: a handler's work in this database ----
+ *
+ * The handler's transaction never touches the key's row until the end, so
+ * a duplicate's claim, which only reads a live row, is answered at once and
+ * renewals (auto_extend, on another connection) keep working while it
+ * runs. At the end one UPDATE, fenced by the token alone, writes the record
+ * and locks the row, and COMMIT follows. Isolation levels: under READ
+ * COMMITTED the UPDATE sees the row's newest version; under REPEATABLE READ
+ * and SERIALIZABLE a row changed since the transaction's snapshot (a
+ * renewal, a takeover) fails it with a serialization failure, which is a
+ * failed commit to be run again (IDEM_TX_RETRY), never a lost key.
+ */
+
+static const char tx_write_sql[] =
+    "UPDATE @T SET state = $1, value = $2, expires_at = clock_timestamp() + " MS("$3") " "
+    "WHERE key = $4 AND token = $5 AND state = 'S'";
+
+static int pg_tx_begin(void *state, void **tx, void **conn)
+{
+    store *s = state;
+    void *c;
+    bool fresh;
+    int rc = idem_pool_get(s->pool, &c, &fresh);
+    if (rc)
+        return rc;
+    PGconn *pg = c;
+    unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
+    if ((rc = run_simple(s, pg, "BEGIN", idem_mono_ms() + timeout, timeout, "opening a transaction"))) {
+        idem_pool_put(s->pool, pg, IDEM_CONN_BROKEN);
+        return rc;
+    }
+    PQsetnonblocking(pg, 0); /* the handler's PQexec() expects a blocking connection */
+    *tx = *conn = pg;
+    return IDEM_OK;
+}
+
+static void pg_tx_end(void *state, void *tx)
+{
+    store *s = state;
+    PGconn *pg = tx;
+    tx_rollback(s, pg);
+    bool ok = PQsetnonblocking(pg, 1) == 0 && PQstatus(pg) == CONNECTION_OK &&
+              PQtransactionStatus(pg) == PQTRANS_IDLE;
+    idem_pool_put(s->pool, pg, ok ? IDEM_CONN_OK : IDEM_CONN_BROKEN);
+}
+
+/* Send sql with params on pg and read its result, within the statement
+ * timeout; *res on IDEM_OK (even a failed statement's). */
+static int tx_send(store *s, PGconn *pg, const char *sql, int n, const char *const *values,
+                   const int *lengths, const int *formats, const char *what, PGresult **res)
+{
+    unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
+    if (!PQsendQueryParams(pg, sql, n, NULL, values, lengths, formats, 0))
+        return conn_error(s, pg, what);
+    return collect(s, pg, idem_mono_ms() + timeout, timeout, what, res);
+}
+
+/* The connection broke during COMMIT. Make sure its server process can no
+ * longer commit (end it, and wait until it is gone), then read the record
+ * on a connection of the pool: IDEM_OK when it holds record. */
+static int tx_settle(store *s, int pid, const void *key, size_t key_len, const void *record,
+                     size_t record_len, int *outcome)
+{
+    static const char what[] = "settling a commit whose connection broke";
+    char pidtext[16];
+    snprintf(pidtext, sizeof pidtext, "%d", pid);
+    const char *values[1] = {pidtext};
+    void *c = NULL;
+    bool fresh, gone = false;
+    int rc = idem_pool_get(s->pool, &c, &fresh);
+    uint64_t until = idem_mono_ms() + s->statement_ms;
+    for (int round = 0; rc == IDEM_OK && !gone; round++) {
+        PGresult *res = NULL;
+        rc = tx_send(s, c, round == 0 ? "SELECT pg_terminate_backend($1::int) IS NOT NULL"
+                                      : "SELECT 1 FROM pg_stat_activity WHERE pid = $1::int",
+                     1, values, NULL, NULL, what, &res);
+        ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
+        gone = rc == IDEM_OK && round > 0 && st == PGRES_TUPLES_OK && PQntuples(res) == 0;
+        if (rc == IDEM_OK && st != PGRES_TUPLES_OK && round > 0)
+            rc = idem_driver_error(IDEM_EBACKEND, s->where, what, "pg_stat_activity cannot be read");
+        PQclear(res);
+        if (!gone && rc == IDEM_OK && idem_mono_ms() >= until)
+            rc = idem_driver_error(IDEM_EBACKEND, s->where, what, "the old connection's server process "
+                                   "(pid %d) is still there after %u ms", pid, s->statement_ms);
+        if (!gone && rc == IDEM_OK && round > 0)
+            poll(NULL, 0, 10);
+    }
+    if (c)
+        idem_pool_put(s->pool, c, rc == IDEM_OK ? IDEM_CONN_OK : IDEM_CONN_BROKEN);
+    void *now = NULL;
+    size_t now_len = 0;
+    uint32_t left;
+    if (rc == IDEM_OK)
+        rc = pg_read(s, key, key_len, &now, &now_len, &left);
+    if (rc) {
+        *outcome = IDEM_TX_UNKNOWN;
+        rc = IDEM_EBACKEND;
+    } else if (now && now_len == record_len && memcmp(now, record, record_len) == 0) {
+        rc = IDEM_OK;
+    } else {
+        rc = idem_driver_error(IDEM_EBACKEND, s->where, what, "the connection broke during COMMIT, and "
+                               "the transaction did not commit");
+    }
+    free(now);
+    return rc;
+}
+
+static int pg_tx_write(void *state, void *conn, const void *key, size_t key_len, const uint8_t *token,
+                       const void *record, size_t record_len, uint64_t expiry_ms, int *outcome)
+{
+    static const char what[] = "committing the work with its record";
+    store *s = state;
+    PGconn *pg = conn;
+    idem_record_info info;
+    *outcome = IDEM_TX_ROLLED_BACK;
+    if (idem_record_peek(record, record_len, &info) != IDEM_OK)
+        return idem_error_set(IDEM_EINVAL, DRIVER ": the record to write is not one of the core's");
+    switch (PQtransactionStatus(pg)) {
+    case PQTRANS_INTRANS:
+        break;
+    case PQTRANS_INERROR:
+        tx_rollback(s, pg);
+        return idem_driver_error(IDEM_EBACKEND, s->where, what, "a statement of the transaction failed "
+                                 "before the response could be written; it was rolled back");
+    default:
+        return idem_driver_error(IDEM_EINVAL, s->where, what, "no transaction is open and idle on this "
+                                 "connection: open one (BEGIN), do the work, then commit through the "
+                                 "library");
+    }
+    char ms[24];
+    snprintf(ms, sizeof ms, "%llu", (unsigned long long)expiry_ms);
+    const char *values[5] = {info.state == IDEM_STATE_STARTED ? "S" : "C", record, ms, key,
+                             (const char *)token};
+    int lengths[5] = {0, (int)record_len, 0, (int)key_len, IDEM_TOKEN_LEN};
+    int formats[5] = {0, 1, 0, 1, 1};
+    PGresult *res = NULL;
+    int rc = tx_send(s, pg, s->tx_sql, 5, values, lengths, formats, what, &res);
+    if (rc == IDEM_OK && PQresultStatus(res) != PGRES_COMMAND_OK) {
+        *outcome = is_serialization_failure(res) ? IDEM_TX_RETRY : IDEM_TX_ROLLED_BACK;
+        idem_conn_state st;
+        rc = result_error(s, pg, res, what, &st);
+    } else if (rc == IDEM_OK && strcmp(PQcmdTuples(res), "1") != 0) {
+        rc = IDEM_ELOST;
+    }
+    PQclear(res);
+    if (rc) {
+        tx_rollback(s, pg);
+        return rc;
+    }
+    int pid = PQbackendPID(pg);
+    res = NULL;
+    rc = tx_send(s, pg, "COMMIT", 0, NULL, NULL, NULL, what, &res);
+    if (rc != IDEM_OK || PQstatus(pg) != CONNECTION_OK) {
+        PQclear(res);
+        return tx_settle(s, pid, key, key_len, record, record_len, outcome);
+    }
+    if (PQresultStatus(res) != PGRES_COMMAND_OK) {
+        *outcome = is_serialization_failure(res) ? IDEM_TX_RETRY : IDEM_TX_ROLLED_BACK;
+        idem_conn_state st;
+        rc = result_error(s, pg, res, what, &st);
+    } else if (strcmp(PQcmdStatus(res), "COMMIT") != 0) { /* an aborted transaction answers ROLLBACK */
+        rc = idem_driver_error(IDEM_EBACKEND, s->where, what, "the server rolled the transaction back");
+    }
+    PQclear(res);
+    return rc;
+}
+
 /* ---- opening ---- */
 
 static void store_free(store *s)
@@ -829,6 +1016,7 @@ static void store_free(store *s)
     free(s->where);
     free(s->table);
     free(s->setup_sql);
+    free(s->tx_sql);
     free(s);
 }
 
@@ -1175,6 +1363,8 @@ static int pg_open(void **state, const idem_url *url)
     int rc = parse_url(s, url);
     if (rc == IDEM_OK)
         rc = build_setup(s);
+    if (rc == IDEM_OK && !(s->tx_sql = with_table(s, tx_write_sql)))
+        rc = IDEM_ENOMEM;
     if (rc == IDEM_ENOMEM)
         idem_error_set(rc, DRIVER ": out of memory");
     /* Connect now, so that a wrong address, password or table fails here
@@ -1250,4 +1440,7 @@ const idem_backend idem__postgresql_backend = {
     .read = pg_read,
     .remove = pg_remove,
     .check = pg_check,
+    .tx_begin = pg_tx_begin,
+    .tx_write = pg_tx_write,
+    .tx_end = pg_tx_end,
 };
