@@ -10,8 +10,8 @@
  * Every server is a node with its own connection pool (idem_pool). One
  * server: all operations go to it. Cluster: to the master of the key's
  * slot, from CLUSTER SLOTS, following MOVED/ASK/TRYAGAIN/CLUSTERDOWN
- * (op_exec()). Sentinel: to the master the sentinels name, checked with
- * ROLE and resolved again after a failure or READONLY.
+ * (idem__redis_op_exec()). Sentinel: to the master the sentinels name,
+ * checked with ROLE and resolved again after a failure or READONLY.
  *
  * One string per key, expiring by the server's clock (PX). Every operation
  * is one round trip. The claim, the operation every request makes, is two
@@ -28,9 +28,9 @@
  *
  * timeout_ms bounds an operation's command and its whole reply: hiredis
  * bounds each read by the socket's timeout, so the driver runs the reads
- * itself and shortens that timeout to the time left (conn_reply()). The
- * core's deadline for the call, when sooner, bounds it instead
- * (idem_call_timeout_ms()).
+ * itself and shortens that timeout to the time left
+ * (idem__redis_conn_reply()). The core's deadline for the call, when
+ * sooner, bounds it instead (idem_call_timeout_ms()).
  *
  * A hiredis context is not thread-safe, so each node keeps a pool of them.
  * A context that saw an I/O error, a timeout or EOF is freed, never pooled
@@ -63,7 +63,7 @@
     "if type(v) ~= 'string' or " LUA_TOKEN " ~= ARGV[1] then return 0 end\n"             \
     "local s = " LUA_STATE "\n"
 
-static const char *const script_src[SC_COUNT] = {
+const char *const idem__redis_script_src[SC_COUNT] = {
     /* The claim for a server before 7.0, which refuses SET with both NX
      * and GET (rd_claim() sends those two commands to later ones).
      * KEYS[1] key, ARGV[1] record, ARGV[2] lease ms, ARGV[3] the longest
@@ -124,7 +124,7 @@ static const char *const script_src[SC_COUNT] = {
         "return {v, redis.call('PTTL', KEYS[1])}\n",
 };
 
-static const char *const script_what[SC_COUNT] = {
+const char *const idem__redis_script_what[SC_COUNT] = {
     [SC_CLAIM] = "claiming a key",
     [SC_COMMIT] = "storing a response",
     [SC_RELEASE] = "freeing a key",
@@ -141,7 +141,7 @@ static bool errstr_is(const redisContext *c, int errnum)
 
 /* The connection died (closed or reset) rather than timed out: a fresh
  * connection may work at once. */
-static bool peer_went_away(const redisContext *c)
+bool idem__redis_peer_went_away(const redisContext *c)
 {
     return c->err == REDIS_ERR_EOF ||
            (c->err == REDIS_ERR_IO && (errstr_is(c, ECONNRESET) || errstr_is(c, EPIPE)));
@@ -149,8 +149,8 @@ static bool peer_went_away(const redisContext *c)
 
 /* Describe a failed context: IDEM_EBACKEND with a message. timed_out and
  * partial: the command ran out of time, after part of its reply came. */
-static int context_error_at(const store *s, const char *where, const redisContext *c, bool timed_out,
-                            bool partial, const char *what)
+int idem__redis_context_error_at(const store *s, const char *where, const redisContext *c,
+                                 bool timed_out, bool partial, const char *what)
 {
     if (!c)
         return idem_driver_error(IDEM_ENOMEM, where, what, "out of memory");
@@ -196,9 +196,9 @@ static int context_error_at(const store *s, const char *where, const redisContex
                              c->errstr[0] ? c->errstr : "unknown hiredis error");
 }
 
-static int conn_error(const store *s, const char *where, const conn *c, const char *what)
+int idem__redis_conn_error(const store *s, const char *where, const conn *c, const char *what)
 {
-    return context_error_at(s, where, c->ctx, c->timed_out, c->partial, what);
+    return idem__redis_context_error_at(s, where, c->ctx, c->timed_out, c->partial, what);
 }
 
 /* The hint for an error reply the server gives, or "". */
@@ -231,7 +231,7 @@ static const char *reply_hint(const char *msg)
 }
 
 /* Describe an error reply from the server, with a hint for the known ones. */
-static int reply_error(const char *where, const redisReply *r, const char *what)
+int idem__redis_reply_error(const char *where, const redisReply *r, const char *what)
 {
     const char *msg = r->str ? r->str : "";
     int n = (int)strlen(msg);
@@ -241,17 +241,7 @@ static int reply_error(const char *where, const redisReply *r, const char *what)
                              reply_hint(msg));
 }
 
-static bool reply_is(const redisReply *r, const char *prefix)
-{
-    return r->type == REDIS_REPLY_ERROR && r->str && strncmp(r->str, prefix, strlen(prefix)) == 0;
-}
-
 /* ---- one command, bounded as a whole ---- */
-
-static struct timeval tv_ms(uint64_t ms)
-{
-    return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
-}
 
 /* Before one read or write: fit the socket's timeout to the time left
  * until deadline, so that no read or write, and so no reply however it
@@ -303,17 +293,17 @@ static redisReply *conn_read_reply(conn *c, uint64_t deadline)
     }
 }
 
-static redisReply *conn_reply(conn *c, uint64_t deadline)
+redisReply *idem__redis_conn_reply(conn *c, uint64_t deadline)
 {
     return conn_flush(c, deadline) ? conn_read_reply(c, deadline) : NULL;
 }
 
-static redisReply *conn_command(conn *c, uint64_t deadline, int argc, const char **argv,
-                                const size_t *lens)
+redisReply *idem__redis_conn_command(conn *c, uint64_t deadline, int argc, const char **argv,
+                                     const size_t *lens)
 {
     if (redisAppendCommandArgv(c->ctx, argc, argv, lens) != REDIS_OK)
         return NULL;
-    return conn_reply(c, deadline);
+    return idem__redis_conn_reply(c, deadline);
 }
 
 /* ---- connections ---- */
@@ -328,7 +318,7 @@ static void conn_free(conn *c)
 }
 
 /* The password refused, said plainly. */
-static int auth_refused(const char *where, const redisReply *r, const char *what)
+int idem__redis_auth_refused(const char *where, const redisReply *r, const char *what)
 {
     int n = r->str ? (int)r->len : 0;
     if (n && r->str[n - 1] == '.')
@@ -349,17 +339,17 @@ static int conn_setup(store *s, const char *where, conn *c)
         int rc = s->user ? redisAppendCommand(ctx, "AUTH %s %s", s->user, s->password)
                          : redisAppendCommand(ctx, "AUTH %s", s->password);
         if (rc != REDIS_OK)
-            return context_error_at(s, where, ctx, false, false, "authenticating");
+            return idem__redis_context_error_at(s, where, ctx, false, false, "authenticating");
         sent[n++] = AUTH;
     }
     if (s->db) {
         if (redisAppendCommand(ctx, "SELECT %lu", s->db) != REDIS_OK)
-            return context_error_at(s, where, ctx, false, false, "selecting the database");
+            return idem__redis_context_error_at(s, where, ctx, false, false, "selecting the database");
         sent[n++] = SELECT;
     }
     if (s->topo == TOPO_SENTINEL) {
         if (redisAppendCommand(ctx, "ROLE") != REDIS_OK)
-            return context_error_at(s, where, ctx, false, false, "checking the role");
+            return idem__redis_context_error_at(s, where, ctx, false, false, "checking the role");
         sent[n++] = ROLE;
     }
     int ret = IDEM_OK;
@@ -367,16 +357,16 @@ static int conn_setup(store *s, const char *where, conn *c)
     for (int i = 0; i < n; i++) {
         const char *what = sent[i] == AUTH ? "authenticating"
                          : sent[i] == SELECT ? "selecting the database" : "checking the role";
-        redisReply *r = conn_reply(c, deadline);
+        redisReply *r = idem__redis_conn_reply(c, deadline);
         if (!r)
-            return conn_error(s, where, c, what);
+            return idem__redis_conn_error(s, where, c, what);
         if (ret == IDEM_OK && r->type == REDIS_REPLY_ERROR)
-            ret = sent[i] == AUTH ? auth_refused(where, r, what)
+            ret = sent[i] == AUTH ? idem__redis_auth_refused(where, r, what)
                 : sent[i] == SELECT
                     ? idem_driver_error(IDEM_EBACKEND, where, what, "SELECT %lu failed (%s); the "
                                         "URL's database number must be below the server's "
                                         "`databases` setting", s->db, r->str ? r->str : "")
-                    : reply_error(where, r, what);
+                    : idem__redis_reply_error(where, r, what);
         else if (ret == IDEM_OK && sent[i] == ROLE &&
                  !(r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
                    r->element[0]->type == REDIS_REPLY_STRING &&
@@ -403,12 +393,13 @@ static int conn_open(store *s, const node *n, conn **out)
                      : redisConnectUnixWithTimeout(s->socket_path, tv);
     int rc;
     if (!c->ctx || c->ctx->err) {
-        rc = context_error_at(s, n->where, c->ctx, false, false, "connecting");
+        rc = idem__redis_context_error_at(s, n->where, c->ctx, false, false, "connecting");
         conn_free(c);
         return rc;
     }
     if (redisSetTimeout(c->ctx, tv_ms(s->command_ms)) != REDIS_OK) {
-        rc = context_error_at(s, n->where, c->ctx, false, false, "setting the command timeout");
+        rc = idem__redis_context_error_at(s, n->where, c->ctx, false, false,
+                                          "setting the command timeout");
         conn_free(c);
         return rc;
     }
@@ -439,7 +430,7 @@ static void pool_disconnect(void *ctx, void *c)
     conn_free(c);
 }
 
-static void node_free(node *n)
+void idem__redis_node_free(node *n)
 {
     if (n->pool)
         idem_pool_free(n->pool);
@@ -450,7 +441,7 @@ static void node_free(node *n)
 
 /* The node for host:port (host NULL: the store's unix socket), made on
  * first use. NULL with a message when out of memory. */
-static node *node_get(store *s, const char *host, int port)
+node *idem__redis_node_get(store *s, const char *host, int port)
 {
     pthread_mutex_lock(&s->mu);
     node *n = s->nodes;
@@ -480,7 +471,7 @@ static node *node_get(store *s, const char *host, int port)
     if (!ok) {
         pthread_mutex_unlock(&s->mu);
         if (n)
-            node_free(n);
+            idem__redis_node_free(n);
         idem_error_set(IDEM_ENOMEM, "redis %s:%d: out of memory", host ? host : "", port);
         return NULL;
     }
@@ -569,12 +560,12 @@ static redisReply *op_send(op *o, conn *c)
     return NULL;
 }
 
-static int op_run(void *connp, void *arg, idem_conn_state *state)
+int idem__redis_op_run(void *connp, void *arg, idem_conn_state *state)
 {
     conn *c = connp;
     op *o = arg;
     store *s = o->s;
-    const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
+    const char *what = o->id >= 0 ? idem__redis_script_what[o->id] : "removing a key";
     redisReply *r = op_send(o, c);
     if (!r && o->too_long > 0) {
         /* Its bytes are still coming: this connection's socket cannot be
@@ -600,15 +591,15 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         size_t len0 = o->lens[0], len1 = o->lens[1];
         o->argv[0] = "EVAL";
         o->lens[0] = 4;
-        o->argv[1] = script_src[o->id];
-        o->lens[1] = strlen(script_src[o->id]);
+        o->argv[1] = idem__redis_script_src[o->id];
+        o->lens[1] = strlen(idem__redis_script_src[o->id]);
         r = op_send(o, c);
         o->argv[0] = argv0, o->argv[1] = argv1;
         o->lens[0] = len0, o->lens[1] = len1;
     }
     if (!r) {
-        *state = !c->timed_out && peer_went_away(c->ctx) ? IDEM_CONN_STALE : IDEM_CONN_BROKEN;
-        int rc = conn_error(s, o->n->where, c, what);
+        *state = !c->timed_out && idem__redis_peer_went_away(c->ctx) ? IDEM_CONN_STALE : IDEM_CONN_BROKEN;
+        int rc = idem__redis_conn_error(s, o->n->where, c, what);
         o->maybe_ran = true;
         return rc;
     }
@@ -619,14 +610,14 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         const char *argv[3] = {"WAIT", n, t};
         size_t lens[3] = {4, strlen(n), strlen(t)};
         uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->wait_timeout_ms + s->command_ms);
-        redisReply *w = conn_command(c, deadline, 3, argv, lens);
+        redisReply *w = idem__redis_conn_command(c, deadline, 3, argv, lens);
         if (!w) {
             freeReplyObject(r);
             freeReplyObject(o->reply2);
             o->reply2 = NULL;
             *state = IDEM_CONN_BROKEN;
             o->maybe_ran = true;
-            return conn_error(s, o->n->where, c, "waiting for replicas (WAIT)");
+            return idem__redis_conn_error(s, o->n->where, c, "waiting for replicas (WAIT)");
         }
         o->acked = w->type == REDIS_REPLY_INTEGER ? w->integer : -1;
         freeReplyObject(w);
@@ -687,7 +678,7 @@ static node *node_at(store *s, const char *text, size_t len, const node *said)
     int port = atoi(colon + 1);
     if (port <= 0 || port > 65535)
         return NULL;
-    return node_get(s, hlen ? host : said->host, port);
+    return idem__redis_node_get(s, hlen ? host : said->host, port);
 }
 
 /* A node to ask about the topology, and by when. */
@@ -705,10 +696,10 @@ static int slots_run(void *connp, void *arg, idem_conn_state *state)
     const char *what = "reading the cluster's slot map (CLUSTER SLOTS)";
     const char *argv[2] = {"CLUSTER", "SLOTS"};
     size_t lens[2] = {7, 5};
-    redisReply *r = conn_command(c, ((ask_arg *)arg)->deadline, 2, argv, lens);
+    redisReply *r = idem__redis_conn_command(c, ((ask_arg *)arg)->deadline, 2, argv, lens);
     if (!r) {
         *state = IDEM_CONN_BROKEN;
-        return conn_error(s, n->where, c, what);
+        return idem__redis_conn_error(s, n->where, c, what);
     }
     int rc = IDEM_OK;
     if (r->type == REDIS_REPLY_ERROR) {
@@ -734,7 +725,8 @@ static int slots_run(void *connp, void *arg, idem_conn_state *state)
             long long lo = e->element[0]->integer, hi = e->element[1]->integer;
             const redisReply *ip = e->element[2]->element[0];
             int port = (int)e->element[2]->element[1]->integer;
-            node *m = node_get(s, ip->len && strcmp(ip->str, "?") != 0 ? ip->str : n->host, port);
+            node *m = idem__redis_node_get(s, ip->len && strcmp(ip->str, "?") != 0 ? ip->str : n->host,
+                                           port);
             if (!m) {
                 rc = IDEM_ENOMEM;
                 break;
@@ -760,38 +752,38 @@ static int sentinel_ask(store *s, const idem_url_host *h, uint64_t deadline, nod
                                     tv_ms(s->connect_ms));
     int rc = IDEM_OK;
     if (!c.ctx || c.ctx->err) {
-        rc = context_error_at(s, where, c.ctx, false, false, "connecting");
+        rc = idem__redis_context_error_at(s, where, c.ctx, false, false, "connecting");
         goto done;
     }
     c.socket_ms = 0;
     if (s->sentinel_password) {
         const char *argv[2] = {"AUTH", s->sentinel_password};
         size_t lens[2] = {4, strlen(s->sentinel_password)};
-        redisReply *a = conn_command(&c, deadline, 2, argv, lens);
+        redisReply *a = idem__redis_conn_command(&c, deadline, 2, argv, lens);
         if (!a) {
-            rc = conn_error(s, where, &c, "authenticating");
+            rc = idem__redis_conn_error(s, where, &c, "authenticating");
             goto done;
         }
         if (a->type == REDIS_REPLY_ERROR)
-            rc = auth_refused(where, a, "authenticating");
+            rc = idem__redis_auth_refused(where, a, "authenticating");
         freeReplyObject(a);
         if (rc)
             goto done;
     }
     const char *argv[3] = {"SENTINEL", "get-master-addr-by-name", s->master_name};
     size_t lens[3] = {8, 23, strlen(s->master_name)};
-    redisReply *r = conn_command(&c, deadline, 3, argv, lens);
+    redisReply *r = idem__redis_conn_command(&c, deadline, 3, argv, lens);
     if (!r) {
-        rc = conn_error(s, where, &c, what);
+        rc = idem__redis_conn_error(s, where, &c, what);
         goto done;
     }
     if (r->type == REDIS_REPLY_ARRAY && r->elements == 2 &&
         r->element[0]->type == REDIS_REPLY_STRING && r->element[1]->type == REDIS_REPLY_STRING) {
-        *out = node_get(s, r->element[0]->str, atoi(r->element[1]->str));
+        *out = idem__redis_node_get(s, r->element[0]->str, atoi(r->element[1]->str));
         if (!*out)
             rc = IDEM_ENOMEM;
     } else if (r->type == REDIS_REPLY_ERROR) {
-        rc = reply_error(where, r, what);
+        rc = idem__redis_reply_error(where, r, what);
     } else {
         rc = idem_driver_error(IDEM_EBACKEND, where, what, "this sentinel knows no master called "
                                "'%s'; check the name in the store URL "
@@ -812,10 +804,10 @@ static int check_run(void *connp, void *arg, idem_conn_state *state)
     node *n = ((ask_arg *)arg)->n;
     const char *argv[1] = {"ROLE"};
     size_t lens[1] = {4};
-    redisReply *r = conn_command(c, ((ask_arg *)arg)->deadline, 1, argv, lens);
+    redisReply *r = idem__redis_conn_command(c, ((ask_arg *)arg)->deadline, 1, argv, lens);
     if (!r) {
         *state = IDEM_CONN_BROKEN;
-        return conn_error(n->s, n->where, c, "checking the role");
+        return idem__redis_conn_error(n->s, n->where, c, "checking the role");
     }
     bool master = r->type == REDIS_REPLY_ARRAY && r->elements > 0 &&
                   r->element[0]->type == REDIS_REPLY_STRING && strcmp(r->element[0]->str, "master") == 0;
@@ -873,7 +865,7 @@ static int refresh_slots(store *s, uint64_t deadline)
 /* Learn the topology again (cluster: the slot map; sentinel: the master),
  * by deadline, unless another thread did so in the last
  * LEARN_INTERVAL_MS; force at open. */
-static int learn(store *s, bool force, uint64_t deadline)
+int idem__redis_learn(store *s, bool force, uint64_t deadline)
 {
     pthread_mutex_lock(&s->learn_mu);
     uint64_t now = idem_mono_ms();
@@ -918,20 +910,20 @@ static void backoff(uint64_t deadline, unsigned ms)
  * At most MAX_HOPS of these, all within timeout_ms. Following is safe
  * because every script is safe to run twice (see the operations).
  */
-static int op_exec(store *s, op *o, const void *key, size_t key_len)
+int idem__redis_op_exec(store *s, op *o, const void *key, size_t key_len)
 {
     if (!o->deadline) /* else the deadline of the operation this one continues */
         o->deadline = idem_mono_ms() + idem_call_timeout_ms(s->command_ms);
     o->acked = -1;
     unsigned slot = s->topo == TOPO_CLUSTER ? key_slot(key, key_len) : 0;
-    const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
+    const char *what = o->id >= 0 ? idem__redis_script_what[o->id] : "removing a key";
     node *ask = NULL;
     if (s->topo != TOPO_SINGLE && atomic_load(&s->unsure))
-        (void)learn(s, false, o->deadline);
+        (void)idem__redis_learn(s, false, o->deadline);
     for (int hop = 0;; hop++) {
         bool last = hop + 1 >= MAX_HOPS || idem_mono_ms() >= o->deadline;
         node *n = ask ? ask : route(s, slot);
-        if (!n && s->topo != TOPO_SINGLE && learn(s, false, o->deadline) == IDEM_OK)
+        if (!n && s->topo != TOPO_SINGLE && idem__redis_learn(s, false, o->deadline) == IDEM_OK)
             n = route(s, slot);
         if (!n)
             return idem_driver_error(IDEM_EBACKEND, "redis cluster", what, "no master serves slot "
@@ -944,7 +936,7 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
         freeReplyObject(o->reply2);
         o->reply2 = NULL;
         o->too_long = 0;
-        int rc = idem_pool_run(n->pool, op_run, o);
+        int rc = idem_pool_run(n->pool, idem__redis_op_run, o);
         if (rc) {
             /* The server is gone or stuck: in a cluster or under sentinels
              * another may have taken over. */
@@ -954,8 +946,8 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
                 atomic_store(&s->unsure, true);
                 return rc;
             }
-            char *msg = strdup(idem_last_error()); /* learn() may say something else */
-            bool follow = learn(s, false, o->deadline) == IDEM_OK && route(s, slot) != n;
+            char *msg = strdup(idem_last_error()); /* idem__redis_learn() may say something else */
+            bool follow = idem__redis_learn(s, false, o->deadline) == IDEM_OK && route(s, slot) != n;
             if (!follow)
                 idem_error_set(rc, "%s", msg ? msg : "redis: out of memory");
             free(msg);
@@ -981,7 +973,7 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
                 if (moved) {
                     atomic_fetch_add(&s->moved, 1);
                     atomic_store(&s->slots[slot], to);
-                    (void)learn(s, false, o->deadline);
+                    (void)idem__redis_learn(s, false, o->deadline);
                     atomic_store(&s->slots[slot], to);
                 } else {
                     atomic_fetch_add(&s->asked, 1);
@@ -996,13 +988,13 @@ static int op_exec(store *s, op *o, const void *key, size_t key_len)
             o->reply = NULL;
             atomic_fetch_add(&s->retried, 1);
             if (demoted || down)
-                (void)learn(s, false, o->deadline);
+                (void)idem__redis_learn(s, false, o->deadline);
             backoff(o->deadline, 10u << (hop < 5 ? hop : 5));
             continue;
         }
         if (o->plain && o->id == SC_CLAIM)
             return IDEM_OK; /* rd_claim() reads what the server refused */
-        rc = reply_error(n->where, r, what);
+        rc = idem__redis_reply_error(n->where, r, what);
         freeReplyObject(r);
         o->reply = NULL;
         return rc;
@@ -1037,7 +1029,7 @@ static int run_script(store *s, enum script_id id, const void *key, size_t key_l
     }
     op o = {.s = s, .id = (int)id, .argc = (int)(4 + nargs), .argv = argv, .lens = argvlen,
             .wait = s->wait_replicas > 0};
-    int rc = op_exec(s, &o, key, key_len);
+    int rc = idem__redis_op_exec(s, &o, key, key_len);
     res->where = o.n ? o.n->where : "redis";
     res->maybe_ran = o.maybe_ran;
     res->acked = o.acked;
@@ -1048,9 +1040,9 @@ static int run_script(store *s, enum script_id id, const void *key, size_t key_l
 
 static int unexpected(const char *where, enum script_id id, const redisReply *r)
 {
-    return idem_driver_error(IDEM_EBACKEND, where, script_what[id], "unexpected reply of type "
-                             "%d from the script; is this a Redis server (or a proxy that "
-                             "rewrites replies)?", r->type);
+    return idem_driver_error(IDEM_EBACKEND, where, idem__redis_script_what[id], "unexpected reply "
+                             "of type %d from the script; is this a Redis server (or a proxy "
+                             "that rewrites replies)?", r->type);
 }
 
 /* Run a fenced script whose reply is the integer 0 (lost) or one of ok.
@@ -1086,7 +1078,7 @@ static void store_free(store *s)
     while (s->nodes) {
         node *n = s->nodes;
         s->nodes = n->next;
-        node_free(n);
+        idem__redis_node_free(n);
     }
     pthread_mutex_destroy(&s->mu);
     pthread_mutex_destroy(&s->learn_mu);
@@ -1191,7 +1183,7 @@ static int parse_topology(store *s, const idem_url *url, node **first)
          * URL's order. */
         for (size_t i = url->nhosts; i-- > 0;) {
             const idem_url_host *h = &url->hosts[i];
-            if (!(*first = node_get(s, h->host, h->port ? h->port : DEFAULT_PORT)))
+            if (!(*first = idem__redis_node_get(s, h->host, h->port ? h->port : DEFAULT_PORT)))
                 return IDEM_ENOMEM;
         }
         return IDEM_OK;
@@ -1265,13 +1257,14 @@ static int parse_url(store *s, const idem_url *url, node **first)
     if (url->user && !(s->user = strdup(url->user)))
         return IDEM_ENOMEM;
     const idem_url_host *h = unix_socket ? NULL : &url->hosts[0];
-    *first = node_get(s, h ? h->host : NULL, h ? (h->port ? h->port : DEFAULT_PORT) : 0);
+    *first = idem__redis_node_get(s, h ? h->host : NULL, h ? (h->port ? h->port : DEFAULT_PORT) : 0);
     return *first ? IDEM_OK : IDEM_ENOMEM;
 }
 
 /* SCRIPT LOAD every script, pipelined, and keep the digests the server
  * returns. They are the SHA1 of each script, the same on every server; a
- * server whose cache lacks one answers NOSCRIPT and gets EVAL (op_run()). */
+ * server whose cache lacks one answers NOSCRIPT and gets EVAL
+ * (idem__redis_op_run()). */
 static int load_scripts_run(void *connp, void *arg, idem_conn_state *state)
 {
     conn *c = connp;
@@ -1279,24 +1272,24 @@ static int load_scripts_run(void *connp, void *arg, idem_conn_state *state)
     store *s = n->s;
     const char *what = "loading the scripts";
     for (int i = 0; i < SC_COUNT; i++) {
-        const char *argv[3] = {"SCRIPT", "LOAD", script_src[i]};
-        size_t argvlen[3] = {6, 4, strlen(script_src[i])};
+        const char *argv[3] = {"SCRIPT", "LOAD", idem__redis_script_src[i]};
+        size_t argvlen[3] = {6, 4, strlen(idem__redis_script_src[i])};
         if (redisAppendCommandArgv(c->ctx, 3, argv, argvlen) != REDIS_OK) {
             *state = IDEM_CONN_BROKEN;
-            return conn_error(s, n->where, c, what);
+            return idem__redis_conn_error(s, n->where, c, what);
         }
     }
     int ret = IDEM_OK;
     uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->command_ms);
     for (int i = 0; i < SC_COUNT; i++) {
-        redisReply *r = conn_reply(c, deadline);
+        redisReply *r = idem__redis_conn_reply(c, deadline);
         if (!r) {
             *state = IDEM_CONN_BROKEN;
-            return conn_error(s, n->where, c, what);
+            return idem__redis_conn_error(s, n->where, c, what);
         }
         if (ret == IDEM_OK) {
             if (r->type == REDIS_REPLY_ERROR)
-                ret = reply_error(n->where, r, what);
+                ret = idem__redis_reply_error(n->where, r, what);
             else if (r->type != REDIS_REPLY_STRING || r->len != 40)
                 ret = idem_driver_error(IDEM_EBACKEND, n->where, what, "SCRIPT LOAD gave an "
                                         "unexpected reply of type %d; is this a Redis server, "
@@ -1309,7 +1302,7 @@ static int load_scripts_run(void *connp, void *arg, idem_conn_state *state)
     return ret;
 }
 
-static int rd_open(void **state, const idem_url *url)
+int idem__redis_open(void **state, const idem_url *url)
 {
     store *s = calloc(1, sizeof *s);
     if (!s)
@@ -1323,7 +1316,7 @@ static int rd_open(void **state, const idem_url *url)
     /* Connect now, so a wrong address or password fails here and not at
      * the first request; the connection stays in the pool. */
     if (rc == IDEM_OK && s->topo != TOPO_SINGLE)
-        rc = learn(s, true, idem_mono_ms() + s->command_ms);
+        rc = idem__redis_learn(s, true, idem_mono_ms() + s->command_ms);
     if (rc == IDEM_OK && s->topo == TOPO_CLUSTER) {
         first = NULL;
         for (unsigned k = 0; k < CLUSTER_SLOTS && !first; k++)
@@ -1343,7 +1336,7 @@ static int rd_open(void **state, const idem_url *url)
     return IDEM_OK;
 }
 
-static void rd_close(void *state)
+void idem__redis_close(void *state)
 {
     store_free(state);
 }
@@ -1418,9 +1411,9 @@ static int taken(store *s, const char *where, enum script_id id, redisReply *r, 
          r->element[2]->type != REDIS_REPLY_STRING))
         return unexpected(where, id, r);
     if (r->elements == 3)
-        return foreign_type(where, script_what[id], r->element[2]->str);
+        return foreign_type(where, idem__redis_script_what[id], r->element[2]->str);
     if (r->element[0]->type == REDIS_REPLY_INTEGER)
-        return foreign_length(s, where, script_what[id], r->element[0]->integer);
+        return foreign_length(s, where, idem__redis_script_what[id], r->element[0]->integer);
     return taken_by(r->element[0], r->element[1]->integer, lease_ms, existing, existing_len,
                     remaining_ms);
 }
@@ -1437,7 +1430,7 @@ static int plain_op(store *s, op *o, const void *key, size_t key_len, int argc, 
     *o = (op){.s = s, .id = SC_CLAIM, .plain = true, .argc = argc, .argv = argv, .lens = lens,
               .argv2 = pttl ? argv2 : NULL, .argc2 = 2, .lens2 = lens2, .cap = s->max_record,
               .wait = argc == 7 && s->wait_replicas > 0, .deadline = deadline};
-    int rc = op_exec(s, o, key, key_len);
+    int rc = idem__redis_op_exec(s, o, key, key_len);
     o->argv2 = NULL; /* on this stack frame */
     if (rc) {
         freeReplyObject(o->reply2);
@@ -1455,7 +1448,7 @@ static int plain_found(store *s, const op *o, const void *key, size_t key_len, c
                        size_t record_len, uint32_t lease_ms, bool *claimed, bool *gone,
                        void **existing, size_t *existing_len, uint32_t *remaining_ms)
 {
-    const char *where = o->n->where, *what = script_what[SC_CLAIM];
+    const char *where = o->n->where, *what = idem__redis_script_what[SC_CLAIM];
     const redisReply *r = o->reply, *t = o->reply2;
     if (!r)
         return foreign_length(s, where, what, o->too_long);
@@ -1469,7 +1462,7 @@ static int plain_found(store *s, const op *o, const void *key, size_t key_len, c
         return taken_by(r, pttl, lease_ms, existing, existing_len, remaining_ms);
     }
     if (r->type == REDIS_REPLY_ERROR && !reply_is(r, "WRONGTYPE"))
-        return reply_error(where, r, what);
+        return idem__redis_reply_error(where, r, what);
     if (r->type != REDIS_REPLY_ERROR)
         return idem_driver_error(IDEM_EBACKEND, where, what, "unexpected reply of type %d to "
                                  "%s; is this a Redis server (or a proxy that rewrites replies)?",
@@ -1481,7 +1474,7 @@ static int plain_found(store *s, const op *o, const void *key, size_t key_len, c
     int rc = plain_op(s, &ty, key, key_len, 2, argv, lens, false, o->deadline);
     const redisReply *t2 = ty.reply;
     if (rc == IDEM_OK && t2 && t2->type == REDIS_REPLY_ERROR)
-        rc = reply_error(where, t2, what);
+        rc = idem__redis_reply_error(where, t2, what);
     else if (rc == IDEM_OK && t2 && t2->type == REDIS_REPLY_STATUS && strcmp(t2->str, "none") != 0 &&
              strcmp(t2->str, "string") != 0)
         rc = foreign_type(where, what, t2->str);
@@ -1533,14 +1526,14 @@ static int claim_plain(store *s, const void *key, size_t key_len, const void *re
         rc = 1;
     } else if (r && r->type == REDIS_REPLY_ERROR && !reply_is(r, "WRONGTYPE")) {
         if (!refused_write(r)) {
-            rc = reply_error(res->where, r, script_what[SC_CLAIM]);
+            rc = idem__redis_reply_error(res->where, r, idem__redis_script_what[SC_CLAIM]);
         } else {
             const char *gargv[2] = {"GET", key};
             size_t glens[2] = {3, key_len};
             op g;
             rc = plain_op(s, &g, key, key_len, 2, gargv, glens, true, o.deadline);
             if (rc == IDEM_OK && g.reply && g.reply->type == REDIS_REPLY_NIL)
-                rc = reply_error(res->where, r, script_what[SC_CLAIM]);
+                rc = idem__redis_reply_error(res->where, r, idem__redis_script_what[SC_CLAIM]);
             else if (rc == IDEM_OK)
                 rc = plain_found(s, &g, key, key_len, record, record_len, lease_ms, claimed, gone,
                                  existing, existing_len, remaining_ms);
@@ -1706,7 +1699,7 @@ static int rd_remove(void *state, const void *key, size_t key_len, bool *deleted
     const char *argv[2] = {"DEL", key};
     size_t lens[2] = {3, key_len};
     op o = {.s = s, .id = -1, .plain = true, .argc = 2, .argv = argv, .lens = lens};
-    int rc = op_exec(s, &o, key, key_len);
+    int rc = idem__redis_op_exec(s, &o, key, key_len);
     if (rc)
         return rc;
     if (o.reply->type == REDIS_REPLY_INTEGER)
@@ -1723,13 +1716,11 @@ static size_t rd_max_record_len(void *state)
     return ((store *)state)->max_record;
 }
 
-static int rd_check(void *state, idem_findings *out); /* at the end of the file */
-
 const idem_backend idem__redis_backend = {
     .version = IDEM_BACKEND_VERSION,
     .name = "redis",
-    .open = rd_open,
-    .close = rd_close,
+    .open = idem__redis_open,
+    .close = idem__redis_close,
     .claim = rd_claim,
     .commit = rd_commit,
     .release = rd_release,
@@ -1737,7 +1728,7 @@ const idem_backend idem__redis_backend = {
     .max_record_len = rd_max_record_len,
     .read = rd_read,
     .remove = rd_remove,
-    .check = rd_check,
+    .check = idem__redis_check,
 };
 
 /* ---- check (an operator's look at the server's settings) ---- */
@@ -1781,7 +1772,7 @@ static bool rd_config_get(redisContext *ctx, const char *name, char *buf, size_t
     return ok;
 }
 
-/* What rd_check() asks the master, in one use of a pooled connection. */
+/* What idem__redis_check() asks the master, in one use of a pooled connection. */
 typedef struct rd_check_ctx {
     store *s;
     node  *n;
@@ -1803,8 +1794,8 @@ static int rd_check_run(void *connp, void *arg, idem_conn_state *state)
     k->have_save = !io && rd_config_get(c->ctx, "save", k->save, sizeof k->save, &io);
     redisReply *info = io ? NULL : redisCommand(c->ctx, "INFO replication");
     if (!info) {
-        *state = !c->timed_out && peer_went_away(c->ctx) ? IDEM_CONN_STALE : IDEM_CONN_BROKEN;
-        return conn_error(k->s, k->n->where, c, "reading the server's settings");
+        *state = !c->timed_out && idem__redis_peer_went_away(c->ctx) ? IDEM_CONN_STALE : IDEM_CONN_BROKEN;
+        return idem__redis_conn_error(k->s, k->n->where, c, "reading the server's settings");
     }
     rd_info_field(info, "role", k->role, sizeof k->role);
     rd_info_field(info, "master_host", k->master, sizeof k->master);
@@ -1814,7 +1805,7 @@ static int rd_check_run(void *connp, void *arg, idem_conn_state *state)
     return IDEM_OK;
 }
 
-static int rd_check(void *state, idem_findings *out)
+int idem__redis_check(void *state, idem_findings *out)
 {
     store *s = state;
     rd_check_ctx k = {.s = s, .n = atomic_load(&s->master)};

@@ -136,4 +136,57 @@ typedef struct op {
     redisReply     *reply;      /* the answer, never an error reply of the connection's */
 } op;
 
+
+/* ---- helpers every file uses ---- */
+
+static inline bool reply_is(const redisReply *r, const char *prefix)
+{
+    return r->type == REDIS_REPLY_ERROR && r->str && strncmp(r->str, prefix, strlen(prefix)) == 0;
+}
+
+static inline struct timeval tv_ms(uint64_t ms)
+{
+    return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
+}
+
+/* ---- the scripts and the table's members ---- */
+
+/* Each script's source, and what it does, for messages ("claiming a key"). */
+extern const char *const idem__redis_script_src[SC_COUNT];
+extern const char *const idem__redis_script_what[SC_COUNT];
+
+int  idem__redis_open(void **state, const idem_url *url);
+void idem__redis_close(void *state);
+int  idem__redis_check(void *state, idem_findings *out);
+
+/* ---- connections ---- */
+
+/* The connection died (closed or reset) rather than timed out. */
+bool idem__redis_peer_went_away(const redisContext *c);
+/* IDEM_EBACKEND (IDEM_ENOMEM for no context) with a message on what failed. */
+int idem__redis_context_error_at(const store *s, const char *where, const redisContext *c,
+                                 bool timed_out, bool partial, const char *what);
+int idem__redis_conn_error(const store *s, const char *where, const conn *c, const char *what);
+/* An error reply from the server, with a hint for the known ones. */
+int idem__redis_reply_error(const char *where, const redisReply *r, const char *what);
+/* The password refused, said plainly. */
+int idem__redis_auth_refused(const char *where, const redisReply *r, const char *what);
+/* The next reply on c, what was appended first written; NULL when the
+ * connection failed or deadline passed (c->timed_out). */
+redisReply *idem__redis_conn_reply(conn *c, uint64_t deadline);
+redisReply *idem__redis_conn_command(conn *c, uint64_t deadline, int argc, const char **argv,
+                                     const size_t *lens);
+/* The node for host:port (host NULL: the unix socket), made on first use. */
+node *idem__redis_node_get(store *s, const char *host, int port);
+void  idem__redis_node_free(node *n);
+/* One use of a pooled connection for op arg (idem_pool_run()). */
+int idem__redis_op_run(void *connp, void *arg, idem_conn_state *state);
+
+/* ---- routing ---- */
+
+/* Learn the topology again (cluster: the slot map; sentinel: the master). */
+int idem__redis_learn(store *s, bool force, uint64_t deadline);
+/* Send o to where its key lives, following the topology; answer in o->reply. */
+int idem__redis_op_exec(store *s, op *o, const void *key, size_t key_len);
+
 #endif
