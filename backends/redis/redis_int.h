@@ -5,7 +5,8 @@
  * exported: the library is built with hidden visibility, and every name the
  * files share begins with idem__redis_.
  *
- * redis.c: the whole driver for now.
+ * redis.c: the driver but for what is below.
+ * check.c: the settings check.
  */
 #ifndef IDEM_REDIS_INT_H
 #define IDEM_REDIS_INT_H
