@@ -6,6 +6,7 @@
  * files share begins with idem__redis_.
  *
  * redis.c: the driver but for what is below.
+ * route.c: cluster slots, the sentinels' master, following redirects.
  * check.c: the settings check.
  */
 #ifndef IDEM_REDIS_INT_H
