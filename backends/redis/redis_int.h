@@ -6,6 +6,7 @@
  * files share begins with idem__redis_.
  *
  * redis.c: the driver but for what is below.
+ * conn.c: connections, timed commands, nodes and their pools.
  * route.c: cluster slots, the sentinels' master, following redirects.
  * check.c: the settings check.
  */
