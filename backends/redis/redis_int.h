@@ -8,6 +8,7 @@
  * redis.c: the driver but for what is below.
  * conn.c: connections, timed commands, nodes and their pools.
  * route.c: cluster slots, the sentinels' master, following redirects.
+ * open.c: the URL, opening and closing a store.
  * check.c: the settings check.
  */
 #ifndef IDEM_REDIS_INT_H
