@@ -1,12 +1,23 @@
 /*
  * The Redis driver's connections: the messages for a failed connection or
- * an error reply, one command bounded as a whole by a deadline (hiredis
- * bounds only each read), opening a connection (AUTH, SELECT, and ROLE
- * under sentinels, pipelined), the nodes and their pools, and one use of a
- * pooled connection for an operation (idem__redis_op_run(): NOSCRIPT
- * answered with EVAL, WAIT after a write, a connection the server closed
- * reported stale so that the pool tries a new one). Relies on redis.c for
- * the scripts' sources and on the core's idem_pool.
+ * an error reply, one command bounded as a whole by a deadline, opening a
+ * connection (AUTH, SELECT, and ROLE under sentinels, pipelined), the
+ * nodes and their pools, and one use of a pooled connection for an
+ * operation (idem__redis_op_run(): NOSCRIPT answered with EVAL, WAIT after
+ * a write, a connection the server closed reported stale so that the pool
+ * tries a new one). Relies on redis.c for the scripts' sources and on the
+ * core's idem_pool.
+ *
+ * timeout_ms bounds an operation's command and its whole reply: hiredis
+ * bounds each read by the socket's timeout, so the driver runs the reads
+ * itself and shortens that timeout to the time left
+ * (idem__redis_conn_reply()). The core's deadline for the call, when
+ * sooner, bounds it instead (idem_call_timeout_ms()).
+ *
+ * A hiredis context is not thread-safe, so each node keeps a pool of them.
+ * A context that saw an I/O error, a timeout or EOF is freed, never pooled
+ * again, and the idle ones are dropped with it (they talk to the same
+ * server, which most likely went away).
  */
 #include "redis_int.h"
 

@@ -7,6 +7,14 @@
  * PARAMS: connect_timeout_ms, timeout_ms, max_record_bytes, wait_replicas,
  * wait_timeout_ms (backends/redis/README.md).
  *
+ * This file holds the scripts, the operations (claim, commit, release,
+ * extend, read, remove) and the driver's table, idem__redis_backend. The
+ * rest of the driver, a layer a file, shares redis_int.h with it:
+ *   conn.c   connections, commands bounded by a deadline, nodes and pools
+ *   route.c  where an operation goes: cluster slots, sentinels, redirects
+ *   open.c   the URL, opening and closing a store
+ *   check.c  the settings check
+ *
  * Every server is a node with its own connection pool (idem_pool). One
  * server: all operations go to it. Cluster: to the master of the key's
  * slot, from CLUSTER SLOTS, following MOVED/ASK/TRYAGAIN/CLUSTERDOWN
@@ -25,17 +33,6 @@
  * travel as KEYS and ARGV with explicit lengths, so any byte is safe in
  * them. A server older than 7.0, which refuses NX with GET, gets the claim
  * as a script too.
- *
- * timeout_ms bounds an operation's command and its whole reply: hiredis
- * bounds each read by the socket's timeout, so the driver runs the reads
- * itself and shortens that timeout to the time left
- * (idem__redis_conn_reply()). The core's deadline for the call, when
- * sooner, bounds it instead (idem_call_timeout_ms()).
- *
- * A hiredis context is not thread-safe, so each node keeps a pool of them.
- * A context that saw an I/O error, a timeout or EOF is freed, never pooled
- * again, and the idle ones are dropped with it (they talk to the same
- * server, which most likely went away).
  */
 #include "redis_int.h"
 

@@ -5,11 +5,11 @@
  * exported: the library is built with hidden visibility, and every name the
  * files share begins with idem__redis_.
  *
- * redis.c: the driver but for what is below.
- * conn.c: connections, timed commands, nodes and their pools.
- * route.c: cluster slots, the sentinels' master, following redirects.
- * open.c: the URL, opening and closing a store.
- * check.c: the settings check.
+ * redis.c  the scripts, the operations and the table (idem__redis_backend)
+ * conn.c   connections, commands bounded by a deadline, nodes and pools
+ * route.c  where an operation goes: cluster slots, sentinels, redirects
+ * open.c   the URL, opening and closing a store
+ * check.c  the settings check
  */
 #ifndef IDEM_REDIS_INT_H
 #define IDEM_REDIS_INT_H
