@@ -140,7 +140,6 @@ typedef struct op {
     redisReply     *reply;      /* the answer, never an error reply of the connection's */
 } op;
 
-
 /* ---- helpers every file uses ---- */
 
 static inline bool reply_is(const redisReply *r, const char *prefix)
@@ -153,7 +152,7 @@ static inline struct timeval tv_ms(uint64_t ms)
     return (struct timeval){.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
 }
 
-/* ---- the scripts and the table's members ---- */
+/* ---- redis.c: the scripts; open.c, check.c: the table's other members ---- */
 
 /* Each script's source, and what it does, for messages ("claiming a key"). */
 extern const char *const idem__redis_script_src[SC_COUNT];
@@ -163,7 +162,7 @@ int  idem__redis_open(void **state, const idem_url *url);
 void idem__redis_close(void *state);
 int  idem__redis_check(void *state, idem_findings *out);
 
-/* ---- connections ---- */
+/* ---- conn.c ---- */
 
 /* The connection died (closed or reset) rather than timed out. */
 bool idem__redis_peer_went_away(const redisContext *c);
@@ -175,8 +174,9 @@ int idem__redis_conn_error(const store *s, const char *where, const conn *c, con
 int idem__redis_reply_error(const char *where, const redisReply *r, const char *what);
 /* The password refused, said plainly. */
 int idem__redis_auth_refused(const char *where, const redisReply *r, const char *what);
-/* The next reply on c, what was appended first written; NULL when the
- * connection failed or deadline passed (c->timed_out). */
+/* Write the commands appended to c and read the next reply, all by
+ * deadline; NULL when the connection failed or the time ran out
+ * (c->timed_out): the connection is then unusable. */
 redisReply *idem__redis_conn_reply(conn *c, uint64_t deadline);
 redisReply *idem__redis_conn_command(conn *c, uint64_t deadline, int argc, const char **argv,
                                      const size_t *lens);
@@ -186,7 +186,7 @@ void  idem__redis_node_free(node *n);
 /* One use of a pooled connection for op arg (idem_pool_run()). */
 int idem__redis_op_run(void *connp, void *arg, idem_conn_state *state);
 
-/* ---- routing ---- */
+/* ---- route.c ---- */
 
 /* Learn the topology again (cluster: the slot map; sentinel: the master). */
 int idem__redis_learn(store *s, bool force, uint64_t deadline);
