@@ -619,15 +619,15 @@ IDEM_API void idem_layer_stats(const idem_layer *layer, idem_stats *out);
 
 
 /* ------------------------------------------------------------------------ */
-/* Operators: look at one key, free it, check a store's settings            */
+/* Operators: look at one key, free it, list keys, check a store's settings */
 /* ------------------------------------------------------------------------ */
 
 /*
  * For the people on call (the `idem` command is built on these), never for
  * the request path: each call is a round trip of its own, and idem_layer_delete()
  * can make a retry run a handler again. They need the driver's read member
- * (and remove, for forced deletes): a driver without them answers
- * IDEM_EUNSUPPORTED.
+ * (and remove, for forced deletes; list, for idem_layer_list()): a driver
+ * without them answers IDEM_EUNSUPPORTED.
  */
 
 typedef enum idem_key_state {
@@ -699,6 +699,29 @@ IDEM_API int idem_layer_show(idem_layer *layer, const void *scope, size_t scope_
  */
 IDEM_API int idem_layer_delete(idem_layer *layer, const void *scope, size_t scope_len,
                                const void *key, size_t key_len, bool force, idem_key_info *deleted);
+
+/* Called by idem_layer_list() once per key: info describes the key as
+ * idem_layer_show() would (store_key holds the full store key) and stays
+ * valid only during the call. Return 0 to go on, anything else to stop. */
+typedef int (*idem_key_visitor)(void *arg, const idem_key_info *info);
+
+/*
+ * Walk the keys of layer's key space (its key_prefix, scoped keys included)
+ * whose state is state, calling fn for each, at most limit times (0: no
+ * limit). state is IDEM_KEY_STARTED, IDEM_KEY_COMPLETED or IDEM_KEY_FOREIGN;
+ * IDEM_KEY_ABSENT, which no listed key is, stands for every state. The
+ * order is the store's. The walk is not a snapshot: a key claimed, freed or
+ * expired meanwhile may be missed or not, and a Redis store may give a key
+ * twice. Changes nothing; costs a walk over the store's keys (in batches),
+ * so it is for operators (`idem list`), never for the request path.
+ * IDEM_OK also when fn stopped the walk or limit was reached. (Since 0.3.)
+ * Errors: IDEM_EINVAL (NULL layer or fn, a state outside idem_key_state),
+ * IDEM_EUNSUPPORTED (the store cannot enumerate its keys: memcached, or a
+ * driver without the list member), IDEM_EBACKEND, IDEM_ENOMEM; fn may have
+ * been called before. Thread-safe.
+ */
+IDEM_API int idem_layer_list(idem_layer *layer, idem_key_state state, size_t limit,
+                             idem_key_visitor fn, void *arg);
 
 /* What a check of a store found: what the store promises as it is set up,
  * and the settings that break a promise of the README's table. */
