@@ -291,6 +291,22 @@ Test(tool, an_absent_key_is_shown_as_absent_and_deleting_it_changes_nothing)
     run_free(&r);
 }
 
+Test(tool, an_absent_key_under_the_default_prefix_gets_a_hint_to_give_the_prefix)
+{
+    job j = {.status = 201, .body = "made"};
+    cr_assert_eq(run_key("under-mine", 10, &j), IDEM_EXECUTED);
+    run r = tool("show", url, "under-mine", NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    assert_has(r, "state:        ABSENT");
+    assert_has(r, "--prefix P");
+    run_free(&r);
+    r = tool("show", url, "under-mine", "--prefix", prefix, NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    assert_has(r, "state:        COMPLETED");
+    cr_assert_null(strstr(r.err, "hint"), "a hint for a key that was found: %s", r.err);
+    run_free(&r);
+}
+
 /* The lines of out that contain text. */
 static int lines_with(const char *out, const char *text)
 {

@@ -59,7 +59,8 @@ static const char usage_text[] =
 "        Also the fingerprint digest (SHA-256 of the request fingerprint the\n"
 "        claim carried), and the full key in the store. The body is shown\n"
 "        escaped and cut at " "512" " bytes; with --body, only the stored body is\n"
-"        written to standard output, byte for byte.\n"
+"        written to standard output, byte for byte. An ABSENT key looked up with\n"
+"        the default prefix gets a hint: the service may set another key_prefix.\n"
 "\n"
 "    delete URL KEY\n"
 "        Free the key so that the next request for it runs its handler, and print\n"
@@ -427,6 +428,18 @@ static bool confirm(const char *question)
     return line[0] == 'y' || line[0] == 'Y';
 }
 
+/* A key looked up with the default prefix and not found may be stored
+ * under the prefix the service sets (idem_options.key_prefix). */
+static void absent_hint(const args *a, const idem_key_info *k)
+{
+    if (k->state != IDEM_KEY_ABSENT || a->prefix)
+        return;
+    fprintf(stderr, "idem: hint: this looked under the default prefix \"idem:\"; if the service sets "
+                    "another key_prefix, give it with --prefix P (idem list URL --prefix P prints a "
+                    "prefix's keys)%s\n",
+            a->scope ? "" : "; a key the service stores with a scope needs --scope S too");
+}
+
 static int key_command(const args *a, bool show)
 {
     if (a->npos != 2)
@@ -463,9 +476,11 @@ static int key_command(const args *a, bool show)
     } else if (show) {
         printf("store:        %s\n", idem_store_backend(store));
         describe(stdout, &k);
+        absent_hint(a, &k);
     } else if (k.state == IDEM_KEY_ABSENT) {
         printf("nothing to delete: ");
         describe(stdout, &k);
+        absent_hint(a, &k);
     } else if ((k.state == IDEM_KEY_COMPLETED || k.state == IDEM_KEY_FOREIGN) && !a->force) {
         describe(stderr, &k);
         fprintf(stderr, "idem: refusing to delete %s: %s; nothing was deleted. Add --force to "
