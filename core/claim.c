@@ -6,6 +6,12 @@
 
 #define COMMIT_BACKOFF_FIRST_MS 5
 #define COMMIT_BACKOFF_MAX_MS   1000
+/* How long a driver call may outlast the deadline it was given (socket
+ * timeouts count in the kernel's ticks, 10 ms at HZ=100, rounded up): a
+ * commit's attempts end this long before its lease, so that the call
+ * returns while the lease holds, and the call returns within about this
+ * long after commit_timeout_ms. */
+#define COMMIT_SLACK_MS         50
 #define TAKEOVER_ROUNDS         3     /* takeovers lost to other claimants before answering 409 */
 
 static int check_request(const idem_layer *l, const idem_request *req)
@@ -409,26 +415,39 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
     done.status = status;
     done.body = body;
     done.body_len = len;
-    uint8_t *enc;
-    size_t enc_len;
-    if ((rc = idem__record_encode(&done, &enc, &enc_len)))
-        return idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
-
-    /* A store error is retried until the lease is nearly over (or the
-     * commit deadline): giving the key up would let a retry repeat a
-     * handler that succeeded. */
-    uint64_t start = idem__mono_ms(), stop = c->lease_end;
+    /* A store error, and a lack of memory, are retried until the lease is
+     * nearly over (or the commit deadline): the handler has run, and giving
+     * the key up would let a retry repeat it. */
+    uint64_t start = idem__mono_ms();
+    uint64_t stop = c->lease_end > start + COMMIT_SLACK_MS ? c->lease_end - COMMIT_SLACK_MS : start;
     if (l->opts.commit_timeout_ms && start + l->opts.commit_timeout_ms < stop)
         stop = start + l->opts.commit_timeout_ms;
+    /* A lease over already leaves one attempt, in the driver's own time (or
+     * commit_timeout_ms): a takeover fences it out, and without one it
+     * still stores the work. */
+    uint64_t deadline = stop > start               ? stop
+                      : l->opts.commit_timeout_ms ? start + l->opts.commit_timeout_ms
+                                                  : 0;
     idem__durations_add(&l->durations, start - c->started);
     uint64_t backoff = COMMIT_BACKOFF_FIRST_MS;
     uint64_t sent = idem__mono_ms(); /* the record expires ttl_s after the store took it: later than this */
+    uint8_t *enc = NULL;
+    size_t enc_len = 0;
     for (;;) {
-        rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
-                                (uint64_t)l->opts.ttl_s * 1000u);
-        if (rc != IDEM_EBACKEND)
+        if (!enc && (rc = idem__record_encode(&done, &enc, &enc_len)) != IDEM_OK) {
+            rc = idem_error_set(rc, "out of memory encoding a %zu-byte response", len);
+        } else {
+            /* Each attempt gets only the time left, whatever the driver's
+             * own timeouts. */
+            uint64_t outer = idem__call_deadline_set(deadline);
+            rc = idem__store_commit(l->store, c->key, c->key_len, c->rec.token, enc, enc_len,
+                                    (uint64_t)l->opts.ttl_s * 1000u);
+            idem__call_deadline_set(outer);
+        }
+        if (rc != IDEM_EBACKEND && rc != IDEM_ENOMEM)
             break;
-        idem__count(&l->backend_errors);
+        if (rc == IDEM_EBACKEND)
+            idem__count(&l->backend_errors);
         uint64_t now = idem__mono_ms();
         if (now + backoff >= stop)
             break;
@@ -439,8 +458,8 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
      * response, not this one: only a first commit is cached. */
     if (rc == IDEM_OK && !c->commit_tried)
         idem__cache_put(l->cache, c->key, c->key_len, enc, enc_len, sent + (uint64_t)l->opts.ttl_s * 1000u);
-    if (rc == IDEM_EBACKEND)
-        c->commit_tried = true;
+    if (rc == IDEM_EBACKEND || (rc == IDEM_ENOMEM && enc))
+        c->commit_tried = true; /* a commit was sent and failed: it may have landed */
     free(enc);
     if (rc == IDEM_OK) {
         idem__count(&l->executed);

@@ -388,8 +388,8 @@ int idem_http_answer_make(idem_http_answer *ans, int rc, const idem_reply *reply
     } else if (!reply && rc == IDEM_OK) {
         answer_fallback(ans);
         return IDEM_EINVAL;
-    } else if ((reply = reply ? reply : &none)->outcome == IDEM_EXECUTED && (rc == IDEM_OK || rc == IDEM_EBACKEND ||
-                                                   rc == IDEM_ELOST)) {
+    } else if ((reply = reply ? reply : &none)->outcome == IDEM_EXECUTED) {
+        /* The work is done, whatever kept its response from the store. */
         err = answer_reply(ans, reply, false);
     } else if (rc == IDEM_EBACKEND) {
         err = answer_problem(ans, 503, "the service cannot reach its store of idempotency keys; "

@@ -32,6 +32,13 @@ unsigned idem__fork_generation(void);
 /* ---- error.c ---- */
 void idem__error_clear(void);
 
+/* ---- kit.c: pieces drivers share ---- */
+/* Give the driver calls this thread makes the deadline deadline
+ * (idem__mono_ms(); 0: none), which drivers read with
+ * idem_call_timeout_ms(). Returns the deadline it replaces, to be put back
+ * after the call. */
+uint64_t idem__call_deadline_set(uint64_t deadline);
+
 /* ---- store.c ---- */
 /* The drivers compiled in, NULL-terminated. */
 extern const idem_backend *const idem__builtin_backends[];

@@ -79,6 +79,33 @@ int idem_url_check_params(const idem_url *url, const char *driver, const char *c
     return IDEM_OK;
 }
 
+/* The core's deadline for the driver call this thread is in (0: none). */
+static _Thread_local uint64_t call_deadline;
+
+uint64_t idem__call_deadline_set(uint64_t deadline)
+{
+    uint64_t prev = call_deadline;
+    call_deadline = deadline;
+    return prev;
+}
+
+uint64_t idem_call_deadline_ms(void)
+{
+    return call_deadline;
+}
+
+uint32_t idem_call_timeout_ms(uint32_t timeout_ms)
+{
+    uint64_t deadline = call_deadline;
+    if (!deadline || timeout_ms == 0)
+        return timeout_ms;
+    uint64_t now = idem__mono_ms();
+    uint64_t left = deadline > now ? deadline - now : 0;
+    if (left >= timeout_ms)
+        return timeout_ms;
+    return left ? (uint32_t)left : 1;
+}
+
 int idem_record_dup(const char *driver, const void *src, size_t len, void **out, size_t *out_len)
 {
     void *p = malloc(len ? len : 1);

@@ -34,6 +34,23 @@ static int layer_keeper_new(idem_layer *l, idem_store *store, bool start)
     return IDEM_OK;
 }
 
+/* Does prefix (plen bytes, its one ':' at the end) end the way a scoped
+ * store key's prefix does: '#', IDEM_SCOPE_TAG_LEN - 1 lower-case hex
+ * digits, ':'? Such a prefix would name the records of a scope of another
+ * layer (see idem__store_key()). */
+static bool prefix_is_scoped(const char *prefix, size_t plen)
+{
+    if (plen < IDEM_SCOPE_TAG_LEN + 1)
+        return false;
+    const char *tag = prefix + plen - IDEM_SCOPE_TAG_LEN - 1;
+    if (tag[0] != '#')
+        return false;
+    for (int i = 1; i < IDEM_SCOPE_TAG_LEN; i++)
+        if (!((tag[i] >= '0' && tag[i] <= '9') || (tag[i] >= 'a' && tag[i] <= 'f')))
+            return false;
+    return true;
+}
+
 int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts)
 {
     idem__error_clear();
@@ -66,6 +83,15 @@ int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts
         return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix must be 2 to 255 bytes: any bytes "
                               "but ':', then one ':' (e.g. \"orders:\" or \"shop-{eu}:\"), so that two "
                               "prefixes never make the same store key");
+    /* A scoped request's store key is its layer's prefix with a scope tag:
+     * a prefix that ends in such a tag would meet those records. Only that
+     * form is refused, so a prefix of 0.2 with another '#' keeps its
+     * records. */
+    if (prefix_is_scoped(o.key_prefix, plen))
+        return idem_error_set(IDEM_EINVAL, "idem_options.key_prefix ends in '#' and %d hex digits, "
+                              "the form of a scope's tag (\"name#<digits>:\" is \"name:\" with a scope): "
+                              "it would reach another layer's scoped records; use another prefix, or "
+                              "the prefix \"name:\" with idem_run_scoped()", IDEM_SCOPE_TAG_LEN - 1);
     int rc = idem__crypto_init();
     if (rc)
         return rc;
@@ -136,8 +162,9 @@ void idem_layer_stats(const idem_layer *l, idem_stats *out)
 
 /* prefix + key, or, with a scope, the prefix's name + '#' + 32 hex digits of
  * SHA-256(scope) + ':' + key. A prefix holds one ':', at its end, so a
- * scoped store key can only meet the store keys of a layer whose prefix is
- * literally "name#<those digits>:", never a client's key. */
+ * scoped store key could only meet the store keys of a layer whose prefix is
+ * literally "name#<those digits>:", which idem_layer_new() refuses, and
+ * never a client's key. */
 int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, const void *key,
                     size_t key_len, uint8_t *out, size_t *out_len)
 {

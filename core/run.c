@@ -183,6 +183,18 @@ int idem_run_tx_scoped(idem_layer *l, const void *scope, size_t scope_len, const
         }
         if (renewing)
             idem__keeper_unwatch(l->keeper, &c->renewal);
+        if (rc == IDEM_EINVAL) {
+            /* The handler ended the transaction itself: its work is
+             * committed without the response, which is stored now by a
+             * commit of its own, as idem_run() stores one. */
+            atomic_store(&c->settling, false);
+            rc = idem__claim_commit(c, resp.status, resp.headers, resp.nheaders,
+                                    resp.body ? resp.body : (const void *)"", resp.len);
+            if (rc != IDEM_OK && rc != IDEM_ELOST)
+                idem__claim_free(c); /* the key stays claimed until its lease ends */
+            reply_executed(reply, &resp);
+            return rc;
+        }
         if (rc == IDEM_OK) {
             idem__claim_free(c);
             reply_executed(reply, &resp);

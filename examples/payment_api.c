@@ -11,8 +11,11 @@
  * Demo switches, as request headers: X-Demo-Delay-Ms: N (the charge takes N
  * ms), X-Demo-Fail: 1 (the card processor fails: nothing charged, 503).
  * Several processes on one store answer as one: a retry sent to any of them
- * replays the first answer. Listens on 127.0.0.1 only; over libmicrohttpd,
- * one thread per connection.
+ * replays the first answer. On PostgreSQL and SQLite each payment is also a
+ * row of a payments table in the store's own database, written with
+ * idem_run_tx(): the row and the stored answer commit together, so a
+ * process killed at any instant leaves both or neither. Listens on
+ * 127.0.0.1 only; over libmicrohttpd, one thread per connection.
  */
 #include <pthread.h>
 #include <signal.h>
@@ -33,6 +36,13 @@
 #include <idempotency/http.h>
 #include <idempotency/idempotency.h>
 
+#ifdef IDEM_DEMO_HAVE_SQLITE
+#include <sqlite3.h>
+#endif
+#ifdef IDEM_DEMO_HAVE_POSTGRESQL
+#include <libpq-fe.h>
+#endif
+
 #define MAX_BODY      65536
 #define MAX_DELAY_MS  600000
 #define REOPEN_MS     500
@@ -50,12 +60,76 @@ static pthread_mutex_t open_mu = PTHREAD_MUTEX_INITIALIZER;
 static _Atomic(idem_layer *) layer;
 static idem_store     *store;
 static uint64_t        last_try_ms;
+static const char     *db_kind;           /* "sqlite" or "postgresql": payments are rows; else NULL */
 
 static uint64_t mono_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ---- the payments table, in the store's own database ---- */
+
+#define PAYMENTS_SCHEMA "CREATE TABLE IF NOT EXISTS payments (id TEXT PRIMARY KEY, amount BIGINT NOT NULL, " \
+                        "charged_by TEXT NOT NULL)"
+
+/* Run sql with up to three text parameters on conn (a sqlite3 * or a
+ * PGconn * of the store's database); true when it worked. */
+static bool db_exec(void *conn, const char *sql, int n, const char *const *params)
+{
+#ifdef IDEM_DEMO_HAVE_SQLITE
+    if (strcmp(db_kind, "sqlite") == 0) {
+        sqlite3_stmt *st;
+        if (sqlite3_prepare_v2(conn, sql, -1, &st, NULL) != SQLITE_OK)
+            return false;
+        for (int i = 0; i < n; i++)
+            sqlite3_bind_text(st, i + 1, params[i], -1, SQLITE_STATIC);
+        bool ok = sqlite3_step(st) == SQLITE_DONE;
+        sqlite3_finalize(st);
+        return ok;
+    }
+#endif
+#ifdef IDEM_DEMO_HAVE_POSTGRESQL
+    if (strcmp(db_kind, "postgresql") == 0) {
+        PGresult *r = PQexecParams(conn, sql, n, NULL, params, NULL, NULL, 0);
+        bool ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+        PQclear(r);
+        return ok;
+    }
+#endif
+    (void)conn, (void)sql, (void)n, (void)params;
+    return false;
+}
+
+/* Make the payments table, once, on a connection of our own; two processes
+ * starting together may race on PostgreSQL's catalog, so one more try. */
+static bool payments_table(void)
+{
+    for (int attempt = 0; attempt < 2; attempt++) {
+        bool ok = false;
+#ifdef IDEM_DEMO_HAVE_SQLITE
+        if (strcmp(db_kind, "sqlite") == 0) {
+            sqlite3 *db;
+            if (sqlite3_open(store_url + strlen("sqlite://"), &db) == SQLITE_OK) {
+                sqlite3_busy_timeout(db, 5000);
+                ok = db_exec(db, PAYMENTS_SCHEMA, 0, NULL);
+            }
+            sqlite3_close(db);
+        }
+#endif
+#ifdef IDEM_DEMO_HAVE_POSTGRESQL
+        if (strcmp(db_kind, "postgresql") == 0) {
+            PGconn *pg = PQconnectdb(store_url);
+            ok = PQstatus(pg) == CONNECTION_OK && db_exec(pg, PAYMENTS_SCHEMA, 0, NULL);
+            PQfinish(pg);
+        }
+#endif
+        if (ok)
+            return true;
+    }
+    fprintf(stderr, "%s: cannot make the payments table in the %s database\n", name, db_kind);
+    return false;
 }
 
 /* IDEM_OK and a layer, or the error of opening the store (logged). */
@@ -71,6 +145,12 @@ static int layer_get(idem_layer **out)
         last_try_ms = mono_ms();
         idem_layer *l = NULL;
         rc = idem_store_open(&store, store_url);
+        if (rc == IDEM_OK) {
+            const char *b = idem_store_backend(store);
+            db_kind = strcmp(b, "sqlite") == 0 || strcmp(b, "postgresql") == 0 ? b : NULL;
+            if (db_kind && !payments_table())
+                rc = IDEM_EBACKEND;
+        }
         if (rc == IDEM_OK && (rc = idem_layer_new(&l, store, &opts)) != IDEM_OK) {
             idem_store_close(store);
             store = NULL;
@@ -123,12 +203,13 @@ static bool card_charge(const payment *p, receipt *r)
     return true;
 }
 
-/* The handler: charge the card once. Its response is stored with its
- * header fields, and every retry, to any process, gets it back. */
-static int charge(void *arg, idem_response *resp)
+/* Charge the card and set the response, which is stored with its header
+ * fields: every retry, to any process, gets it back. 0, or 1 when nothing
+ * was charged. */
+static int charge_into(const payment *p, idem_response *resp, receipt *out)
 {
     receipt r;
-    if (!card_charge(arg, &r)) {
+    if (!card_charge(p, &r)) {
         /* nothing charged: 503, and the key is freed for a retry */
         idem_response_set(resp, 503, NULL, 0);
         idem_response_add_header(resp, "Retry-After", "1");
@@ -139,6 +220,34 @@ static int charge(void *arg, idem_response *resp)
     idem_response_add_header(resp, "Content-Type", "application/json");
     idem_response_add_header(resp, "Location", r.location);
     idem_response_set(resp, 201, r.body, (size_t)r.body_len);
+    *out = r;
+    return 0;
+}
+
+/* The handler of idem_run(): charge the card once. */
+static int charge(void *arg, idem_response *resp)
+{
+    receipt r;
+    return charge_into(arg, resp, &r);
+}
+
+/* The same on PostgreSQL and SQLite: the payment is also a row, written in
+ * the transaction that stores the answer. */
+static int charge_tx(void *arg, void *conn, idem_response *resp)
+{
+    const payment *p = arg;
+    receipt r;
+    if (charge_into(p, resp, &r) != 0)
+        return 1;
+    char amount[24];
+    snprintf(amount, sizeof amount, "%lld", p->amount);
+    const char *params[3] = {r.id, amount, name};
+    bool pg = strcmp(db_kind, "postgresql") == 0;
+    if (!db_exec(conn, pg ? "INSERT INTO payments VALUES ($1, $2, $3)" : "INSERT INTO payments VALUES (?, ?, ?)",
+                 3, params)) {
+        idem_response_set(resp, 500, NULL, 0);
+        return 1; /* rolled back, and the key freed */
+    }
     return 0;
 }
 
@@ -277,7 +386,7 @@ static enum MHD_Result post_payment(struct MHD_Connection *conn, const request *
     if (rc == IDEM_OK) {
         idem_request req = {.key = key, .key_len = key_len, .fingerprint = fp,
                             .fingerprint_len = sizeof fp};
-        rc = idem_run(l, &req, charge, &p, &reply);
+        rc = db_kind ? idem_run_tx(l, &req, charge_tx, &p, &reply) : idem_run(l, &req, charge, &p, &reply);
         if (rc != IDEM_OK)
             fprintf(stderr, "%s: %s: %s\n", name, idem_error_name(rc), idem_last_error());
     }

@@ -3,10 +3,15 @@
  *
  *   payment_demo [--backend sqlite|redis|memcached|postgresql] [--url URL]
  *
- * SQLite is the default and needs no server. Exit status: 0 when every
- * scenario behaved, 1 when one did not, 2 when the store cannot be used.
+ * SQLite is the default and needs no server. On SQLite and PostgreSQL the
+ * demo also kills a worker right after it charged, before it could answer:
+ * with idem_run_tx() the charge and the stored response commit together,
+ * so the client's retry charges once. Exit status: 0 when every scenario
+ * behaved, 1 when one did not, 2 when the store cannot be used.
  */
 #include <pthread.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -16,6 +21,13 @@
 #include <unistd.h>
 
 #include <idempotency/idempotency.h>
+
+#ifdef IDEM_DEMO_HAVE_SQLITE
+#include <sqlite3.h>
+#endif
+#ifdef IDEM_DEMO_HAVE_POSTGRESQL
+#include <libpq-fe.h>
+#endif
 
 static atomic_int charges;       /* payments actually made */
 static atomic_int next_ref;      /* payment references handed out */
@@ -128,6 +140,229 @@ static void *slow_race(void *arg)
     payment p = {.amount = 75, .takes_ms = 1500};
     r->outcome = send(r->layer, "    Slow charge", "req-slow", &p);
     return NULL;
+}
+
+/* ---- a worker killed right after it charged ---- */
+
+/* The charges table lives in the store's own database: a row per charge. */
+static const char *db_kind; /* "sqlite" or "postgresql" */
+
+/* Run sql on conn, a sqlite3 * or a PGconn *; -1 on failure, else the
+ * number the statement returns in its first column (0 when none). */
+static long db_run(void *conn, const char *sql)
+{
+    long n = 0;
+#ifdef IDEM_DEMO_HAVE_SQLITE
+    if (strcmp(db_kind, "sqlite") == 0) {
+        sqlite3_stmt *st;
+        if (sqlite3_prepare_v2(conn, sql, -1, &st, NULL) != SQLITE_OK)
+            return -1;
+        int rc = sqlite3_step(st);
+        if (rc == SQLITE_ROW)
+            n = sqlite3_column_int64(st, 0);
+        sqlite3_finalize(st);
+        return rc == SQLITE_ROW || rc == SQLITE_DONE ? n : -1;
+    }
+#endif
+#ifdef IDEM_DEMO_HAVE_POSTGRESQL
+    if (strcmp(db_kind, "postgresql") == 0) {
+        PGresult *r = PQexec(conn, sql);
+        ExecStatusType st = PQresultStatus(r);
+        if (st == PGRES_TUPLES_OK && PQntuples(r) > 0)
+            n = atol(PQgetvalue(r, 0, 0));
+        PQclear(r);
+        return st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK ? n : -1;
+    }
+#endif
+    (void)conn;
+    (void)sql;
+    return -1;
+}
+
+/* A connection of the demo's own to the store's database, or NULL. */
+static void *db_open(const char *url)
+{
+#ifdef IDEM_DEMO_HAVE_SQLITE
+    if (strcmp(db_kind, "sqlite") == 0) {
+        sqlite3 *db;
+        if (sqlite3_open(url + strlen("sqlite://"), &db) != SQLITE_OK) {
+            sqlite3_close(db);
+            return NULL;
+        }
+        sqlite3_busy_timeout(db, 5000);
+        return db;
+    }
+#endif
+#ifdef IDEM_DEMO_HAVE_POSTGRESQL
+    if (strcmp(db_kind, "postgresql") == 0) {
+        PGconn *pg = PQconnectdb(url);
+        if (PQstatus(pg) == CONNECTION_OK)
+            return pg;
+        PQfinish(pg);
+    }
+#endif
+    (void)url;
+    return NULL;
+}
+
+static void db_close(void *conn)
+{
+#ifdef IDEM_DEMO_HAVE_SQLITE
+    if (strcmp(db_kind, "sqlite") == 0)
+        sqlite3_close(conn);
+#endif
+#ifdef IDEM_DEMO_HAVE_POSTGRESQL
+    if (strcmp(db_kind, "postgresql") == 0)
+        PQfinish(conn);
+#endif
+}
+
+typedef struct kill_job {
+    const char *url;
+    const char *key;
+    bool        die;        /* be killed right after charging */
+} kill_job;
+
+static void insert_charge(void *conn, const char *key)
+{
+    char sql[256];
+    snprintf(sql, sizeof sql, "INSERT INTO demo_charges VALUES ('%s')", key);
+    printf("    --- charging for %s ---\n", key);
+    if (db_run(conn, sql) < 0)
+        printf("    --- the charge failed ---\n");
+}
+
+/* The worker the demo kills: it charges, then SIGKILL comes before it can
+ * answer, as when a host dies or a deploy kills a pod. */
+static void died_after_charging(void)
+{
+    printf("    --- worker killed (SIGKILL) right after charging, before it answered ---\n");
+    fflush(stdout);
+    raise(SIGKILL);
+}
+
+/* With idem_run_tx(): the charge is a row in the transaction the library
+ * commits with the response. */
+static int charge_in_tx(void *arg, void *conn, idem_response *resp)
+{
+    kill_job *j = arg;
+    insert_charge(conn, j->key);
+    if (j->die)
+        died_after_charging(); /* its transaction never commits: no charge, no response */
+    return idem_response_set(resp, 201, "{\"status\":\"charged\"}", 20) ? 1 : 0;
+}
+
+/* With idem_run(): the charge commits on its own connection, and the
+ * response is stored after it, by a second commit. */
+static int charge_alone(void *arg, idem_response *resp)
+{
+    kill_job *j = arg;
+    void *conn = db_open(j->url);
+    if (!conn)
+        return 1;
+    insert_charge(conn, j->key);
+    db_close(conn);
+    if (j->die)
+        died_after_charging(); /* the charge is committed, the response never will be */
+    return idem_response_set(resp, 201, "{\"status\":\"charged\"}", 20) ? 1 : 0;
+}
+
+/* Send key once in a worker process that dies right after charging (inside
+ * its handler, or once the library has committed: after_commit), then
+ * retry it in this one until it is answered; the charges made for key. */
+static long killed_then_retried(const char *url, idem_options opts, const char *key, bool in_tx,
+                                bool after_commit)
+{
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {
+        idem_store *s;
+        idem_layer *l;
+        if (idem_store_open(&s, url) != IDEM_OK || idem_layer_new(&l, s, &opts) != IDEM_OK)
+            _exit(2);
+        kill_job j = {.url = url, .key = key, .die = !after_commit};
+        idem_request req = {.key = key, .key_len = strlen(key)};
+        idem_reply reply = {0};
+        if (in_tx)
+            (void)idem_run_tx(l, &req, charge_in_tx, &j, &reply);
+        else
+            (void)idem_run(l, &req, charge_alone, &j, &reply);
+        died_after_charging(); /* after_commit: charged and stored, never answered */
+        _exit(0);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFSIGNALED(status)) {
+        printf("    !! the worker did not die as planned\n");
+        failures++;
+        return -1;
+    }
+    idem_store *s;
+    idem_layer *l;
+    if (idem_store_open(&s, url) != IDEM_OK || idem_layer_new(&l, s, &opts) != IDEM_OK)
+        return -1;
+    kill_job j = {.url = url, .key = key};
+    idem_request req = {.key = key, .key_len = strlen(key)};
+    for (int retry = 1; retry <= 10; retry++) {
+        idem_reply reply = {0};
+        int rc = in_tx ? idem_run_tx(l, &req, charge_in_tx, &j, &reply)
+                       : idem_run(l, &req, charge_alone, &j, &reply);
+        idem_outcome o = rc == IDEM_OK ? reply.outcome : 0;
+        printf("    retry %d: %s%s\n", retry, o ? outcome_name(o) : idem_last_error(),
+               o == IDEM_IN_PROGRESS ? " (409: the dead worker's lease has not ended)" : "");
+        uint32_t wait = reply.retry_after_ms;
+        idem_reply_clear(&reply);
+        if (o == IDEM_EXECUTED || o == IDEM_REPLAYED)
+            break;
+        struct timespec ts = {wait / 1000, (long)(wait % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    idem_layer_free(l);
+    idem_store_close(s);
+    void *conn = db_open(url);
+    char sql[256];
+    snprintf(sql, sizeof sql, "SELECT count(*) FROM demo_charges WHERE k = '%s'", key);
+    long n = conn ? db_run(conn, sql) : -1;
+    if (conn)
+        db_close(conn);
+    return n;
+}
+
+static void killed_worker_scenarios(const char *url, idem_options opts)
+{
+    void *conn = db_open(url);
+    if (!conn || db_run(conn, "CREATE TABLE IF NOT EXISTS demo_charges (k TEXT)") < 0) {
+        printf("    !! cannot reach the store's database for the charges table\n");
+        failures++;
+        if (conn)
+            db_close(conn);
+        return;
+    }
+    db_close(conn);
+    opts.lease_ms = 500;
+    char key[128];
+    printf("\nKilled after charging, with idem_run_tx: the charge is a row in the %s database, in the\n"
+           "transaction that stores the response. The worker commits both, then dies before it\n"
+           "answers the client\n", db_kind);
+    snprintf(key, sizeof key, "%sreq-kill", opts.key_prefix);
+    long n = killed_then_retried(url, opts, key, true, true);
+    printf("Charges for req-kill: %ld (expected 1: the retry replays)\n", n);
+    expect("idem_run_tx, killed after its commit: one charge, replayed", n == 1);
+
+    printf("\nThe same worker killed inside its transaction, after the charge's INSERT\n");
+    snprintf(key, sizeof key, "%sreq-kill-inside", opts.key_prefix);
+    n = killed_then_retried(url, opts, key, true, false);
+    printf("Charges for req-kill-inside: %ld (expected 1: the dead worker's charge rolled back with "
+           "its transaction)\n", n);
+    expect("idem_run_tx, killed inside: one charge", n == 1);
+
+    printf("\nThe same with idem_run, the charge committed on its own before the response (the\n"
+           "window idem_run_tx closes)\n");
+    snprintf(key, sizeof key, "%sreq-kill-plain", opts.key_prefix);
+    n = killed_then_retried(url, opts, key, false, false);
+    printf("Charges for req-kill-plain: %ld: %s\n", n,
+           n == 2 ? "charged twice, which is why the work belongs in the transaction"
+                  : "unexpected");
+    expect("idem_run with the charge outside its commit: charged twice", n == 2);
 }
 
 static void usage(FILE *f)
@@ -302,6 +537,10 @@ int main(int argc, char *argv[])
     expect("exactly six charges", made == 6);
     expect("the slow charge's lease was renewed", ss.extended >= 1);
     expect("every charge that ran was stored", st.unstored + ss.unstored == 0);
+
+    db_kind = idem_store_backend(store);
+    if (strcmp(db_kind, "sqlite") == 0 || strcmp(db_kind, "postgresql") == 0)
+        killed_worker_scenarios(url, opts);
     idem_layer_free(slow_layer);
     idem_layer_free(layer);
     idem_store_close(store);

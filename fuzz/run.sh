@@ -28,7 +28,7 @@ fi
 mkdir -p "$out/artifacts"
 flags="-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -Wno-missing-field-initializers -Iinclude -Icore"
-core="core/error.c core/http.c core/record.c core/url.c"
+core="core/digest.c core/error.c core/http.c core/record.c core/url.c"
 
 status=0
 for t in $targets; do

@@ -639,6 +639,62 @@ Test(conformance, layers_with_different_prefixes_never_see_each_others_records)
     idem_layer_free(l);
 }
 
+/* A scoped request's store key is its prefix's name, '#', 32 hex digits of
+ * SHA-256(scope), ':' and the key: a prefix spelled that way would reach
+ * another layer's scoped records, and is refused. Any other '#' in a
+ * prefix is a prefix like any other (0.2 accepted them). */
+Test(conformance, a_prefix_spelling_a_scoped_store_key_is_refused_and_other_hashes_stay_apart)
+{
+    static const char tenant1_digits[] = "45b3e9dd6490eac7a8566680e1e930fb"; /* SHA-256("tenant1") */
+    job a = {.status = 201, .body = "tenant1's", .len = 9};
+    idem_reply r = {0};
+    idem_request req = req_str("order-1");
+    cr_assert_eq(idem_run_scoped(layer, "tenant1", 7, &req, job_handler, &a, &r), IDEM_OK, "%s",
+                 idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    idem_reply_clear(&r);
+
+    size_t name_len = strlen(prefix) - 1;
+    char spelled[160];
+    snprintf(spelled, sizeof spelled, "%.*s#%s:", (int)name_len, prefix, tenant1_digits);
+    idem_options o = test_options(10000);
+    o.key_prefix = spelled;
+    idem_layer *l = NULL;
+    cr_assert_eq(idem_layer_new(&l, store, &o), IDEM_EINVAL, "a prefix spelling tenant1's store keys "
+                 "was accepted");
+    cr_assert_null(l);
+    cr_assert(strstr(idem_last_error(), "key_prefix"), "%s", idem_last_error());
+
+    /* One digit short, upper case, or the '#' elsewhere: never a scope's
+     * store key, and accepted; none of them sees tenant1's record. */
+    char upper[33];
+    for (size_t i = 0; i < 32; i++)
+        upper[i] = (char)(tenant1_digits[i] >= 'a' ? tenant1_digits[i] - 'a' + 'A' : tenant1_digits[i]);
+    upper[32] = '\0';
+    char others[3][160];
+    snprintf(others[0], sizeof others[0], "%.*s#%.31s:", (int)name_len, prefix, tenant1_digits);
+    snprintf(others[1], sizeof others[1], "%.*s#%s:", (int)name_len, prefix, upper);
+    snprintf(others[2], sizeof others[2], "%.*s#%s#1:", (int)name_len, prefix, tenant1_digits);
+    for (int i = 0; i < 3; i++) {
+        o.key_prefix = others[i];
+        open_layer_with(&l, &o);
+        job b = {.status = 200, .body = "other", .len = 5};
+        cr_assert_eq(run_ok(l, req, &b, &r), IDEM_EXECUTED, "prefix %s met tenant1's record", others[i]);
+        cr_assert_eq(run_ok(l, req, &b, &r), IDEM_REPLAYED);
+        cr_assert_str_eq((char *)r.body, "other");
+        idem_reply_clear(&r);
+        idem_layer_free(l);
+    }
+
+    /* The scope's record is where it was. */
+    job c = {.status = 200, .body = "again", .len = 5};
+    cr_assert_eq(idem_run_scoped(layer, "tenant1", 7, &req, job_handler, &c, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_str_eq((char *)r.body, "tenant1's");
+    cr_assert_eq(atomic_load(&c.calls), 0);
+    idem_reply_clear(&r);
+}
+
 Test(conformance, counters_follow_the_outcomes)
 {
     idem_reply r = {0};

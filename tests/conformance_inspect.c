@@ -1,7 +1,8 @@
 /*
  * Conformance, operators' part: idem_layer_show(), idem_layer_delete() and
- * idem_layer_list() (README "Operating it") on every driver, through the
- * driver table's read, remove, release and list members. Linked into the conformance program, whose
+ * idem_layer_list() (docs/operating.md, "The `idem` command") on every
+ * driver, through the driver table's read, remove, release and list members.
+ * Linked into the conformance program, whose
  * main() starts the store and sets IDEM_TEST_URL.
  */
 #include <stddef.h>

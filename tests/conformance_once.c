@@ -726,3 +726,30 @@ Test(once, checkpoint_tx_commits_a_step_with_its_checkpoint_and_the_next_holder_
     cr_assert_eq(charges_of("t9"), 1);
     own_close(conn);
 }
+
+/* A handler that ends the transaction itself breaks the contract, but its
+ * committed work is still answered as done: the response is stored by a
+ * commit of its own, never left for a retry to run again. */
+static int committing_handler(void *arg, void *conn, idem_response *resp)
+{
+    charge *ch = arg;
+    int rc = charge_handler(arg, conn, resp);
+    atomic_fetch_add(&ch->running, 1);
+    return rc == 0 && sql(conn, "COMMIT") ? 0 : 1;
+}
+
+Test(once, run_tx_whose_handler_commits_itself_still_stores_the_response)
+{
+    NEEDS_TX();
+    charge ch = {.key = "t10"};
+    idem_request req = req_str("t10");
+    idem_reply reply = {0};
+    cr_assert_eq(idem_run_tx(layer, &req, committing_handler, &ch, &reply), IDEM_OK, "%s",
+                 idem_last_error());
+    cr_assert_eq(reply.outcome, IDEM_EXECUTED);
+    cr_assert_eq(idem_run_tx(layer, &req, committing_handler, &ch, &reply), IDEM_OK);
+    cr_assert_eq(reply.outcome, IDEM_REPLAYED);
+    idem_reply_clear(&reply);
+    cr_assert_eq(atomic_load(&ch.calls), 1);
+    cr_assert_eq(charges_of("t10"), 1);
+}

@@ -13,7 +13,10 @@
  *     stored replays its response, a key reported freed (IDEM_FAILED with
  *     abort_error IDEM_OK, an abort that returned IDEM_OK, a claim "given
  *     up") runs again, and a handler that ran is never run again while its
- *     key is claimed.
+ *     key is claimed;
+ *   - store the work done: an allocation that fails after the handler ran
+ *     (or in idem_commit) is retried within the lease, as a store error
+ *     is, so the response is stored.
  *
  * Before that, the first use of libcrypto in a process (idem_layer_new()
  * sets it up) is failed at its Nth allocation, in a new process each time:
@@ -267,6 +270,11 @@ static void run_key(long n, idem_layer *l, int k, int fail, promises *p)
         p->freed[k] = true;
     if (h.calls > 1)
         VIOLATION("N=%ld: a handler ran %d times in one call", n, h.calls);
+    /* One allocation failed; one after the handler ran is retried, as a
+     * store error is, so the work it did is stored. */
+    if (rc == IDEM_ENOMEM && r.outcome == IDEM_EXECUTED)
+        VIOLATION("N=%ld: an allocation failed after the handler ran, and its response was not stored "
+                  "(%s)", n, idem_last_error());
     idem_reply_clear(&r);
 }
 
@@ -297,6 +305,9 @@ static void scenario(long n, const char *prefix, promises *p)
             check_rc(n, "idem_extend", idem_extend(cl, 60000));
             rc = idem_commit(cl, 200, "step", 4);
             check_rc(n, "idem_commit", rc);
+            if (rc == IDEM_ENOMEM)
+                VIOLATION("N=%ld: an allocation failed in idem_commit, and the response was not stored "
+                          "(%s)", n, idem_last_error());
             if (rc == IDEM_OK)
                 p->stored[KEY_C] = true;
             else if (idem_abort(cl) == IDEM_OK)

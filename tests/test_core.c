@@ -47,6 +47,8 @@ typedef struct fake {
     int64_t         skew_ms;           /* the fake clock runs this far ahead of the wall clock */
     unsigned        calls[FAKE_NOPS];
     unsigned        fail[FAKE_NOPS];       /* fail the next N calls without applying them */
+    int             fail_rc[FAKE_NOPS];    /* ...with this code (0: IDEM_EBACKEND) */
+    uint64_t        deadline[FAKE_NOPS];   /* idem_call_deadline_ms() at the last call */
     unsigned        lose_reply[FAKE_NOPS]; /* apply the next N calls, then report a failure */
     unsigned        late_ms[FAKE_NOPS];    /* apply each call, then answer this much later */
     bool            remaining_unknown; /* claim answers UINT32_MAX: "cannot tell" */
@@ -124,11 +126,12 @@ static void fake_delete_locked(fake *f, fake_entry *gone)
 static int fake_enter(fake *f, enum fake_op op)
 {
     f->calls[op]++;
+    f->deadline[op] = idem_call_deadline_ms();
     if (f->fail[op]) {
         if (f->fail[op] != FAKE_ALWAYS)
             f->fail[op]--;
-        return idem_error_set(IDEM_EBACKEND, "fake: %s failed (injected); retry later",
-                              fake_op_name[op]);
+        return idem_error_set(f->fail_rc[op] ? f->fail_rc[op] : IDEM_EBACKEND,
+                              "fake: %s failed (injected); retry later", fake_op_name[op]);
     }
     return IDEM_OK;
 }
@@ -683,6 +686,31 @@ Test(core, retry_after_comes_from_the_record_deadline_when_the_store_cannot_tell
     cr_assert(r.retry_after_ms > 55000 && r.retry_after_ms <= 60000, "retry_after_ms %u",
               r.retry_after_ms);
     cr_assert_eq(idem_abort(c), IDEM_OK);
+}
+
+/* A holder whose clock runs an hour ahead wrote its deadline an hour out; a
+ * store that cannot tell the time left leaves only that deadline to go by.
+ * The hint never asks for more than a lease. */
+Test(core, retry_after_from_a_holders_clock_far_ahead_is_at_most_a_lease)
+{
+    start(300);
+    fk->remaining_unknown = true;
+    static const uint8_t token[IDEM_TOKEN_LEN] = {7};
+    void *rec;
+    size_t len;
+    cr_assert_eq(idem_record_build(&rec, &len, IDEM_STATE_STARTED, token, idem_now_ms() + 3600000, 0,
+                                   NULL, 0), IDEM_OK, "%s", idem_last_error());
+    fake_put("ahead", rec, len, 3600000);
+    free(rec);
+    idem_request req = req_of("ahead");
+    idem_claim *c = NULL;
+    idem_reply r = {0};
+    cr_assert_eq(idem_begin(layer, &req, &c, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_null(c);
+    cr_assert_eq(r.outcome, IDEM_IN_PROGRESS);
+    cr_assert(r.retry_after_ms >= 1 && r.retry_after_ms <= 300, "retry_after_ms %u with a 300 ms lease",
+              r.retry_after_ms);
+    idem_reply_clear(&r);
 }
 
 Test(core, same_key_with_another_fingerprint_is_a_mismatch_and_runs_nothing)
@@ -2269,6 +2297,103 @@ Test(core, step_commit_honours_commit_timeout_ms_and_keeps_the_claim)
     fake_set(&fk->fail[FAKE_COMMIT], 0);
     cr_assert_eq(idem_commit(c, 200, "x", 1), IDEM_OK, "%s", idem_last_error());
     assert_replays("k", 200, "x", 1);
+}
+
+/* A driver out of memory after the handler ran is a transient failure, as a
+ * store error is: the commit is retried, and the work is stored once. */
+Test(core, commit_out_of_memory_after_the_handler_is_retried_like_a_store_error)
+{
+    start(20000);
+    fk->fail_rc[FAKE_COMMIT] = IDEM_ENOMEM;
+    fk->fail[FAKE_COMMIT] = 2;
+    idem_request req = req_of("k");
+    job j = job_ok(201, "made", 4);
+    idem_reply r = {0};
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(fake_calls(FAKE_COMMIT), 3, "two failed commits, then one that landed");
+    cr_assert_eq(j.calls, 1);
+    idem_reply_clear(&r);
+    assert_replays("k", 201, "made", 4);
+}
+
+Test(core, commit_out_of_memory_for_good_ends_at_commit_timeout_ms_with_the_key_claimed)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 20000;
+    o.commit_timeout_ms = 300;
+    start_with(&o);
+    fk->fail_rc[FAKE_COMMIT] = IDEM_ENOMEM;
+    fk->fail[FAKE_COMMIT] = FAKE_ALWAYS;
+    idem_request req = req_of("k");
+    job j = job_ok(201, "made", 4);
+    idem_reply r = {0};
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_ENOMEM);
+    uint64_t took = mono_ms() - t0;
+    cr_assert(took < 1000, "took %llu ms with commit_timeout_ms 300",
+              (unsigned long long)took);
+    cr_assert(fake_calls(FAKE_COMMIT) >= 2, "the commit was retried");
+    cr_assert(strstr(idem_last_error(), "the handler ran"), "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_str_eq((const char *)r.body, "made");
+    cr_assert_eq(fake_key_state("k"), IDEM_STATE_STARTED, "the key stays claimed");
+    cr_assert_eq(fake_calls(FAKE_RELEASE), 0);
+    idem_reply_clear(&r);
+}
+
+/* The core gives each commit attempt the time left as the calling thread's
+ * deadline, which drivers read; every other call, and the thread after the
+ * commit, have none. */
+Test(core, commit_attempts_get_the_time_left_as_their_deadline)
+{
+    idem_options o;
+    idem_options_init(&o);
+    o.lease_ms = 20000;
+    o.commit_timeout_ms = 300;
+    start_with(&o);
+    fk->fail[FAKE_COMMIT] = 2;
+    idem_request req = req_of("k");
+    job j = job_ok(201, "made", 4);
+    idem_reply r = {0};
+    uint64_t t0 = mono_ms();
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(fake_calls(FAKE_COMMIT), 3);
+    uint64_t d = fk->deadline[FAKE_COMMIT];
+    cr_assert(d >= t0 + 300 && d <= mono_ms() + 300, "the commit's deadline is %lld ms from the start",
+              (long long)(d - t0));
+    cr_assert_eq(fk->deadline[FAKE_CLAIM], 0, "a claim has no deadline of the core's");
+    cr_assert_eq(idem_call_deadline_ms(), 0, "the deadline ends with the call");
+    idem_reply_clear(&r);
+
+    /* Without commit_timeout_ms: the lease, less the slack a driver may
+     * overrun it by. */
+    stop();
+    o.commit_timeout_ms = 0;
+    o.lease_ms = 3000;
+    start_with(&o);
+    t0 = mono_ms();
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+    d = fk->deadline[FAKE_COMMIT];
+    cr_assert(d > t0 + 2000 && d < t0 + 3000, "the commit's deadline is %lld ms from the claim",
+              (long long)(d - t0));
+    idem_reply_clear(&r);
+}
+
+Test(core, call_timeout_is_the_drivers_own_or_the_time_left_whichever_is_sooner)
+{
+    cr_assert_eq(idem_call_timeout_ms(2000), 2000, "no deadline: the driver's own");
+    cr_assert_eq(idem_call_timeout_ms(0), 0);
+    uint64_t outer = idem__call_deadline_set(mono_ms() + 500);
+    cr_assert_eq(outer, 0);
+    uint32_t t = idem_call_timeout_ms(2000);
+    cr_assert(t > 400 && t <= 500, "%u", t);
+    cr_assert_eq(idem_call_timeout_ms(100), 100);
+    idem__call_deadline_set(mono_ms() - 10);
+    cr_assert_eq(idem_call_timeout_ms(2000), 1, "a deadline passed leaves 1 ms, never 0 (\"for ever\")");
+    idem__call_deadline_set(outer);
+    cr_assert_eq(idem_call_deadline_ms(), 0);
 }
 
 typedef struct slow {

@@ -336,6 +336,24 @@ Test(http, answer_executed_and_replayed_send_the_stored_response)
     idem_http_answer_clear(&a);
 }
 
+/* Whatever kept the response from the store, the handler ran: every error
+ * code that comes with IDEM_EXECUTED is answered with its response, never
+ * with "nothing was done". */
+Test(http, answer_executed_with_any_error_sends_the_handlers_response)
+{
+    static const int codes[] = {IDEM_ENOMEM, IDEM_EBACKEND, IDEM_ELOST, IDEM_ETOOBIG, IDEM_ECORRUPT,
+                                IDEM_EINVAL, IDEM_EUNSUPPORTED};
+    idem_reply r = reply_of(IDEM_EXECUTED, 201, "{\"id\":1}");
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        idem_http_answer a;
+        cr_assert_eq(idem_http_answer_make(&a, codes[i], &r), IDEM_OK, "%s", idem_error_name(codes[i]));
+        cr_assert_eq(a.status, 201, "%s answered %d", idem_error_name(codes[i]), a.status);
+        cr_assert_str_eq(body(&a), "{\"id\":1}", "%s", idem_error_name(codes[i]));
+        cr_assert_not_null(field(&a, "Location"), "%s", idem_error_name(codes[i]));
+        idem_http_answer_clear(&a);
+    }
+}
+
 Test(http, answer_in_progress_is_409_with_retry_after_in_whole_seconds_rounded_up)
 {
     const struct {

@@ -22,6 +22,13 @@
 #include <criterion/criterion.h>
 #include <curl/curl.h>
 
+#ifdef IDEM_TEST_HAVE_SQLITE
+#include <sqlite3.h>
+#endif
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+#include <libpq-fe.h>
+#endif
+
 #include "harness.h"
 
 /* ---- two servers on one store ---- */
@@ -441,6 +448,58 @@ Test(payment_api, concurrent_duplicates_across_both_processes_charge_exactly_onc
     cr_assert_eq(charges(0) + charges(1), 1, "exactly one charge over both processes");
     for (int i = 0; i < RACERS; i++)
         answer_free(&r[i].a);
+}
+
+/* On PostgreSQL and SQLite each payment is a row of the store's own
+ * database, committed with its answer by idem_run_tx(): the rows are the
+ * payments answered 201, never a failed or a replayed one. */
+static long payment_rows(void)
+{
+    long n = -1;
+#ifdef IDEM_TEST_HAVE_SQLITE
+    if (strncmp(srv.url, "sqlite:", 7) == 0) {
+        sqlite3 *db;
+        sqlite3_stmt *st;
+        if (sqlite3_open(srv.url + strlen("sqlite://"), &db) == SQLITE_OK &&
+            sqlite3_prepare_v2(db, "SELECT count(*) FROM payments", -1, &st, NULL) == SQLITE_OK) {
+            if (sqlite3_step(st) == SQLITE_ROW)
+                n = sqlite3_column_int64(st, 0);
+            sqlite3_finalize(st);
+        }
+        sqlite3_close(db);
+    }
+#endif
+#ifdef IDEM_TEST_HAVE_POSTGRESQL
+    if (strncmp(srv.url, "postgresql:", 11) == 0) {
+        PGconn *pg = PQconnectdb(srv.url);
+        PGresult *r = PQexec(pg, "SELECT count(*) FROM payments");
+        if (PQresultStatus(r) == PGRES_TUPLES_OK)
+            n = atol(PQgetvalue(r, 0, 0));
+        PQclear(r);
+        PQfinish(pg);
+    }
+#endif
+    return n;
+}
+
+Test(payment_api, on_a_database_store_each_payment_is_one_row_committed_with_its_answer)
+{
+    if (strncmp(srv.url, "sqlite:", 7) != 0 && strncmp(srv.url, "postgresql:", 11) != 0)
+        cr_skip_test("not applicable to %s: payments are rows only in a store that is a database",
+                     getenv("IDEM_TEST_BACKEND"));
+    long before = payment_rows();
+    cr_assert_geq(before, 0, "no payments table in the store's database");
+    answer a = post_key(0, "Idempotency-Key: \"row-1\"", "{\"amount\": 11}");
+    cr_assert_eq(a.status, 201);
+    answer again = post_key(1, "Idempotency-Key: \"row-1\"", "{\"amount\": 11}");
+    cr_assert_eq(again.status, 201);
+    const char *fail[] = {"Idempotency-Key: \"row-2\"", "X-Demo-Fail: 1", NULL};
+    answer failed = post(0, "{\"amount\": 12}", fail);
+    cr_assert_eq(failed.status, 503);
+    cr_assert_eq(payment_rows(), before + 1, "a replay or a failed charge wrote a row");
+    answer_free(&a);
+    answer_free(&again);
+    answer_free(&failed);
 }
 
 /* ---- Redis: the store goes away and comes back ---- */

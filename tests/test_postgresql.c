@@ -497,6 +497,90 @@ Test(postgresql, frozen_server_times_out_within_the_statement_timeout_and_recove
     idem_store_close(s);
 }
 
+/* A handler that does its work, then holds every row of the table FOR
+ * UPDATE on a connection of its own: the commit after it waits for the
+ * lock, as long as statement_timeout_ms (2 s by default) would let it. */
+typedef struct locker {
+    atomic_int calls;
+    PGconn    *holder;
+    uint64_t   done_at;   /* mono_ms() when the handler returned */
+} locker;
+
+static int lock_after(void *arg, idem_response *resp)
+{
+    locker *k = arg;
+    atomic_fetch_add(&k->calls, 1);
+    k->holder = raw();
+    raw_exec(k->holder, "BEGIN");
+    raw_exec(k->holder, "SELECT 1 FROM idempotency_keys FOR UPDATE");
+    k->done_at = mono_ms();
+    return idem_response_set(resp, 201, "charged", 7) == IDEM_OK ? 0 : 1;
+}
+
+/* Run key with its row locked after the handler, then let go of the lock;
+ * returns how long the commit took (after the handler), and in *whole the
+ * call. leased: the lease is still on, so the key may not run again. */
+static uint64_t commit_on_a_locked_row(idem_layer *l, const char *key, bool leased, uint64_t *whole)
+{
+    locker k = {0};
+    idem_reply r = {0};
+    idem_request req = req_str(key);
+    uint64_t t0 = mono_ms();
+    int rc = idem_run(l, &req, lock_after, &k, &r);
+    uint64_t end = mono_ms();
+    cr_log_info("%s: the call took %llu ms, its commit %llu ms", key, (unsigned long long)(end - t0),
+                (unsigned long long)(end - k.done_at));
+    cr_assert_not_null(k.holder);
+    raw_exec(k.holder, "COMMIT");
+    PQfinish(k.holder);
+    cr_assert_eq(rc, IDEM_EBACKEND, "%s (%s)", idem_error_name(rc), idem_last_error());
+    cr_assert(strstr(idem_last_error(), "the library left this call"), "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED, "the reply holds the work done");
+    cr_assert_str_eq((const char *)r.body, "charged");
+    idem_reply_clear(&r);
+    if (leased) {
+        /* The statement left waiting for the lock may still land; either
+         * way the handler does not run again while its lease is on. */
+        job j = {0};
+        cr_assert_eq(idem_run(l, &req, handler, &j, &r), IDEM_OK, "%s", idem_last_error());
+        cr_assert(r.outcome == IDEM_REPLAYED || r.outcome == IDEM_IN_PROGRESS, "outcome %d", r.outcome);
+        cr_assert_eq(atomic_load(&j.calls), 0);
+        idem_reply_clear(&r);
+    }
+    *whole = end - t0;
+    return end - k.done_at;
+}
+
+Test(postgresql, commit_waiting_on_a_row_lock_returns_by_commit_timeout_ms)
+{
+    server(NULL);
+    idem_store *s = open_ok(srv.url);
+    idem_options o;
+    idem_options_init(&o);
+    o.commit_timeout_ms = 500;
+    idem_layer *l;
+    cr_assert_eq(idem_layer_new(&l, s, &o), IDEM_OK, "%s", idem_last_error());
+    uint64_t whole, took = commit_on_a_locked_row(l, "locked-commit", true, &whole);
+    /* 50 ms of slack are documented; twice that here, for a loaded machine */
+    cr_assert(took >= 480 && took < 500 + 100, "the commit took %llu ms with commit_timeout_ms 500",
+              (unsigned long long)took);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+Test(postgresql, commit_waiting_on_a_row_lock_returns_before_the_lease_ends)
+{
+    server(NULL);
+    idem_store *s = open_ok(srv.url);
+    idem_layer *l = layer_of(s, 3000);
+    uint64_t whole;
+    (void)commit_on_a_locked_row(l, "locked-lease", false, &whole);
+    cr_assert(whole < 3000, "the call took %llu ms with a lease of 3000 ms", (unsigned long long)whole);
+    cr_assert(whole >= 2800, "the commit gave up %llu ms into a 3000 ms lease", (unsigned long long)whole);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
 /* ---- restarts ---- */
 
 typedef struct loader {

@@ -565,6 +565,86 @@ Test(redis, server_that_stops_answering_mid_run_times_out_and_recovers)
     idem_store_close(st);
 }
 
+/* A handler that does its work, then freezes the server (SIGSTOP): the
+ * commit after it meets a server that never answers. */
+typedef struct freezer {
+    atomic_int calls;
+    uint64_t   done_at;   /* mono_ms() when the handler returned */
+} freezer;
+
+static int freeze_after(void *arg, idem_response *resp)
+{
+    freezer *f = arg;
+    atomic_fetch_add(&f->calls, 1);
+    cr_assert_eq(kill(srv.pids[0], SIGSTOP), 0);
+    f->done_at = mono_ms();
+    return idem_response_set(resp, 201, "charged", 7);
+}
+
+/* Run key with the server frozen after the handler; thaw it; check the
+ * work is answered, and return how long the commit took (after the handler)
+ * and, in *whole, the call. leased: the lease is still on, so the key may
+ * not run again. */
+static uint64_t commit_on_frozen_server(idem_layer *l, const char *key, bool leased, uint64_t *whole)
+{
+    freezer f = {0};
+    idem_reply r = {0};
+    idem_request req = {.key = key, .key_len = strlen(key)};
+    uint64_t t0 = mono_ms();
+    int rc = idem_run(l, &req, freeze_after, &f, &r);
+    uint64_t end = mono_ms();
+    cr_assert_eq(kill(srv.pids[0], SIGCONT), 0);
+    cr_log_info("%s: the call took %llu ms, its commit %llu ms", key, (unsigned long long)(end - t0),
+                (unsigned long long)(end - f.done_at));
+    cr_assert_eq(rc, IDEM_EBACKEND, "%s (%s)", idem_error_name(rc), idem_last_error());
+    cr_assert(strstr(idem_last_error(), "time the library left this call"), "%s", idem_last_error());
+    cr_assert_eq(r.outcome, IDEM_EXECUTED, "the reply holds the work done");
+    cr_assert_str_eq((const char *)r.body, "charged");
+    idem_reply_clear(&r);
+    /* The commit the frozen server took may land when it thaws; either way
+     * the handler does not run again while its lease is on. */
+    if (leased) {
+        cr_assert_eq(idem_run(l, &req, freeze_after, &f, &r), IDEM_OK, "%s", idem_last_error());
+        cr_assert(r.outcome == IDEM_REPLAYED || r.outcome == IDEM_IN_PROGRESS, "outcome %d", r.outcome);
+        cr_assert_eq(atomic_load(&f.calls), 1);
+        idem_reply_clear(&r);
+    }
+    *whole = end - t0;
+    return end - f.done_at;
+}
+
+/* A commit blocked on a frozen server gets only the time left of
+ * commit_timeout_ms, not the driver's whole timeout_ms (2 s here). */
+Test(redis, commit_on_a_frozen_server_returns_by_commit_timeout_ms)
+{
+    idem_store *st = open_store(srv.url);
+    idem_options o;
+    idem_options_init(&o);
+    o.commit_timeout_ms = 300;
+    idem_layer *l;
+    cr_assert_eq(idem_layer_new(&l, st, &o), IDEM_OK, "%s", idem_last_error());
+    uint64_t whole, took = commit_on_frozen_server(l, "frozen-commit", true, &whole);
+    /* 50 ms of slack are documented; twice that here, for a loaded machine */
+    cr_assert(took >= 280 && took < 300 + 100, "the commit took %llu ms with commit_timeout_ms 300",
+              (unsigned long long)took);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
+/* Without commit_timeout_ms the commit ends before the lease does, however
+ * long the driver's timeout_ms (2 s here, twice per attempt). */
+Test(redis, commit_on_a_frozen_server_returns_before_the_lease_ends)
+{
+    idem_store *st = open_store(srv.url);
+    idem_layer *l = layer_on(st, 3000);
+    uint64_t whole;
+    (void)commit_on_frozen_server(l, "frozen-lease", false, &whole);
+    cr_assert(whole < 3000, "the call took %llu ms with a lease of 3000 ms", (unsigned long long)whole);
+    cr_assert(whole >= 2800, "the commit gave up %llu ms into a 3000 ms lease", (unsigned long long)whole);
+    idem_layer_free(l);
+    idem_store_close(st);
+}
+
 /* ---- opening ---- */
 
 /* Start a redis-server of our own with extra arguments, in srv's place. */

@@ -277,6 +277,10 @@ static int fail(const store *s, memcached_st *mc, const char *ekey, size_t eklen
                                  reason, eo, es, ec);
     switch (rc) {
     case MEMCACHED_TIMEOUT:
+        if (idem_call_deadline_ms() && idem_mono_ms() >= idem_call_deadline_ms())
+            return idem_driver_error(IDEM_EBACKEND, where, what, "no answer within the time the "
+                                     "library left this call (what remained of commit_timeout_ms or "
+                                     "of the lease), before timeout_ms (%" PRIu32 " ms)", s->timeout_ms);
         return idem_driver_error(IDEM_EBACKEND, where, what, "no answer within %" PRIu32 " ms; is the "
                                  "server overloaded or unreachable? (the limit is ?timeout_ms= in the "
                                  "store URL)", s->timeout_ms);
@@ -602,7 +606,8 @@ static int run_call(void *conn, void *arg, idem_conn_state *state)
 static int with_conn(store *s, op *o, op_fn fn)
 {
     call k = {.s = s, .o = o, .fn = fn};
-    o->until_mono = idem_mono_ms() + s->timeout_ms; /* the retry on a new connection shares it */
+    /* the retry on a new connection shares it; the core's deadline, when sooner, bounds it */
+    o->until_mono = idem_mono_ms() + idem_call_timeout_ms(s->timeout_ms);
     return idem_pool_run(s->pool, run_call, &k);
 }
 

@@ -52,6 +52,9 @@
  * before it gives the connection up (a frozen server or a dead network
  * never sends the cancel). */
 #define REPLY_GRACE_MS               1000
+/* The core's deadline for a call, when sooner, cuts that wait short
+ * (idem_call_timeout_ms()): the connection is then closed, as after a reply
+ * timeout, and the server ends the statement by its statement_timeout. */
 #define CLEANUP_INTERVAL_MS          1000
 #define CLEANUP_BATCH                "500"
 #define LIST_BATCH                   500  /* rows a statement of a list gives */
@@ -355,7 +358,12 @@ static int await_result(const store *s, PGconn *pg, uint64_t deadline, unsigned 
             return conn_error(s, pg, what);
         if (flushed == 0 && !PQisBusy(pg))
             return IDEM_OK;
-        uint64_t now = idem_mono_ms();
+        uint64_t now = idem_mono_ms(), call_deadline = idem_call_deadline_ms();
+        if (now >= deadline && call_deadline && now >= call_deadline)
+            return idem_driver_error(IDEM_EBACKEND, s->where, what,
+                                     "no reply within the %u ms the library left this call (what "
+                                     "remained of commit_timeout_ms or of the lease); the statement "
+                                     "may be waiting for a lock, or the server may be frozen", timeout_ms);
         if (now >= deadline)
             return idem_driver_error(IDEM_EBACKEND, s->where, what,
                                      "no reply within %u ms; the server may be frozen or unreachable "
@@ -483,7 +491,7 @@ static int connect_raw(store *s, PGconn **out, uint64_t deadline)
 static int pool_connect(void *ctx, void **conn)
 {
     store *s = ctx;
-    uint64_t deadline = idem_mono_ms() + s->connect_ms;
+    uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->connect_ms);
     PGconn *pg;
     int rc = connect_raw(s, &pg, deadline);
     if (rc)
@@ -548,7 +556,7 @@ static int exec_stmt(store *s, PGconn *pg, enum stmt_id id, int nparams, const c
                      const int *lengths, const int *formats, PGresult **out, idem_conn_state *state)
 {
     const char *what = stmt_what[id];
-    unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
+    unsigned timeout = idem_call_timeout_ms(s->statement_ms + REPLY_GRACE_MS);
     *out = NULL;
     if (!PQsendQueryPrepared(pg, stmt_name[id], nparams, values, lengths, formats, 1)) {
         *state = IDEM_CONN_BROKEN;
@@ -617,7 +625,7 @@ static int op_fn(void *conn, void *arg, idem_conn_state *state)
             *state = IDEM_CONN_BROKEN;
             return conn_error(s, pg, stmt_what[o->id]);
         }
-        unsigned timeout = s->statement_ms + REPLY_GRACE_MS;
+        unsigned timeout = idem_call_timeout_ms(s->statement_ms + REPLY_GRACE_MS);
         int rc = collect(s, pg, idem_mono_ms() + timeout, timeout, stmt_what[o->id], &res);
         if (rc) {
             *state = IDEM_CONN_BROKEN;

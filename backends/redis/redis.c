@@ -28,7 +28,9 @@
  *
  * timeout_ms bounds an operation's command and its whole reply: hiredis
  * bounds each read by the socket's timeout, so the driver runs the reads
- * itself and shortens that timeout to the time left (conn_reply()).
+ * itself and shortens that timeout to the time left (conn_reply()). The
+ * core's deadline for the call, when sooner, bounds it instead
+ * (idem_call_timeout_ms()).
  *
  * A hiredis context is not thread-safe, so each node keeps a pool of them.
  * A context that saw an I/O error, a timeout or EOF is freed, never pooled
@@ -250,6 +252,13 @@ static int context_error_at(const store *s, const char *where, const redisContex
     if (!c)
         return idem_driver_error(IDEM_ENOMEM, where, what, "out of memory");
     bool eagain = c->err == REDIS_ERR_IO && (errstr_is(c, EAGAIN) || errstr_is(c, EWOULDBLOCK));
+    /* The core's deadline for this call, sooner than timeout_ms, ran out. */
+    uint64_t call_deadline = idem_call_deadline_ms();
+    if ((timed_out || eagain) && call_deadline && idem_mono_ms() >= call_deadline)
+        return idem_driver_error(IDEM_EBACKEND, where, what, "no %sreply within the time the library "
+                                 "left this call (what remained of commit_timeout_ms or of the "
+                                 "lease), before timeout_ms (%u ms)", partial ? "whole " : "",
+                                 s->command_ms);
     if ((timed_out || eagain) && partial)
         return idem_driver_error(IDEM_EBACKEND, where, what, "the reply was still incomplete "
                                  "after %u ms (timeout_ms in the store URL bounds the whole "
@@ -451,7 +460,7 @@ static int conn_setup(store *s, const char *where, conn *c)
         sent[n++] = ROLE;
     }
     int ret = IDEM_OK;
-    uint64_t deadline = idem_mono_ms() + s->command_ms;
+    uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->command_ms);
     for (int i = 0; i < n; i++) {
         const char *what = sent[i] == AUTH ? "authenticating"
                          : sent[i] == SELECT ? "selecting the database" : "checking the role";
@@ -486,7 +495,7 @@ static int conn_open(store *s, const node *n, conn **out)
     conn *c = calloc(1, sizeof *c);
     if (!c)
         return idem_driver_error(IDEM_ENOMEM, n->where, "connecting", "out of memory");
-    struct timeval tv = tv_ms(s->connect_ms);
+    struct timeval tv = tv_ms(idem_call_timeout_ms(s->connect_ms));
     c->ctx = n->host ? redisConnectWithTimeout(n->host, n->port, tv)
                      : redisConnectUnixWithTimeout(s->socket_path, tv);
     int rc;
@@ -730,7 +739,8 @@ static int op_run(void *connp, void *arg, idem_conn_state *state)
         snprintf(t, sizeof t, "%u", s->wait_timeout_ms);
         const char *argv[3] = {"WAIT", n, t};
         size_t lens[3] = {4, strlen(n), strlen(t)};
-        redisReply *w = conn_command(c, idem_mono_ms() + s->wait_timeout_ms + s->command_ms, 3, argv, lens);
+        uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->wait_timeout_ms + s->command_ms);
+        redisReply *w = conn_command(c, deadline, 3, argv, lens);
         if (!w) {
             freeReplyObject(r);
             freeReplyObject(o->reply2);
@@ -1032,7 +1042,7 @@ static void backoff(uint64_t deadline, unsigned ms)
 static int op_exec(store *s, op *o, const void *key, size_t key_len)
 {
     if (!o->deadline) /* else the deadline of the operation this one continues */
-        o->deadline = idem_mono_ms() + s->command_ms;
+        o->deadline = idem_mono_ms() + idem_call_timeout_ms(s->command_ms);
     o->acked = -1;
     unsigned slot = s->topo == TOPO_CLUSTER ? key_slot(key, key_len) : 0;
     const char *what = o->id >= 0 ? script_what[o->id] : "removing a key";
@@ -1398,7 +1408,7 @@ static int load_scripts_run(void *connp, void *arg, idem_conn_state *state)
         }
     }
     int ret = IDEM_OK;
-    uint64_t deadline = idem_mono_ms() + s->command_ms;
+    uint64_t deadline = idem_mono_ms() + idem_call_timeout_ms(s->command_ms);
     for (int i = 0; i < SC_COUNT; i++) {
         redisReply *r = conn_reply(c, deadline);
         if (!r) {

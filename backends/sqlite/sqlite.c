@@ -39,6 +39,7 @@
 #define CLEANUP_INTERVAL_MS     1000
 #define CLEANUP_BATCH           "256"
 #define CLAIM_ATTEMPTS          3
+#define CLAIM_POLL_MS           20   /* how often a claim waiting to write looks for a record */
 
 enum stmt_id {
     S_LOOKUP, S_INSERT, S_COMMIT, S_STATE, S_RELEASE, S_EXTEND,
@@ -387,14 +388,17 @@ static int begin_write(store *s, conn *c, const char *what)
         return wq_lock(&s->wq, 0, &(unsigned){0}) ? IDEM_OK
                : sq_error(s, IDEM_EBACKEND, what, "another thread of this process is writing and "
                           "busy_timeout_ms is 0; retry, or raise busy_timeout_ms");
+    /* busy_timeout_ms, or the core's deadline for this call when sooner */
+    int busy_ms = (int)idem_call_timeout_ms((uint32_t)s->busy_ms);
     uint64_t start = idem_mono_ms();
     unsigned ahead = 0;
-    if (!wq_lock(&s->wq, s->busy_ms, &ahead))
+    if (!wq_lock(&s->wq, busy_ms, &ahead))
         return sq_error(s, IDEM_EBACKEND, what, "%u threads of this process were waiting to write "
-                        "before this one, and its turn did not come within busy_timeout_ms (%d ms); "
-                        "retry, raise busy_timeout_ms, or use fewer threads", ahead, s->busy_ms);
+                        "before this one, and its turn did not come within %d ms (busy_timeout_ms is "
+                        "%d ms); retry, raise busy_timeout_ms, or use fewer threads", ahead, busy_ms,
+                        s->busy_ms);
     uint64_t waited = idem_mono_ms() - start;
-    sqlite3_busy_timeout(c->db, waited >= (uint64_t)s->busy_ms ? 1 : s->busy_ms - (int)waited);
+    sqlite3_busy_timeout(c->db, waited >= (uint64_t)busy_ms ? 1 : busy_ms - (int)waited);
     return IDEM_OK;
 }
 
@@ -545,8 +549,13 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
     /* Read first: a duplicate needs no write lock. The insert is one
      * autocommit statement that loses to a live record; when it loses, the
      * record that beat it is read again (and if that one is already gone,
-     * the claim is tried again). */
-    for (int attempt = 0; attempt < CLAIM_ATTEMPTS; attempt++) {
+     * the claim is tried again). While the insert waits for the write lock
+     * (another claim, or the transaction of idem_run_tx() that holds it for
+     * its whole work), the record is looked for again every CLAIM_POLL_MS:
+     * a duplicate of a running request is answered then, never after that
+     * request's work. */
+    uint64_t until = idem_mono_ms() + (uint64_t)s->busy_ms;
+    for (int attempt = 0; attempt < CLAIM_ATTEMPTS;) {
         rc = lookup(s, c, key, key_len, idem_now_ms(), existing, existing_len, remaining_ms);
         if (rc || *existing) {
             /* This very claim, stored already (the caller sent it again):
@@ -558,8 +567,18 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
             }
             goto out;
         }
-        if ((rc = begin_write(s, c, "claiming a key")))
+        uint64_t left = until > idem_mono_ms() ? until - idem_mono_ms() : 0;
+        unsigned ahead = 0;
+        if (!wq_lock(&s->wq, left < CLAIM_POLL_MS ? left : CLAIM_POLL_MS, &ahead)) {
+            if (left > CLAIM_POLL_MS)
+                continue; /* look again while others write */
+            rc = sq_error(s, IDEM_EBACKEND, "claiming a key", "%u threads of this process were waiting "
+                          "to write before this one, and its turn did not come within busy_timeout_ms "
+                          "(%d ms); retry, raise busy_timeout_ms, or use fewer threads", ahead, s->busy_ms);
             goto out;
+        }
+        /* Another process's lock: wait a slice, then look again. */
+        sqlite3_busy_timeout(c->db, left < CLAIM_POLL_MS ? (int)left + 1 : CLAIM_POLL_MS);
         uint64_t now = idem_now_ms();
         sqlite3_stmt *st = c->stmt[S_INSERT];
         sqlite3_bind_blob(st, 1, key, (int)key_len, SQLITE_STATIC);
@@ -569,17 +588,23 @@ static int sq_claim(void *state, const void *key, size_t key_len, const void *re
         }
         sqlite3_bind_blob(st, 4, record, (int)record_len, SQLITE_STATIC);
         sqlite3_bind_int64(st, 5, (sqlite3_int64)lease_ms);
-        bool done = run(c, st) == SQLITE_DONE;
+        int step_rc = run(c, st);
+        bool done = step_rc == SQLITE_DONE;
         bool won = done && sqlite3_changes(c->db) == 1;
         if (won)
             maybe_cleanup(s, c, now);
         end_write(s);
+        if ((step_rc & 0xff) == SQLITE_BUSY && idem_mono_ms() < until) {
+            c->failed = SQLITE_OK;
+            continue;
+        }
         if (!done) {
             rc = fail(s, c->db, "claiming a key");
             goto out;
         }
         if (won)
             goto out;
+        attempt++;
     }
     rc = sq_error(s, IDEM_EBACKEND, "claiming a key", "the key changed hands %d times while it was "
                   "being claimed; retry", CLAIM_ATTEMPTS);

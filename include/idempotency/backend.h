@@ -2,15 +2,15 @@
  * libidempotency: the interface for store drivers.
  *
  * A driver is one `const idem_backend` table of functions. The built-in
- * drivers (sqlite, redis, memcached) are chosen by URL scheme in
- * idem_store_open(); a driver of your own is used through
+ * drivers (sqlite, redis, memcached, postgresql, memory) are chosen by URL
+ * scheme in idem_store_open(); a driver of your own is used through
  * idem_store_open_backend(). Every store carries its own driver: nothing here
  * is process-wide.
  *
- * The core owns the state machine; a driver owns four atomic operations on
- * one key (claim, commit, release, extend). Records are opaque bytes to a
- * driver, except for the fixed header below, which a driver reads to fence
- * its operations by the claim token.
+ * The core owns the state machine; a driver owns the atomic operations on
+ * one key (claim, commit, release, extend, and the optional members after
+ * them). Records are opaque bytes to a driver, except for the fixed header
+ * below, which a driver reads to fence its operations by the claim token.
  */
 #ifndef IDEMPOTENCY_BACKEND_H
 #define IDEMPOTENCY_BACKEND_H
@@ -47,10 +47,9 @@ extern "C" {
  *       32   32  SHA-256 digest of the request fingerprint
  *
  * A STARTED record is the header, and a checkpoint when it has one; a
- * COMPLETED record continues with the response. A COMPLETED record keeps the token of the claim that
- * committed it, so a commit retried after a lost reply is recognised.
- *
- * The response (integers big-endian):
+ * COMPLETED record continues with the response. A COMPLETED record keeps the
+ * token of the claim that committed it, so a commit retried after a lost
+ * reply is recognised. Integers after the header are big-endian.
  *
  * A STARTED record with a checkpoint (format 3, since 0.3; 0.2 refuses it
  * as IDEM_ECORRUPT) continues after the header:
@@ -61,6 +60,8 @@ extern "C" {
  *   70  2  zero
  *   72  4  data length D (0..IDEM_CHECKPOINT_MAX)
  *   76  N  name, then D bytes of data
+ *
+ * A COMPLETED record continues with the response:
  *
  *   format 1                         format 2
  *   64  4  status (100..999)         64  4  status
@@ -73,7 +74,7 @@ extern "C" {
  *                                  80+F  B  body
  *
  * Drivers need none of this: the first 64 bytes, and idem_record_peek(),
- * are the same in both formats.
+ * are the same in every format.
  */
 #define IDEM_RECORD_HEADER_LEN   64
 #define IDEM_RECORD_STATE_OFFSET 5
@@ -189,6 +190,39 @@ IDEM_API int idem_driver_error(int err, const char *where, const char *what, con
  * be the rest of a password that held an unescaped '&', so the message then
  * says the URL is malformed without naming it. */
 IDEM_API int idem_url_check_params(const idem_url *url, const char *driver, const char *const *known);
+
+/*
+ * The time the core gives one driver call (since 0.3).
+ *
+ * The core may give the call it makes on a thread a deadline of its own,
+ * sooner than the driver's timeouts: a commit retried after the handler ran
+ * must end within the lease, and within commit_timeout_ms. The deadline is
+ * the calling thread's, set by the core around one call into the driver and
+ * cleared after it; a driver reads it on the thread the core called it on.
+ *
+ * A driver must bound each wait of a call (a reply, a lock, a busy timeout,
+ * a connection made for the call) by idem_call_timeout_ms() of its own
+ * timeout, read when the wait starts, so that the call returns within a few
+ * milliseconds of the core's deadline. A call that ran out of the core's
+ * time must fail as its own timeout does: IDEM_EBACKEND, with the
+ * connection treated as its own timeout treats it (a reply that may still
+ * come must never be read as the answer to a later call). A driver must not
+ * keep the deadline past the call, nor hand it to other threads.
+ *
+ * A driver built against a header without these functions never calls them
+ * and keeps to its own timeouts; the core then cannot shorten its calls,
+ * and works as before.
+ */
+
+/* The calling thread's deadline for the driver call under way, in
+ * idem_mono_ms() milliseconds; 0 when the core set none. */
+IDEM_API uint64_t idem_call_deadline_ms(void);
+
+/* timeout_ms, or the milliseconds left until idem_call_deadline_ms() when
+ * that is sooner: never more than timeout_ms, never 0 unless timeout_ms is
+ * (a deadline already passed gives 1, so that a timeout of 0 never reads as
+ * "wait for ever"). */
+IDEM_API uint32_t idem_call_timeout_ms(uint32_t timeout_ms);
 
 /* Copy len bytes of src into a new buffer that the core frees: how a driver
  * hands back *existing from claim and *record from read. IDEM_OK, or
@@ -310,7 +344,8 @@ IDEM_API int idem_findings_add(idem_findings *list, idem_finding_level level, co
  *   - A driver returns IDEM_OK, IDEM_ELOST where stated, IDEM_EBACKEND when
  *     the store failed or could not be reached (with idem_error_set()), or
  *     IDEM_ENOMEM. After IDEM_EBACKEND the core may retry the same call.
- *   - A call must not block longer than the driver's configured timeouts.
+ *   - A call must not block longer than the driver's configured timeouts,
+ *     nor past the core's deadline for it (idem_call_timeout_ms()).
  *   - "Expired" means: a STARTED record past its lease, or a COMPLETED record
  *     past its ttl. An expired record must be treated exactly as no record.
  *   - A driver may send an operation again when the reply to an earlier send
@@ -369,6 +404,9 @@ struct idem_backend {
      * and so allowed).
      * After IDEM_EBACKEND the core assumes the claim may have landed, and
      * later releases it, fenced by its token, once the store answers.
+     * IDEM_EINVAL (a key or record the store cannot hold) and IDEM_ECORRUPT
+     * (a stored value the driver cannot make sense of) pass to the caller
+     * as they are, with the driver's message.
      */
     int (*claim)(void *state, const void *key, size_t key_len, const void *record, size_t record_len,
                  uint32_t lease_ms, void **existing, size_t *existing_len, uint32_t *remaining_ms);

@@ -135,9 +135,9 @@ typedef struct idem_http_answer {
  * reply), or of idem_http_key_parse() (rc IDEM_EKEY; reply may be NULL),
  * into the answer to send:
  *
- *   EXECUTED   the handler's status, headers and body; also when rc is
- *              IDEM_EBACKEND or IDEM_ELOST (the work is done, so it is the
- *              answer; the server logs idem_last_error())
+ *   EXECUTED   the handler's status, headers and body, whatever rc is
+ *              (IDEM_EBACKEND, IDEM_ELOST, IDEM_ENOMEM...: the work is done,
+ *              so it is the answer; the server logs idem_last_error())
  *   REPLAYED   the stored status, headers and body, then
  *              Idempotent-Replayed: true
  *   IN_PROGRESS 409, Retry-After: the holder's lease in seconds, rounded up

@@ -89,9 +89,18 @@ IDEM_API const char *idem_last_error(void);
  * A connection to one store, chosen by URL scheme at run time:
  *
  *   sqlite:///absolute/path.db          embedded, one host (WAL mode)
- *   redis://[:password@]host:port[/db][?connect_timeout_ms=N&timeout_ms=N]
+ *   redis://[[user]:password@]host[:port][/db]
  *   redis+unix:///path/to/redis.sock[?db=N&password=...]
- *   memcached://host:port[,host:port...][?timeout_ms=N]
+ *   redis+cluster://host:port[,host:port...]
+ *   redis+sentinel://host:port[,host:port...]/MASTERNAME
+ *   memcached://host:port[,host:port...]
+ *   postgresql://[user[:password]@]host[:port][,host...]/dbname
+ *                                       (also postgres://)
+ *   memory://[name]                     in-process, for tests
+ *
+ * Each takes ?name=value parameters (timeouts and more); an unknown one is
+ * refused with the list of those its driver knows. docs/operating.md lists
+ * them. A scheme whose driver this build lacks is IDEM_EUNSUPPORTED.
  *
  * Thread-safe: a store keeps its own pool of connections, so one store
  * serves every thread of a process. A store belongs to the process that
@@ -112,7 +121,8 @@ IDEM_API int idem_store_open(idem_store **out, const char *url);
  * freed first. NULL is a no-op. */
 IDEM_API void idem_store_close(idem_store *store);
 
-/* The driver's name: "sqlite", "redis", "memcached", or a custom driver's.
+/* The driver's name: "sqlite", "redis", "memcached", "postgresql",
+ * "memory", or a custom driver's.
  * Static string; NULL for a NULL store. */
 IDEM_API const char *idem_store_backend(const idem_store *store);
 
@@ -126,7 +136,9 @@ typedef struct idem_options {
     const char *key_prefix;        /* prepended to every key in the store; copied; NULL or the
                                       default is "idem:". 2..255 bytes: any bytes but ':', then
                                       one ':' ("orders:", "shop-{eu}:"), so that two prefixes
-                                      never make the same store key */
+                                      never make the same store key; not ending in '#' and 32
+                                      lower-case hex digits before the ':', the store key of a
+                                      scope (docs/contract.md, section 2) */
     size_t      max_key_len;       /* longest accepted key, in bytes, prefix excluded; default 255 */
     size_t      max_response_len;  /* largest accepted response body; default 1 MiB (0: only
                                       empty bodies) */
@@ -144,7 +156,10 @@ typedef struct idem_options {
                                       so its key still frees itself one lease later */
     uint32_t    commit_timeout_ms; /* how long idem_run() and idem_commit() retry a failed
                                       commit; default 0: until the lease nearly ends. Set it
-                                      below the HTTP timeout in front of the service */
+                                      below the HTTP timeout in front of the service. Each
+                                      attempt gets only the time left, so the call returns
+                                      within about 50 ms of it, and 50 ms before the lease
+                                      ends (docs/contract.md, section 4) */
     /* ---- since 0.3 ---- */
     const char *subkey_secret;     /* mixed into idem_claim_subkey(); copied; default NULL (none).
                                       Give every machine the same one, and never change it while
@@ -169,8 +184,9 @@ typedef struct idem_layer idem_layer;
 /* Make a layer. opts NULL means the defaults; opts is copied. The store must
  * outlive the layer.
  * Errors: IDEM_EINVAL (NULL out or store; lease_ms or ttl_s 0; max_key_len
- * 0 or over 1024; a key_prefix that is not a name and one ':' at its end, or
- * longer than 255 bytes), IDEM_ENOMEM (also when libcrypto cannot be set up,
+ * 0 or over 1024; a key_prefix that is not a name and one ':' at its end,
+ * one whose name ends in '#' and 32 lower-case hex digits, or one longer
+ * than 255 bytes), IDEM_ENOMEM (also when libcrypto cannot be set up,
  * or, with auto_extend, the layer's thread cannot be started). */
 IDEM_API int idem_layer_new(idem_layer **out, idem_store *store, const idem_options *opts);
 
@@ -347,7 +363,7 @@ typedef int (*idem_handler)(void *arg, idem_response *resp);
  * Run fn at most once per key.
  *
  * Returns IDEM_OK with reply->outcome set to one of idem_outcome, or an
- * error. Two errors come in two kinds, told apart by idem_reply_ran(reply):
+ * error. Some errors come in two kinds, told apart by idem_reply_ran(reply):
  * false, nothing ran; true, the handler ran and reply holds its response.
  *   IDEM_EINVAL    NULL layer, req, fn or reply; key empty or longer than
  *                  max_key_len; NULL key or fingerprint pointer with a length
@@ -370,7 +386,9 @@ typedef int (*idem_handler)(void *arg, idem_response *resp);
  *   IDEM_ELOST     the handler ran longer than the lease, another request took
  *                  the key, and this response was not stored (reply holds it,
  *                  with IDEM_EXECUTED: idem_reply_ran() is true)
- *   IDEM_ENOMEM
+ *   IDEM_ENOMEM    idem_reply_ran() false: nothing ran. true: memory ran out
+ *                  for good after the handler succeeded (it is retried as a
+ *                  store error is), and the rest is as for IDEM_EBACKEND
  * Thread-safe. fn is called on the calling thread, at most once.
  */
 IDEM_API int idem_run(idem_layer *layer, const idem_request *req, idem_handler fn, void *arg,
@@ -413,8 +431,9 @@ IDEM_API int idem_begin_scoped(idem_layer *layer, const void *scope, size_t scop
                                const idem_request *req, idem_claim **claim, idem_reply *reply);
 
 /*
- * Store the response and free the claim. A store error is retried within
- * the lease (and within commit_timeout_ms when set) before it is returned.
+ * Store the response and free the claim. A store error, and a lack of
+ * memory, are retried within the lease (and within commit_timeout_ms when
+ * set) before they are returned.
  *   IDEM_OK      stored; the claim is freed
  *   IDEM_ELOST   the lease had ended and another request took the key;
  *                nothing changed; the claim is freed
@@ -426,7 +445,8 @@ IDEM_API int idem_begin_scoped(idem_layer *layer, const void *scope, size_t scop
  *                or abort)
  *   IDEM_EINVAL  NULL claim, status out of range, NULL body with len > 0
  *                (the claim, if any, stays)
- *   IDEM_ENOMEM  the claim stays
+ *   IDEM_ENOMEM  memory ran short until the lease was nearly over or
+ *                commit_timeout_ms passed; the claim stays
  */
 IDEM_API int idem_commit(idem_claim *claim, int status, const void *body, size_t len);
 
