@@ -1,4 +1,5 @@
-/* Error codes, their messages, and each thread's detail of its last failure. */
+/* Error codes and outcomes, their names and messages, the library's version,
+ * and each thread's detail of its last failure. */
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -25,6 +26,23 @@ const char *idem_error_name(int err)
 #undef IDEM_ERROR_NAME_
     }
     return "IDEM_UNKNOWN";
+}
+
+const char *idem_outcome_name(int outcome)
+{
+    switch (outcome) {
+    case 0: return "NONE";
+#define IDEM_OUTCOME_NAME_(name, value) case IDEM_##name: return #name;
+    IDEM_OUTCOME_MAP(IDEM_OUTCOME_NAME_)
+#undef IDEM_OUTCOME_NAME_
+    }
+    return "UNKNOWN";
+}
+
+/* meson's project version, given by meson.build. */
+const char *idem_version(void)
+{
+    return IDEM_VERSION_STRING;
 }
 
 /* A message is never truncated. A thread that cannot allocate one falls

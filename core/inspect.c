@@ -1,5 +1,6 @@
-/* Operators: describe and free one key, and check a store's settings, on top
- * of the driver table's version-2 read, remove and check members. */
+/* Operators: describe and free one key, list keys, and check a store's
+ * settings, on top of the driver table's read, remove, list and check
+ * members. */
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -166,6 +167,69 @@ out:
     if (!deleted)
         idem_key_info_clear(&mine);
     return rc;
+}
+
+/* ---- lists ---- */
+
+typedef struct list_walk {
+    idem_key_state   state;   /* IDEM_KEY_ABSENT: every state */
+    size_t           limit;   /* 0: none */
+    size_t           given;
+    idem_key_visitor fn;
+    void            *arg;
+    bool             stopped; /* by fn, the limit, or a failure */
+    int              rc;
+} list_walk;
+
+static int list_one(void *arg, const void *key, size_t key_len, const void *record, size_t record_len,
+                    uint32_t remaining_ms)
+{
+    list_walk *w = arg;
+    idem_key_info info = {0};
+    if (key_len > sizeof info.store_key)
+        return 0; /* no key of a layer is this long: not ours */
+    void *value;
+    size_t len;
+    if ((w->rc = idem_record_dup("list", record, record_len, &value, &len))) {
+        w->stopped = true;
+        return 1;
+    }
+    memcpy(info.store_key, key, key_len);
+    info.store_key_len = key_len;
+    describe(&info, value, len, remaining_ms);
+    if (w->state == IDEM_KEY_ABSENT || info.state == w->state) {
+        w->given++;
+        if (w->fn(w->arg, &info) != 0 || (w->limit && w->given >= w->limit))
+            w->stopped = true;
+    }
+    idem_key_info_clear(&info);
+    return w->stopped;
+}
+
+int idem_layer_list(idem_layer *l, idem_key_state state, size_t limit, idem_key_visitor fn, void *arg)
+{
+    idem__error_clear();
+    if (!l || !fn)
+        return idem_error_set(IDEM_EINVAL, "idem_layer_list: layer and fn must not be NULL");
+    if (state < IDEM_KEY_ABSENT || state > IDEM_KEY_FOREIGN)
+        return idem_error_set(IDEM_EINVAL, "idem_layer_list: state %d is not an idem_key_state",
+                              (int)state);
+    idem_store *s = idem__layer_store(l);
+    int rc = idem__store_check_process(s);
+    if (rc)
+        return rc;
+    size_t plen;
+    const char *prefix = idem__layer_prefix(l, &plen);
+    /* Unscoped keys start with the prefix ("idem:"), scoped ones with the
+     * prefix's name and the scope tag's '#' ("idem#"): two walks. */
+    char scoped[IDEM_MAX_PREFIX_LEN];
+    memcpy(scoped, prefix, plen - 1);
+    scoped[plen - 1] = '#';
+    list_walk w = {.state = state, .limit = limit, .fn = fn, .arg = arg};
+    rc = idem__store_list(s, prefix, plen, list_one, &w);
+    if (rc == IDEM_OK && !w.stopped)
+        rc = idem__store_list(s, scoped, plen, list_one, &w);
+    return rc ? rc : w.rc;
 }
 
 /* ---- checks ---- */

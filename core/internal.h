@@ -69,6 +69,7 @@ int idem__store_read(idem_store *s, const void *key, size_t key_len, void **reco
                      uint32_t *remaining_ms);
 int idem__store_remove(idem_store *s, const void *key, size_t key_len, bool *deleted);
 int idem__store_check(idem_store *s, idem_findings *list);
+int idem__store_list(idem_store *s, const void *prefix, size_t prefix_len, idem_list_fn fn, void *arg);
 /* Version 3's transactions: IDEM_OK when the driver has them, else
  * IDEM_EUNSUPPORTED with a message naming the stores that do. */
 int  idem__store_tx_supported(const idem_store *s);
@@ -87,6 +88,7 @@ void idem__store_tx_end(idem_store *s, void *tx);
 int idem__store_key(const idem_layer *l, const void *scope, size_t scope_len, const void *key,
                     size_t key_len, uint8_t *out, size_t *out_len);
 idem_store *idem__layer_store(const idem_layer *l);
+const char *idem__layer_prefix(const idem_layer *l, size_t *len);  /* "idem:"; not NUL-terminated */
 
 /* ---- record.c ---- */
 #define IDEM_DIGEST_LEN 32

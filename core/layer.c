@@ -202,6 +202,12 @@ idem_store *idem__layer_store(const idem_layer *l)
     return l->store;
 }
 
+const char *idem__layer_prefix(const idem_layer *l, size_t *len)
+{
+    *len = l->prefix_len;
+    return l->prefix;
+}
+
 idem_cache *idem__layer_cache(const idem_layer *l)
 {
     return l->cache;

@@ -13,6 +13,11 @@ void idem_reply_clear(idem_reply *reply)
     memset(reply, 0, sizeof *reply);
 }
 
+bool idem_reply_ran(const idem_reply *reply)
+{
+    return reply && (reply->outcome == IDEM_EXECUTED || reply->outcome == IDEM_FAILED);
+}
+
 int idem__reply_body(idem_reply *reply, const void *body, size_t len)
 {
     reply->body = malloc(len + 1);

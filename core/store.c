@@ -340,3 +340,12 @@ void idem__store_tx_end(idem_store *s, void *tx)
 {
     s->ops->tx_end(s->state, tx);
 }
+
+int idem__store_list(idem_store *s, const void *prefix, size_t prefix_len, idem_list_fn fn, void *arg)
+{
+    if (!IDEM_HAS(s->ops, 3, list))
+        return idem_error_set(IDEM_EUNSUPPORTED, "the %s store cannot enumerate its keys (its driver's "
+                              "table, version %u, has no list member); look at one key with idem show",
+                              s->ops->name, s->ops->version);
+    return driver_rc(s, "list", s->ops->list(s->state, prefix, prefix_len, fn, arg), NULL);
+}

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "internal.h"
 
@@ -188,6 +189,42 @@ static int parse_query(idem_url *u, const char *s, size_t n)
     return IDEM_OK;
 }
 
+static bool is_scheme(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!(isalpha((unsigned char)s[i]) ||
+              (i > 0 && (isdigit((unsigned char)s[i]) || s[i] == '+' || s[i] == '-' || s[i] == '.'))))
+            return false;
+    return n > 0;
+}
+
+/* No "://": a scheme with a colon only ("sqlite:/tmp/x.db") gets the URL it
+ * most likely meant; the rest of a URL is repeated only for sqlite, whose
+ * rest is a path and holds no password. */
+static int no_scheme(const char *url)
+{
+    const char *colon = strchr(url, ':');
+    /* "localhost:6379" is a host and a port; "user:password@host" holds a password */
+    if (!colon || !is_scheme(url, (size_t)(colon - url)) || isdigit((unsigned char)colon[1]) ||
+        strchr(colon, '@'))
+        return bad("no scheme:// at the start");
+    int n = (int)(colon - url);
+    const char *rest = colon + 1;
+    if (n == 6 && strncasecmp(url, "sqlite", 6) == 0) {
+        while (rest[0] == '/' && rest[1] == '/')
+            rest++;
+        if (rest[0] == '/')
+            return idem_error_set(IDEM_EINVAL, "malformed store URL: '%.*s:' is not followed by '//'; "
+                                  "a file is named by its absolute path after sqlite://, so three "
+                                  "slashes: sqlite://%s", n, url, rest);
+        return idem_error_set(IDEM_EINVAL, "malformed store URL: '%.*s:' is not followed by '//'; a "
+                              "file is named by its absolute path after sqlite://, so three slashes: "
+                              "sqlite:///absolute/path/%s", n, url, rest[0] ? rest : "idem.db");
+    }
+    return idem_error_set(IDEM_EINVAL, "malformed store URL: '%.*s:' is not followed by '//'; write "
+                          "%.*s://host:port[/path], e.g. redis://127.0.0.1:6379", n, url, n, url);
+}
+
 static int parse(idem_url *u, const char *url)
 {
     size_t len = strnlen(url, MAX_URL_LEN + 1);
@@ -198,7 +235,7 @@ static int parse(idem_url *u, const char *url)
             return bad("it holds a space or a control character (percent-encode them)");
     const char *sep = strstr(url, "://");
     if (!sep || sep == url)
-        return bad("no scheme:// at the start");
+        return no_scheme(url);
     for (const char *c = url; c < sep; c++)
         if (!(isalpha((unsigned char)*c) || (c > url && (isdigit((unsigned char)*c) || *c == '+' ||
                                                          *c == '-' || *c == '.'))))

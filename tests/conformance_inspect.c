@@ -1,7 +1,8 @@
 /*
- * Conformance, operators' part: idem_layer_show() and idem_layer_delete()
- * (docs/operating.md, "The `idem` command") on every driver, through the
- * driver table's read, remove and release members. Linked into the conformance program, whose
+ * Conformance, operators' part: idem_layer_show(), idem_layer_delete() and
+ * idem_layer_list() (docs/operating.md, "The `idem` command") on every
+ * driver, through the driver table's read, remove, release and list members.
+ * Linked into the conformance program, whose
  * main() starts the store and sets IDEM_TEST_URL.
  */
 #include <stddef.h>
@@ -212,6 +213,109 @@ Test(inspect, a_driver_without_read_remove_or_check_answers_unsupported)
     cr_assert_null(f);
     idem_layer_free(l);
     idem_store_close(s);
+}
+
+/* The keys idem_layer_list() gave, each once (a Redis SCAN may repeat one). */
+typedef struct seen {
+    size_t         calls, n;
+    uint8_t        key[8][128];
+    size_t         key_len[8];
+    idem_key_state state[8];
+    uint32_t       remaining_ms[8];
+    size_t         stop_after; /* 0: never stop */
+} seen;
+
+static int collect_key(void *arg, const idem_key_info *info)
+{
+    seen *w = arg;
+    w->calls++;
+    size_t i = 0;
+    while (i < w->n && !(w->key_len[i] == info->store_key_len &&
+                         memcmp(w->key[i], info->store_key, info->store_key_len) == 0))
+        i++;
+    if (i == w->n && w->n < 8 && info->store_key_len <= sizeof w->key[0]) {
+        memcpy(w->key[i], info->store_key, info->store_key_len);
+        w->key_len[i] = info->store_key_len;
+        w->state[i] = info->state;
+        w->remaining_ms[i] = info->remaining_ms;
+        w->n++;
+    }
+    return w->stop_after && w->calls >= w->stop_after;
+}
+
+/* The index in w of the key prefix + tail, or -1. */
+static int seen_at(const seen *w, const char *tail)
+{
+    char want[128];
+    int n = snprintf(want, sizeof want, "%s%s", prefix, tail);
+    for (size_t i = 0; i < w->n; i++)
+        if (w->key_len[i] == (size_t)n && memcmp(w->key[i], want, (size_t)n) == 0)
+            return (int)i;
+    return -1;
+}
+
+Test(inspect, list_gives_each_key_of_the_layer_with_its_state_and_no_key_of_another_prefix)
+{
+    seen w = {0};
+    if (strcmp(idem_store_backend(store), "memcached") == 0) {
+        cr_assert_eq(idem_layer_list(layer, IDEM_KEY_ABSENT, 0, collect_key, &w), IDEM_EUNSUPPORTED);
+        cr_assert(strstr(idem_last_error(), "cannot enumerate"), "%s", idem_last_error());
+        cr_assert_eq(w.calls, 0);
+        return;
+    }
+    idem_reply r = {0};
+    idem_request done1 = req_fp("done-1"), done2 = req_fp("done-2"), run1 = req_fp("run-1");
+    cr_assert_eq(idem_run(layer, &done1, store_hello, NULL, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(idem_run(layer, &done2, store_hello, NULL, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(idem_run_scoped(layer, "acct", 4, &done1, store_hello, NULL, &r), IDEM_OK);
+    idem_claim *c;
+    cr_assert_eq(idem_begin(layer, &run1, &c, &r), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(c);
+    /* a layer whose prefix starts like this one's, and one of another name */
+    idem_layer *other;
+    idem_options o;
+    idem_options_init(&o);
+    char other_prefix[80];
+    snprintf(other_prefix, sizeof other_prefix, "%.*sx:", (int)strlen(prefix) - 1, prefix);
+    o.key_prefix = other_prefix;
+    cr_assert_eq(idem_layer_new(&other, store, &o), IDEM_OK, "%s", idem_last_error());
+    cr_assert_eq(idem_run(other, &done1, store_hello, NULL, &r), IDEM_OK, "%s", idem_last_error());
+    idem_layer_free(other);
+
+    int rc = idem_layer_list(layer, IDEM_KEY_ABSENT, 0, collect_key, &w);
+    cr_assert_eq(rc, IDEM_OK, "%s (%s)", idem_error_name(rc), idem_last_error());
+    cr_assert_eq(w.n, 4, "listed %zu keys, want done-1, done-2, run-1 and the scoped one", w.n);
+    int d1 = seen_at(&w, "done-1"), d2 = seen_at(&w, "done-2"), r1 = seen_at(&w, "run-1");
+    cr_assert(d1 >= 0 && d2 >= 0 && r1 >= 0, "a key of the layer is missing");
+    cr_assert_eq(w.state[d1], IDEM_KEY_COMPLETED);
+    cr_assert_eq(w.state[d2], IDEM_KEY_COMPLETED);
+    cr_assert_eq(w.state[r1], IDEM_KEY_STARTED);
+    cr_assert(w.remaining_ms[r1] > 0 && w.remaining_ms[r1] <= 30000, "lease left %u ms",
+              w.remaining_ms[r1]);
+    cr_assert(w.remaining_ms[d1] > 3000000 && w.remaining_ms[d1] <= 3600000, "ttl left %u ms",
+              w.remaining_ms[d1]);
+
+    seen started = {0};
+    cr_assert_eq(idem_layer_list(layer, IDEM_KEY_STARTED, 0, collect_key, &started), IDEM_OK);
+    cr_assert_eq(started.n, 1);
+    cr_assert_eq(seen_at(&started, "run-1"), 0);
+    seen completed = {0};
+    cr_assert_eq(idem_layer_list(layer, IDEM_KEY_COMPLETED, 0, collect_key, &completed), IDEM_OK);
+    cr_assert_eq(completed.n, 3);
+    cr_assert_lt(seen_at(&completed, "run-1"), 0);
+
+    seen limited = {0};
+    cr_assert_eq(idem_layer_list(layer, IDEM_KEY_ABSENT, 2, collect_key, &limited), IDEM_OK);
+    cr_assert_eq(limited.calls, 2, "limit 2 gave %zu keys", limited.calls);
+    seen stopped = {.stop_after = 1};
+    cr_assert_eq(idem_layer_list(layer, IDEM_KEY_ABSENT, 0, collect_key, &stopped), IDEM_OK);
+    cr_assert_eq(stopped.calls, 1, "the visitor asked to stop, and was called %zu times", stopped.calls);
+
+    cr_assert_eq(idem_layer_list(layer, (idem_key_state)9, 0, collect_key, &w), IDEM_EINVAL);
+    cr_assert_eq(idem_layer_list(layer, IDEM_KEY_ABSENT, 0, NULL, NULL), IDEM_EINVAL);
+    cr_assert_eq(idem_layer_list(NULL, IDEM_KEY_ABSENT, 0, collect_key, &w), IDEM_EINVAL);
+    cr_assert_eq(idem_commit(c, 200, "", 0), IDEM_OK);
+    idem_reply_clear(&r);
 }
 
 Test(inspect, the_public_struct_keeps_its_size)

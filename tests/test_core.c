@@ -2081,23 +2081,108 @@ Test(core, a_store_inherited_through_fork_is_refused_in_the_child)
 
 /* Public structs keep their size across versions (new fields take reserved
  * space), so a program built against an older header still works. */
-Test(core, public_structs_keep_their_size)
+Test(core, public_structs_keep_their_size_and_offsets)
 {
+    /* The sizes and offsets of 0.2 (x86-64 and other LP64): a program built
+     * against 0.2 allocates these structs and reads these fields. Fields of
+     * later versions come out of reserved_. .ci/abi-check leaves the structs
+     * with reserved space to this test (abi/libidempotency.abignore). */
 #if UINTPTR_MAX == UINT64_MAX
     cr_assert_eq(sizeof(idem_options), 96);
-    cr_assert_eq(sizeof(idem_reply), 64);
-    cr_assert_eq(sizeof(idem_stats), 128);
-    cr_assert_eq(sizeof(idem_request), 32);
-    /* and every field keeps its place: 0.2's, then 0.3's out of reserved_ */
+    cr_assert_eq(offsetof(idem_options, lease_ms), 0);
+    cr_assert_eq(offsetof(idem_options, ttl_s), 4);
+    cr_assert_eq(offsetof(idem_options, key_prefix), 8);
+    cr_assert_eq(offsetof(idem_options, max_key_len), 16);
+    cr_assert_eq(offsetof(idem_options, max_response_len), 24);
     cr_assert_eq(offsetof(idem_options, cache_bytes), 32);
+    cr_assert_eq(offsetof(idem_options, auto_extend), 40);
     cr_assert_eq(offsetof(idem_options, commit_timeout_ms), 44);
     cr_assert_eq(offsetof(idem_options, subkey_secret), 48);
     cr_assert_eq(offsetof(idem_options, reserved_), 56);
+    cr_assert_eq(sizeof(idem_reply), 64);
+    cr_assert_eq(offsetof(idem_reply, outcome), 0);
+    cr_assert_eq(offsetof(idem_reply, status), 4);
+    cr_assert_eq(offsetof(idem_reply, body), 8);
+    cr_assert_eq(offsetof(idem_reply, body_len), 16);
+    cr_assert_eq(offsetof(idem_reply, retry_after_ms), 24);
+    cr_assert_eq(offsetof(idem_reply, handler_error), 28);
     cr_assert_eq(offsetof(idem_reply, abort_error), 32);
     cr_assert_eq(offsetof(idem_reply, headers), 40);
+    cr_assert_eq(offsetof(idem_reply, nheaders), 48);
+    cr_assert_eq(offsetof(idem_reply, reserved_), 56);
+    cr_assert_eq(sizeof(idem_stats), 128);
+    cr_assert_eq(offsetof(idem_stats, backend_errors), 48);
+    cr_assert_eq(offsetof(idem_stats, unstored), 56);
+    cr_assert_eq(offsetof(idem_stats, cache_hits), 80);
+    cr_assert_eq(offsetof(idem_stats, reserved_), 88);
+    cr_assert_eq(sizeof(idem_request), 32);
+    cr_assert_eq(offsetof(idem_request, key_len), 8);
+    cr_assert_eq(offsetof(idem_request, fingerprint), 16);
+    cr_assert_eq(offsetof(idem_request, fingerprint_len), 24);
+    cr_assert_eq(sizeof(idem_header), 16);
 #else
     cr_assert_eq(sizeof(idem_stats), 128);
 #endif
+}
+
+Test(core, version_is_meson_s_and_matches_the_header_s_macros)
+{
+    char want[32];
+    snprintf(want, sizeof want, "%d.%d.%d", IDEM_VERSION_MAJOR, IDEM_VERSION_MINOR, IDEM_VERSION_PATCH);
+    cr_assert_str_eq(idem_version(), want, "meson.build's version and the header's macros differ");
+}
+
+Test(core, outcome_names_come_from_the_table_and_unknown_values_are_named_so)
+{
+    cr_assert_str_eq(idem_outcome_name(IDEM_EXECUTED), "EXECUTED");
+    cr_assert_str_eq(idem_outcome_name(IDEM_REPLAYED), "REPLAYED");
+    cr_assert_str_eq(idem_outcome_name(IDEM_IN_PROGRESS), "IN_PROGRESS");
+    cr_assert_str_eq(idem_outcome_name(IDEM_MISMATCH), "MISMATCH");
+    cr_assert_str_eq(idem_outcome_name(IDEM_FAILED), "FAILED");
+    cr_assert_str_eq(idem_outcome_name(0), "NONE");
+    cr_assert_str_eq(idem_outcome_name(6), "UNKNOWN");
+    cr_assert_str_eq(idem_outcome_name(-1), "UNKNOWN");
+    /* the values 0.2 programs were built with */
+    cr_assert_eq(IDEM_EXECUTED, 1);
+    cr_assert_eq(IDEM_FAILED, 5);
+}
+
+Test(core, reply_ran_is_true_for_a_handler_that_ran_even_when_the_commit_failed)
+{
+    cr_assert_eq(idem_store_open_backend(&store, &fake_backend, "fake://"), IDEM_OK);
+    fk = idem__store_state(store);
+    idem_options o;
+    idem_options_init(&o);
+    o.commit_timeout_ms = 50;
+    cr_assert_eq(idem_layer_new(&layer, store, &o), IDEM_OK);
+    idem_request req = req_of("ran");
+    idem_reply r = {0};
+    cr_assert_not(idem_reply_ran(&r), "a zeroed reply says nothing ran");
+    cr_assert_not(idem_reply_ran(NULL));
+
+    fk->fail[FAKE_CLAIM] = 1; /* the store fails before the handler: nothing ran */
+    job j = job_ok(201, "made", 4);
+    cr_assert_eq(idem_run(layer, &req, handler, &j, &r), IDEM_EBACKEND);
+    cr_assert_not(idem_reply_ran(&r), "IDEM_EBACKEND before the handler said it ran");
+    cr_assert_eq(j.calls, 0);
+
+    fk->fail[FAKE_COMMIT] = FAKE_ALWAYS; /* the handler runs, its response cannot be stored */
+    idem_request stuck = req_of("ran-1");
+    cr_assert_eq(idem_run(layer, &stuck, handler, &j, &r), IDEM_EBACKEND);
+    cr_assert_eq(j.calls, 1);
+    cr_assert(idem_reply_ran(&r), "the handler ran but the reply does not say so");
+    cr_assert_eq(r.outcome, IDEM_EXECUTED);
+    cr_assert_eq(r.status, 201);
+    fk->fail[FAKE_COMMIT] = 0;
+    idem_reply_clear(&r);
+
+    idem_request other = req_of("ran-2");
+    cr_assert_eq(idem_run(layer, &other, handler, &j, &r), IDEM_OK);
+    cr_assert(idem_reply_ran(&r), "EXECUTED");
+    cr_assert_eq(idem_run(layer, &other, handler, &j, &r), IDEM_OK);
+    cr_assert_eq(r.outcome, IDEM_REPLAYED);
+    cr_assert_not(idem_reply_ran(&r), "a replay did not run the handler");
+    idem_reply_clear(&r);
 }
 
 static int refuse_then_fail(void *arg, idem_response *resp)

@@ -728,3 +728,28 @@ Test(http, records_with_fields_are_format_2_and_keep_the_first_64_bytes)
     free(b);
     free(enc);
 }
+
+Test(http, the_answer_keeps_its_0_2_size_and_offsets)
+{
+    /* A server built against 0.2 allocates this struct: later fields come
+     * out of reserved_, never from growing it (x86-64 and other LP64). */
+#if UINTPTR_MAX == UINT64_MAX
+    cr_assert_eq(sizeof(idem_http_answer), 80);
+    cr_assert_eq(offsetof(idem_http_answer, status), 0);
+    cr_assert_eq(offsetof(idem_http_answer, headers), 8);
+    cr_assert_eq(offsetof(idem_http_answer, nheaders), 16);
+    cr_assert_eq(offsetof(idem_http_answer, body), 24);
+    cr_assert_eq(offsetof(idem_http_answer, body_len), 32);
+    cr_assert_eq(offsetof(idem_http_answer, reserved_), 72);
+#endif
+    /* the private buffer still holds the longest Retry-After */
+    idem_reply r = {.outcome = IDEM_IN_PROGRESS, .status = 409, .retry_after_ms = UINT32_MAX};
+    idem_http_answer a;
+    cr_assert_eq(idem_http_answer_make(&a, IDEM_OK, &r), IDEM_OK);
+    const char *ra = NULL;
+    for (size_t i = 0; i < a.nheaders; i++)
+        if (strcmp(a.headers[i].name, "Retry-After") == 0)
+            ra = a.headers[i].value;
+    cr_assert_str_eq(ra, "4294968");
+    idem_http_answer_clear(&a);
+}

@@ -345,6 +345,18 @@ Test(postgresql, unreachable_port_fails_at_open_with_what_to_do)
     assert_no_secret("refused");
 }
 
+Test(postgresql, a_role_that_does_not_exist_is_told_how_to_name_or_create_one)
+{
+    idem_test_pg_options o = {0};
+    server(&o);
+    char url[128];
+    snprintf(url, sizeof url, "postgresql://nobody_here@127.0.0.1:%u/postgres", srv.ports[0]);
+    idem_store *s = NULL;
+    cr_assert_eq(idem_store_open(&s, url), IDEM_EBACKEND);
+    cr_assert(strstr(idem_last_error(), "does not exist"), "%s", idem_last_error());
+    cr_assert(strstr(idem_last_error(), "createuser"), "no hint: %s", idem_last_error());
+}
+
 /* ---- passwords ---- */
 
 Test(postgresql, wrong_password_fails_at_open_without_repeating_it)

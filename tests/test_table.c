@@ -342,6 +342,43 @@ Test(table, a_version_2_table_runs_and_answers_unsupported_for_checkpoints_and_t
     idem_store_close(s);
 }
 
+static int count_key(void *arg, const idem_key_info *info)
+{
+    (void)info;
+    ++*(int *)arg;
+    return 0;
+}
+
+Test(table, a_version_2_table_answers_unsupported_for_list_without_reading_past_its_end)
+{
+    backend_v2 v2 = {.v1 = v1_table};
+    v2.v1.version = 2;
+    idem_store *s;
+    cr_assert_eq(idem_store_open_backend(&s, at_page_end(&v2, sizeof v2), "oldmem://"), IDEM_OK);
+    idem_layer *l;
+    cr_assert_eq(idem_layer_new(&l, s, NULL), IDEM_OK, "%s", idem_last_error());
+    int n = 0;
+    cr_assert_eq(idem_layer_list(l, IDEM_KEY_ABSENT, 0, count_key, &n), IDEM_EUNSUPPORTED);
+    cr_assert(strstr(idem_last_error(), "list"), "%s", idem_last_error());
+    cr_assert_eq(n, 0);
+    idem_layer_free(l);
+    idem_store_close(s);
+}
+
+Test(table, each_table_version_keeps_its_size)
+{
+    /* A driver built against version N's header has a table this long; the
+     * core never reads past it (x86-64 and other LP64). */
+#if UINTPTR_MAX == UINT64_MAX
+    cr_assert_eq(sizeof(backend_v1), 72, "version 1 (0.1)");
+    cr_assert_eq(sizeof(backend_v2), 112, "version 2 (0.2)");
+    cr_assert_eq(offsetof(idem_backend, tx_begin), 112, "version 3 starts where version 2 ended");
+    cr_assert_eq(offsetof(idem_backend, list), 136, "list follows the tx members");
+    cr_assert_eq(sizeof(idem_backend), 144, "version 3 (0.3)");
+#endif
+    cr_assert_eq(IDEM_BACKEND_VERSION, 3, "a change to the table bumps the version, and this test");
+}
+
 static void tx_end_alone(void *state, void *tx)
 {
     (void)state;

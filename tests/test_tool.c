@@ -291,6 +291,95 @@ Test(tool, an_absent_key_is_shown_as_absent_and_deleting_it_changes_nothing)
     run_free(&r);
 }
 
+Test(tool, an_absent_key_under_the_default_prefix_gets_a_hint_to_give_the_prefix)
+{
+    job j = {.status = 201, .body = "made"};
+    cr_assert_eq(run_key("under-mine", 10, &j), IDEM_EXECUTED);
+    run r = tool("show", url, "under-mine", NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    assert_has(r, "state:        ABSENT");
+    assert_has(r, "--prefix P");
+    run_free(&r);
+    r = tool("show", url, "under-mine", "--prefix", prefix, NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    assert_has(r, "state:        COMPLETED");
+    cr_assert_null(strstr(r.err, "hint"), "a hint for a key that was found: %s", r.err);
+    run_free(&r);
+}
+
+/* The lines of out that contain text. */
+static int lines_with(const char *out, const char *text)
+{
+    int n = 0;
+    for (const char *p = out; *p;) {
+        const char *end = strchr(p, '\n');
+        size_t len = end ? (size_t)(end - p) : strlen(p);
+        if (memmem(p, len, text, strlen(text)))
+            n++;
+        p += len + (end ? 1 : 0);
+    }
+    return n;
+}
+
+Test(tool, list_prints_each_key_with_its_state_and_lease_or_ttl_and_filters_by_state_and_limit)
+{
+    if (strncmp(kind, "memcached", 9) == 0) {
+        run r = tool("list", url, "--prefix", prefix, NULL);
+        cr_assert_eq(r.status, 2, "memcached listed its keys? %s%s", r.out, r.err);
+        assert_has(r, "cannot enumerate");
+        run_free(&r);
+        return;
+    }
+    job j = {.status = 201, .body = "made"};
+    cr_assert_eq(run_key("done-a", 6, &j), IDEM_EXECUTED);
+    cr_assert_eq(run_key("done-b", 6, &j), IDEM_EXECUTED);
+    idem_request sreq = {.key = "in\nscope", .key_len = 8};
+    idem_reply sreply = {0};
+    cr_assert_eq(idem_run_scoped(layer, "tenant", 6, &sreq, job_handler, &j, &sreply), IDEM_OK);
+    cr_assert_eq(sreply.outcome, IDEM_EXECUTED);
+    idem_reply_clear(&sreply);
+    idem_request req = {.key = "held", .key_len = 4};
+    idem_claim *c;
+    idem_reply reply = {0};
+    cr_assert_eq(idem_begin(layer, &req, &c, &reply), IDEM_OK, "%s", idem_last_error());
+    cr_assert_not_null(c);
+
+    run r = tool("list", url, "--prefix", prefix, NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    cr_assert_eq(lines_with(r.out, "COMPLETED  ttl "), 3, "%s", r.out);
+    cr_assert_eq(lines_with(r.out, "done-a"), 1, "%s", r.out);
+    cr_assert_eq(lines_with(r.out, "STARTED    lease "), 1, "%s", r.out);
+    cr_assert_eq(lines_with(r.out, "  \"held\""), 1, "%s", r.out);
+    /* A scoped key: after its scope's tag, escaped, and not the scope itself. */
+    cr_assert_eq(lines_with(r.out, "  scope #"), 1, "%s", r.out);
+    cr_assert_eq(lines_with(r.out, "in\\x0ascope"), 1, "%s", r.out);
+    cr_assert_eq(lines_with(r.out, "tenant"), 0, "%s", r.out);
+    assert_has(r, "4 keys");
+    run_free(&r);
+
+    r = tool("list", url, "--prefix", prefix, "--state", "started", NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    cr_assert_eq(lines_with(r.out, "STARTED"), 1, "%s", r.out);
+    cr_assert_eq(lines_with(r.out, "COMPLETED"), 0, "%s", r.out);
+    run_free(&r);
+    r = tool("list", url, "--prefix", prefix, "--state=completed", "--limit", "1", NULL);
+    cr_assert_eq(r.status, 0, "%s%s", r.out, r.err);
+    cr_assert_eq(lines_with(r.out, "COMPLETED"), 1, "%s", r.out);
+    cr_assert_eq(lines_with(r.out, "STARTED"), 0, "%s", r.out);
+    run_free(&r);
+
+    const char *bad[][2] = {{"--state", "running"}, {"--limit", "0"}, {"--limit", "-1"}, {"--limit", "2x"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        r = tool("list", url, bad[i][0], bad[i][1], NULL);
+        cr_assert_eq(r.status, 64, "%s %s: %s%s", bad[i][0], bad[i][1], r.out, r.err);
+        run_free(&r);
+    }
+    r = tool("list", url, "--scope", "s", NULL);
+    cr_assert_eq(r.status, 64);
+    run_free(&r);
+    cr_assert_eq(idem_commit(c, 200, "", 0), IDEM_OK);
+}
+
 Test(tool, usage_errors_exit_64_and_help_is_complete)
 {
     run r = tool("show", url, NULL);
@@ -305,7 +394,8 @@ Test(tool, usage_errors_exit_64_and_help_is_complete)
     r = tool("--help", NULL);
     cr_assert_eq(r.status, 0);
     const char *sections[] = {"SYNOPSIS", "COMMANDS", "OPTIONS", "KEYS", "EXIT STATUS", "--prefix",
-                              "--scope", "--body", "--yes", "--force", "\\xNN", "maxmemory-policy"};
+                              "--scope", "--body", "--yes", "--force", "\\xNN", "maxmemory-policy",
+                              "list URL", "--state", "--limit"};
     for (size_t i = 0; i < sizeof sections / sizeof sections[0]; i++)
         assert_has(r, sections[i]);
     run_free(&r);

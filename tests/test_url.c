@@ -164,6 +164,20 @@ Test(url, a_url_of_exactly_4096_bytes_is_accepted)
 
 /* ---- refused ---- */
 
+Test(url, a_scheme_without_its_slashes_is_told_the_url_it_most_likely_meant)
+{
+    parse_bad("sqlite:/tmp/x.db", "sqlite with one slash");
+    cr_assert(strstr(idem_last_error(), "sqlite:///tmp/x.db"), "%s", idem_last_error());
+    parse_bad("SQLite:x.db", "sqlite with a relative path");
+    cr_assert(strstr(idem_last_error(), "sqlite:///absolute/path/x.db"), "%s", idem_last_error());
+    parse_bad("redis:h", "redis without slashes");
+    cr_assert(strstr(idem_last_error(), "redis://host:port"), "%s", idem_last_error());
+    parse_bad("localhost:6379", "a host and a port");
+    cr_assert(strstr(idem_last_error(), "no scheme://"), "%s", idem_last_error());
+    parse_bad("redis:user:s3cret@h", "a password without slashes");
+    cr_assert_null(strstr(idem_last_error(), "s3cret"), "the password was repeated: %s", idem_last_error());
+}
+
 Test(url, null_and_empty_are_refused)
 {
     parse_bad(NULL, "NULL");

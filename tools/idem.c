@@ -1,8 +1,8 @@
 /*
- * idem: the operator's command. Look at one idempotency key, free it, or
- * check how a store is set up. Built on the public API only
+ * idem: the operator's command. Look at one idempotency key, free it, list
+ * a prefix's keys, or check how a store is set up. Built on the public API only
  * (<idempotency/idempotency.h>), so it works on every driver whose table has
- * the read, remove and check members.
+ * the read, remove, list and check members.
  */
 #include <errno.h>
 #include <stdarg.h>
@@ -25,11 +25,12 @@
 
 static const char usage_text[] =
 "NAME\n"
-"    idem - look at and free idempotency keys, check a store's settings\n"
+"    idem - look at, list and free idempotency keys, check a store's settings\n"
 "\n"
 "SYNOPSIS\n"
 "    idem show URL KEY [--prefix P] [--scope S] [--body]\n"
 "    idem delete URL KEY [--prefix P] [--scope S] [--yes] [--force]\n"
+"    idem list URL [--prefix P] [--state started|completed] [--limit N]\n"
 "    idem check URL\n"
 "    idem --help | --version\n"
 "\n"
@@ -58,7 +59,8 @@ static const char usage_text[] =
 "        Also the fingerprint digest (SHA-256 of the request fingerprint the\n"
 "        claim carried), and the full key in the store. The body is shown\n"
 "        escaped and cut at " "512" " bytes; with --body, only the stored body is\n"
-"        written to standard output, byte for byte.\n"
+"        written to standard output, byte for byte. An ABSENT key looked up with\n"
+"        the default prefix gets a hint: the service may set another key_prefix.\n"
 "\n"
 "    delete URL KEY\n"
 "        Free the key so that the next request for it runs its handler, and print\n"
@@ -70,6 +72,15 @@ static const char usage_text[] =
 "        request runs the handler again (a second charge, a second email).\n"
 "        A worker still running the handler of a deleted claim gets IDEM_ELOST\n"
 "        when it commits, and its response is not stored.\n"
+"\n"
+"    list URL\n"
+"        Print the keys under the prefix, scoped ones included, one a line:\n"
+"        the state, the lease left (STARTED) or the time until it expires\n"
+"        (COMPLETED), and the key as KEY takes it (a scoped key after the\n"
+"        scope's tag, which holds a digest of the scope, not the scope).\n"
+"        Finds the keys dead workers left STARTED. Walks the store in\n"
+"        batches; keys that change meanwhile may be missed, and a Redis store\n"
+"        may print one twice. memcached cannot list its keys: exit 2.\n"
 "\n"
 "    check URL\n"
 "        Connect and report what this store promises as it is set up, and warn\n"
@@ -89,6 +100,8 @@ static const char usage_text[] =
 "    --body       show: write only the stored body, as is, to standard output\n"
 "    --yes        delete: do not ask for confirmation\n"
 "    --force      delete: also delete a COMPLETED response or a FOREIGN value\n"
+"    --state S    list: only the keys in state S, started or completed\n"
+"    --limit N    list: at most N keys\n"
 "    --help       this text;  --version  the library's version\n"
 "    Options may come before or after the arguments; \"--\" ends them.\n"
 "\n"
@@ -104,14 +117,15 @@ static const char usage_text[] =
 "        FOREIGN without --force), not confirmed, or the record changed meanwhile;\n"
 "        show --body: the key holds no COMPLETED response\n"
 "    2   the store cannot be reached or failed, or its driver cannot do this\n"
-"        (memcached: a server of the URL that does not answer refuses the open)\n"
+"        (memcached: a server of the URL that does not answer refuses the open;\n"
+"        list, which memcached cannot do)\n"
 "    64  bad command line (a malformed URL or --prefix included)\n"
 "\n"
 "SECURITY\n"
 "    Nothing idem prints contains the password of a URL. A password on the\n"
 "    command line is visible to other users in ps(1): prefer a redis+unix://\n"
 "    socket with file permissions, or an ACL user of its own with only GET,\n"
-"    PTTL, DEL, INFO and CONFIG GET for idem.\n";
+"    PTTL, DEL, SCAN, INFO and CONFIG GET for idem.\n";
 
 static void usage_error(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
@@ -124,6 +138,7 @@ static void usage_error(const char *fmt, ...)
     va_end(ap);
     fprintf(stderr, "\nusage: idem show URL KEY [--prefix P] [--scope S] [--body]\n"
                     "       idem delete URL KEY [--prefix P] [--scope S] [--yes] [--force]\n"
+                    "       idem list URL [--prefix P] [--state started|completed] [--limit N]\n"
                     "       idem check URL\n"
                     "       idem --help\n");
     exit(EXIT_USAGE);
@@ -310,7 +325,7 @@ typedef struct args {
     const char *cmd;
     const char *pos[3];
     int         npos;
-    const char *prefix, *scope;
+    const char *prefix, *scope, *state, *limit;
     bool        body, yes, force;
 } args;
 
@@ -333,6 +348,8 @@ static void parse_args(int argc, char **argv, args *a)
             size_t nlen = eq ? (size_t)(eq - name) : strlen(name);
             const char **valp = nlen == 6 && strncmp(name, "prefix", 6) == 0 ? &a->prefix
                               : nlen == 5 && strncmp(name, "scope", 5) == 0  ? &a->scope
+                              : nlen == 5 && strncmp(name, "state", 5) == 0  ? &a->state
+                              : nlen == 5 && strncmp(name, "limit", 5) == 0  ? &a->limit
                                                                              : NULL;
             bool *flag = nlen == 4 && strncmp(name, "body", 4) == 0    ? &a->body
                        : nlen == 3 && strncmp(name, "yes", 3) == 0     ? &a->yes
@@ -411,6 +428,18 @@ static bool confirm(const char *question)
     return line[0] == 'y' || line[0] == 'Y';
 }
 
+/* A key looked up with the default prefix and not found may be stored
+ * under the prefix the service sets (idem_options.key_prefix). */
+static void absent_hint(const args *a, const idem_key_info *k)
+{
+    if (k->state != IDEM_KEY_ABSENT || a->prefix)
+        return;
+    fprintf(stderr, "idem: hint: this looked under the default prefix \"idem:\"; if the service sets "
+                    "another key_prefix, give it with --prefix P (idem list URL --prefix P prints a "
+                    "prefix's keys)%s\n",
+            a->scope ? "" : "; a key the service stores with a scope needs --scope S too");
+}
+
 static int key_command(const args *a, bool show)
 {
     if (a->npos != 2)
@@ -418,6 +447,8 @@ static int key_command(const args *a, bool show)
     if ((show && (a->yes || a->force)) || (!show && a->body))
         usage_error("%s", show ? "--yes and --force are options of delete"
                                : "--body is an option of show");
+    if (a->state || a->limit)
+        usage_error("%s", "--state and --limit are options of list");
     size_t key_len, scope_len = 0;
     unsigned char *key = unescape(a->pos[1], &key_len, "KEY");
     unsigned char *scope = a->scope ? unescape(a->scope, &scope_len, "--scope") : NULL;
@@ -445,9 +476,11 @@ static int key_command(const args *a, bool show)
     } else if (show) {
         printf("store:        %s\n", idem_store_backend(store));
         describe(stdout, &k);
+        absent_hint(a, &k);
     } else if (k.state == IDEM_KEY_ABSENT) {
         printf("nothing to delete: ");
         describe(stdout, &k);
+        absent_hint(a, &k);
     } else if ((k.state == IDEM_KEY_COMPLETED || k.state == IDEM_KEY_FOREIGN) && !a->force) {
         describe(stderr, &k);
         fprintf(stderr, "idem: refusing to delete %s: %s; nothing was deleted. Add --force to "
@@ -494,11 +527,93 @@ static int key_command(const args *a, bool show)
     return status;
 }
 
+/* ---- list ---- */
+
+typedef struct list_ctx {
+    size_t prefix_len;  /* of the layer's prefix, ':' included */
+    size_t count;
+} list_ctx;
+
+/* One line: state, lease or TTL left, and the key without the prefix. A
+ * scoped store key is the prefix's name, '#', 32 hex digits and ':' (the
+ * scope's tag) before the key. */
+static int list_line(void *arg, const idem_key_info *k)
+{
+    list_ctx *c = arg;
+    c->count++;
+    printf("%-9s  ", state_name(k->state));
+    if (k->state == IDEM_KEY_STARTED || k->state == IDEM_KEY_COMPLETED) {
+        printf("%s ", k->state == IDEM_KEY_STARTED ? "lease" : "ttl");
+        print_duration(stdout, k->remaining_ms);
+    } else {
+        printf("-");
+    }
+    const unsigned char *key = k->store_key;
+    size_t len = k->store_key_len;
+    size_t name_len = c->prefix_len - 1, skip;
+    if (len >= name_len + 34 && key[name_len] == '#') {
+        printf("  scope #%.32s  ", (const char *)key + name_len + 1);
+        skip = name_len + 34;
+    } else {
+        printf("  ");
+        skip = c->prefix_len <= len ? c->prefix_len : len;
+    }
+    print_escaped(stdout, key + skip, len - skip, SIZE_MAX);
+    putchar('\n');
+    return ferror(stdout) ? 1 : 0;
+}
+
+static int list_command(const args *a)
+{
+    if (a->npos != 1)
+        usage_error("%s", "list needs a store URL, and only that");
+    if (a->scope || a->body || a->yes || a->force)
+        usage_error("%s", "list takes --prefix, --state and --limit only");
+    idem_key_state state = IDEM_KEY_ABSENT; /* every state */
+    if (a->state && strcmp(a->state, "started") == 0)
+        state = IDEM_KEY_STARTED;
+    else if (a->state && strcmp(a->state, "completed") == 0)
+        state = IDEM_KEY_COMPLETED;
+    else if (a->state)
+        usage_error("%s", "--state is started or completed");
+    unsigned long long limit = 0;
+    if (a->limit) {
+        char *end;
+        errno = 0;
+        limit = strtoull(a->limit, &end, 10);
+        if (a->limit[0] < '1' || a->limit[0] > '9' || *end || errno || limit > SIZE_MAX)
+            usage_error("%s", "--limit is a whole number of keys, 1 or more");
+    }
+    list_ctx c = {.prefix_len = strlen("idem:")};
+    if (a->prefix)
+        free(unescape(a->prefix, &c.prefix_len, "--prefix"));
+    idem_store *store = open_store(a->pos[0]);
+    idem_layer *layer = open_layer(store, a);
+    int rc = idem_layer_list(layer, state, (size_t)limit, list_line, &c);
+    int status = EXIT_DONE;
+    if (fflush(stdout) != 0) {
+        fprintf(stderr, "idem: writing the list: %s\n", strerror(errno));
+        status = EXIT_STORE;
+    } else if (rc) {
+        fprintf(stderr, "idem: listing the keys: %s (%s)\n", idem_last_error(), idem_error_name(rc));
+        status = rc == IDEM_EINVAL ? EXIT_USAGE : EXIT_STORE;
+    } else {
+        fprintf(stderr, "idem: %zu key%s%s\n", c.count, c.count == 1 ? "" : "s",
+                limit && c.count == limit ? " (--limit reached)" : "");
+        if (c.count == 0 && !a->prefix)
+            fprintf(stderr, "idem: hint: this looked under the default prefix \"idem:\"; if the "
+                            "service sets another key_prefix, give it with --prefix P\n");
+    }
+    idem_layer_free(layer);
+    idem_store_close(store);
+    return status;
+}
+
 static int check_command(const args *a)
 {
     if (a->npos != 1)
         usage_error("%s", "check needs a store URL, and only that");
-    if (a->prefix || a->scope || a->body || a->yes || a->force)
+    if (a->prefix || a->scope || a->body || a->yes || a->force || a->state || a->limit)
         usage_error("%s", "check takes no options");
     idem_store *store = open_store(a->pos[0]);
     idem_findings *f;
@@ -539,6 +654,8 @@ int main(int argc, char **argv)
         return key_command(&a, false);
     if (strcmp(a.cmd, "check") == 0)
         return check_command(&a);
+    if (strcmp(a.cmd, "list") == 0)
+        return list_command(&a);
     if (strcmp(a.cmd, "help") == 0) {
         fputs(usage_text, stdout);
         return EXIT_DONE;

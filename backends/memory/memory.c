@@ -397,6 +397,21 @@ static int mem_remove(void *state, const void *key, size_t key_len, bool *delete
     return IDEM_OK;
 }
 
+/* The core's fn never calls back into the driver: it runs under t->mu. */
+static int mem_list(void *state, const void *prefix, size_t prefix_len, idem_list_fn fn, void *arg)
+{
+    table *t = state;
+    pthread_mutex_lock(&t->mu);
+    uint64_t now = idem_mono_ms();
+    bool stop = false;
+    for (size_t b = 0; b < t->nbuckets && !stop; b++)
+        for (entry *e = t->buckets[b]; e && !stop; e = e->next)
+            if (e->expires > now && e->key_len >= prefix_len && memcmp(e->key, prefix, prefix_len) == 0)
+                stop = fn(arg, e->key, e->key_len, e->rec, e->rec_len, remaining(e, now)) != 0;
+    pthread_mutex_unlock(&t->mu);
+    return IDEM_OK;
+}
+
 const idem_backend idem__memory_backend = {
     .version = IDEM_BACKEND_VERSION,
     .name = "memory",
@@ -408,4 +423,5 @@ const idem_backend idem__memory_backend = {
     .extend = mem_extend,
     .read = mem_read,
     .remove = mem_remove,
+    .list = mem_list,
 };

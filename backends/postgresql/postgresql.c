@@ -57,6 +57,9 @@
  * timeout, and the server ends the statement by its statement_timeout. */
 #define CLEANUP_INTERVAL_MS          1000
 #define CLEANUP_BATCH                "500"
+#define LIST_BATCH                   500  /* rows a statement of a list gives */
+#define STR_(x)                      #x
+#define STR(x)                       STR_(x)
 /* A claim that meets a concurrent claimant under REPEATABLE READ or
  * SERIALIZABLE fails with a serialization error and changed nothing: it is
  * run again, with a new snapshot that sees the other claim. */
@@ -76,12 +79,14 @@
 
 /* ---- the statements (@T is the quoted table name) ---- */
 
-enum stmt_id { ST_CLAIM, ST_COMMIT, ST_RELEASE, ST_EXTEND, ST_READ, ST_REMOVE, ST_CLEANUP, ST_CHECK, ST_COUNT };
+enum stmt_id {
+    ST_CLAIM, ST_COMMIT, ST_RELEASE, ST_EXTEND, ST_READ, ST_REMOVE, ST_CLEANUP, ST_CHECK, ST_LIST, ST_COUNT
+};
 
 static const char *const stmt_name[ST_COUNT] = {
     [ST_CLAIM] = "idem_claim",     [ST_COMMIT] = "idem_commit", [ST_RELEASE] = "idem_release",
     [ST_EXTEND] = "idem_extend",   [ST_READ] = "idem_read",     [ST_REMOVE] = "idem_remove",
-    [ST_CLEANUP] = "idem_cleanup",   [ST_CHECK] = "idem_check",
+    [ST_CLEANUP] = "idem_cleanup",   [ST_CHECK] = "idem_check",   [ST_LIST] = "idem_list",
 };
 
 static const char *const stmt_what[ST_COUNT] = {
@@ -90,6 +95,7 @@ static const char *const stmt_what[ST_COUNT] = {
     [ST_READ] = "reading a record",       [ST_REMOVE] = "deleting a record",
     [ST_CLEANUP] = "deleting expired records",
     [ST_CHECK] = "reading the server's settings",
+    [ST_LIST] = "listing keys",
 };
 
 #define NOW_CTE "WITH now AS MATERIALIZED (SELECT clock_timestamp() AS t)"
@@ -150,6 +156,12 @@ static const char *const stmt_sql[ST_COUNT] = {
     [ST_CHECK] =
         "AS SELECT current_setting('synchronous_commit'), current_setting('fsync'), "
         "pg_is_in_recovery()::text",
+    /* $1 prefix, $2 its length, $3 the last key of the batch before ('' for
+     * the first) -> the next batch of live records: key, record, ms left. */
+    [ST_LIST] =
+        "(bytea, integer, bytea) AS " NOW_CTE " SELECT r.key, r.value, " LEFT_MS("r.expires_at") " "
+        "FROM @T AS r, now WHERE r.key >= $1 AND r.key > $3 AND substring(r.key FROM 1 FOR $2) = $1 "
+        "AND r.expires_at > now.t ORDER BY r.key LIMIT " STR(LIST_BATCH),
 };
 
 static const char schema_sql[] =
@@ -252,6 +264,9 @@ static const char *connect_hint(const char *msg)
     if ((strstr(msg, "Connection refused") || strstr(msg, "No such file or directory")) &&
         !strstr(msg, "Is the server running")) /* libpq says so itself */
         return "; is the PostgreSQL server running and listening there?";
+    if (strstr(msg, "does not exist") && strstr(msg, "role"))
+        return "; name an existing user in the URL (postgresql://USER@host/dbname), or create this "
+               "one on the server (createuser NAME, or CREATE ROLE NAME LOGIN)";
     if (strstr(msg, "does not exist") && strstr(msg, "database"))
         return "; create the database (createdb NAME) or name another one in the URL path";
     if (strstr(msg, "too many clients") || strstr(msg, "remaining connection slots"))
@@ -792,6 +807,59 @@ static int pg_read(void *state, const void *key, size_t key_len, void **record, 
                          record_len);
     *remaining_ms = clamp_ms(left);
     PQclear(res);
+    return rc;
+}
+
+/* In batches ordered by key, each one statement: no statement holds the
+ * table for the whole walk. */
+static int pg_list(void *state, const void *prefix, size_t prefix_len, idem_list_fn fn, void *arg)
+{
+    store *s = state;
+    char len[24], *after = NULL;
+    size_t after_len = 0;
+    snprintf(len, sizeof len, "%zu", prefix_len);
+    int rc = IDEM_OK;
+    for (bool more = true; more && rc == IDEM_OK;) {
+        op o = {.s = s, .id = ST_LIST};
+        op_bytes(&o, prefix, prefix_len);
+        op_text(&o, len);
+        op_bytes(&o, after, after_len);
+        if ((rc = run_op(&o)))
+            break;
+        PGresult *res = o.res;
+        int n = PQntuples(res);
+        if (PQnfields(res) != 3) {
+            rc = unexpected(s, ST_LIST, res);
+            break;
+        }
+        more = n == LIST_BATCH;
+        for (int i = 0; i < n && rc == IDEM_OK; i++) {
+            if (PQgetisnull(res, i, 0) || PQgetisnull(res, i, 1) || PQgetlength(res, i, 2) != 8) {
+                rc = unexpected(s, ST_LIST, res);
+                res = NULL;
+                break;
+            }
+            const char *key = PQgetvalue(res, i, 0);
+            size_t key_len = (size_t)PQgetlength(res, i, 0);
+            if (fn(arg, key, key_len, PQgetvalue(res, i, 1), (size_t)PQgetlength(res, i, 1),
+                   clamp_ms((int64_t)be64(PQgetvalue(res, i, 2))))) {
+                more = false;
+                break;
+            }
+            if (i == n - 1 && more) {
+                char *copy = realloc(after, key_len ? key_len : 1);
+                if (!copy) {
+                    rc = idem_driver_error(IDEM_ENOMEM, s->where, stmt_what[ST_LIST], "out of memory");
+                    break;
+                }
+                memcpy(copy, key, key_len);
+                after = copy;
+                after_len = key_len;
+            }
+        }
+        PQclear(res);
+    }
+    free(after);
     return rc;
 }
 
@@ -1438,6 +1506,7 @@ const idem_backend idem__postgresql_backend = {
     .extend = pg_extend,
     .max_record_len = pg_max_record_len,
     .read = pg_read,
+    .list = pg_list,
     .remove = pg_remove,
     .check = pg_check,
     .tx_begin = pg_tx_begin,

@@ -569,6 +569,172 @@ static int rd_remove(void *state, const void *key, size_t key_len, bool *deleted
     return rc;
 }
 
+/* ---- list (an operator's walk over the keys) ---- */
+
+#define LIST_BATCH "500"   /* SCAN's COUNT: keys a server looks at per step */
+
+typedef struct list_arg {
+    store        *s;
+    node         *n;
+    const char   *pattern;  /* the prefix with its glob characters escaped, then '*' */
+    size_t        pattern_len;
+    idem_list_fn  fn;
+    void         *arg;
+    bool          stopped;
+} list_arg;
+
+/* GET and PTTL of every key of a SCAN batch, pipelined; fn for each one
+ * that is still there. */
+static int list_batch(list_arg *a, conn *c, const redisReply *keys, uint64_t deadline)
+{
+    const char *what = "listing keys";
+    for (size_t i = 0; i < keys->elements; i++) {
+        const redisReply *k = keys->element[i];
+        if (k->type != REDIS_REPLY_STRING ||
+            redisAppendCommand(c->ctx, "GET %b", k->str, k->len) != REDIS_OK ||
+            redisAppendCommand(c->ctx, "PTTL %b", k->str, k->len) != REDIS_OK)
+            return idem__redis_conn_error(a->s, a->n->where, c, what);
+    }
+    int rc = IDEM_OK;
+    for (size_t i = 0; i < keys->elements; i++) {
+        redisReply *v = idem__redis_conn_reply(c, deadline);
+        redisReply *t = v ? idem__redis_conn_reply(c, deadline) : NULL;
+        if (!t) {
+            freeReplyObject(v);
+            return idem__redis_conn_error(a->s, a->n->where, c, what);
+        }
+        /* Gone since the SCAN: not listed. Another type than a string:
+         * listed with no bytes (not a record of this library). */
+        bool gone = v->type == REDIS_REPLY_NIL || (t->type == REDIS_REPLY_INTEGER && t->integer == -2);
+        if (rc == IDEM_OK && !a->stopped && !gone) {
+            uint32_t left = t->type != REDIS_REPLY_INTEGER || t->integer < 0 ? UINT32_MAX
+                          : t->integer >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)t->integer;
+            bool string = v->type == REDIS_REPLY_STRING;
+            a->stopped = a->fn(a->arg, keys->element[i]->str, keys->element[i]->len,
+                               string ? v->str : "", string ? v->len : 0, left) != 0;
+        }
+        freeReplyObject(v);
+        freeReplyObject(t);
+    }
+    return rc;
+}
+
+/* SCAN one server to its end (idem_pool_fn). A failure is never STALE: fn
+ * may have been called, and a retry would start the walk again. */
+static int list_run(void *connp, void *arg, idem_conn_state *state)
+{
+    conn *c = connp;
+    list_arg *a = arg;
+    char cursor[32] = "0";
+    do {
+        uint64_t deadline = idem_mono_ms() + a->s->command_ms;
+        const char *argv[6] = {"SCAN", cursor, "MATCH", a->pattern, "COUNT", LIST_BATCH};
+        size_t lens[6] = {4, strlen(cursor), 5, a->pattern_len, 5, strlen(LIST_BATCH)};
+        redisReply *r = idem__redis_conn_command(c, deadline, 6, argv, lens);
+        if (!r) {
+            *state = IDEM_CONN_BROKEN;
+            return idem__redis_conn_error(a->s, a->n->where, c, "listing keys");
+        }
+        if (r->type == REDIS_REPLY_ERROR) {
+            int rc = idem__redis_reply_error(a->n->where, r, "listing keys");
+            freeReplyObject(r);
+            return rc;
+        }
+        if (r->type != REDIS_REPLY_ARRAY || r->elements != 2 || r->element[0]->type != REDIS_REPLY_STRING ||
+            r->element[0]->len >= sizeof cursor || r->element[1]->type != REDIS_REPLY_ARRAY) {
+            freeReplyObject(r);
+            *state = IDEM_CONN_BROKEN;
+            return idem_driver_error(IDEM_EBACKEND, a->n->where, "listing keys",
+                                     "SCAN gave an unexpected reply");
+        }
+        memcpy(cursor, r->element[0]->str, r->element[0]->len + 1);
+        int rc = r->element[1]->elements ? list_batch(a, c, r->element[1], deadline) : IDEM_OK;
+        freeReplyObject(r);
+        if (rc) {
+            *state = IDEM_CONN_BROKEN;
+            return rc;
+        }
+    } while (!a->stopped && strcmp(cursor, "0") != 0);
+    return IDEM_OK;
+}
+
+/* The servers that hold keys: the master, or every master of a cluster. */
+static int list_masters(store *s, node ***out, size_t *count)
+{
+    *out = NULL;
+    *count = 0;
+    if (s->topo != TOPO_CLUSTER) {
+        if (!(*out = malloc(sizeof **out)))
+            return idem_error_set(IDEM_ENOMEM, "redis: out of memory listing keys");
+        (*out)[(*count)++] = atomic_load(&s->master); /* set at open, as check relies on */
+        return IDEM_OK;
+    }
+    for (unsigned slot = 0; slot < CLUSTER_SLOTS; slot++)
+        if (!atomic_load(&s->slots[slot])) {
+            int rc = idem__redis_learn(s, true, idem_mono_ms() + s->command_ms);
+            if (rc)
+                return rc;
+            break;
+        }
+    node **list = NULL;
+    size_t n = 0, cap = 0;
+    for (unsigned slot = 0; slot < CLUSTER_SLOTS; slot++) {
+        node *m = atomic_load(&s->slots[slot]);
+        if (!m) {
+            free(list);
+            return idem_error_set(IDEM_EBACKEND, "redis cluster: no master serves slot %u; every "
+                                  "slot must be served to list keys: retry when the cluster is whole",
+                                  slot);
+        }
+        size_t i = 0;
+        while (i < n && list[i] != m)
+            i++;
+        if (i < n)
+            continue;
+        if (n == cap) {
+            node **grown = realloc(list, (cap = cap ? cap * 2 : 8) * sizeof *list);
+            if (!grown) {
+                free(list);
+                return idem_error_set(IDEM_ENOMEM, "redis: out of memory listing keys");
+            }
+            list = grown;
+        }
+        list[n++] = m;
+    }
+    *out = list;
+    *count = n;
+    return IDEM_OK;
+}
+
+static int rd_list(void *state, const void *prefix, size_t prefix_len, idem_list_fn fn, void *arg)
+{
+    store *s = state;
+    /* MATCH takes a glob: the prefix's own *, ?, [, ] and \ are escaped. */
+    char *pattern = malloc(prefix_len * 2 + 2);
+    if (!pattern)
+        return idem_error_set(IDEM_ENOMEM, "redis: out of memory listing keys");
+    size_t len = 0;
+    for (size_t i = 0; i < prefix_len; i++) {
+        char ch = ((const char *)prefix)[i];
+        if (strchr("*?[]\\", ch) && ch != '\0')
+            pattern[len++] = '\\';
+        pattern[len++] = ch;
+    }
+    pattern[len++] = '*';
+    pattern[len] = '\0';
+    node **masters;
+    size_t count;
+    int rc = list_masters(s, &masters, &count);
+    list_arg a = {.s = s, .pattern = pattern, .pattern_len = len, .fn = fn, .arg = arg};
+    for (size_t i = 0; rc == IDEM_OK && i < count && !a.stopped; i++) {
+        a.n = masters[i];
+        rc = idem_pool_run(a.n->pool, list_run, &a);
+    }
+    free(masters);
+    free(pattern);
+    return rc;
+}
+
 static size_t rd_max_record_len(void *state)
 {
     return ((store *)state)->max_record;
@@ -587,4 +753,5 @@ const idem_backend idem__redis_backend = {
     .read = rd_read,
     .remove = rd_remove,
     .check = idem__redis_check,
+    .list = rd_list,
 };

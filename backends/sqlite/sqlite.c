@@ -732,6 +732,50 @@ static int sq_remove(void *state, const void *key, size_t key_len, bool *deleted
     return rc;
 }
 
+/* One SELECT over the rows that start with prefix; in WAL mode its read
+ * snapshot holds up no writer. */
+static int sq_list(void *state, const void *prefix, size_t prefix_len, idem_list_fn fn, void *arg)
+{
+    static const char sql[] = "SELECT key, value, expires_at FROM idem_records "
+                              "WHERE key >= ?1 AND substr(key, 1, ?2) = ?1 AND expires_at > ?3";
+    store *s = state;
+    conn *c;
+    int rc = acquire(s, &c);
+    if (rc)
+        return rc;
+    uint64_t now = idem_now_ms();
+    sqlite3_stmt *st = NULL;
+    int src = sqlite3_prepare_v2(c->db, sql, -1, &st, NULL);
+    if (src == SQLITE_OK) {
+        sqlite3_bind_blob(st, 1, prefix, (int)prefix_len, SQLITE_STATIC);
+        sqlite3_bind_int64(st, 2, (sqlite3_int64)prefix_len);
+        sqlite3_bind_int64(st, 3, (sqlite3_int64)now);
+        while ((src = step(c, st)) == SQLITE_ROW) {
+            uint64_t left = (uint64_t)sqlite3_column_int64(st, 2) - now;
+            const void *key = sqlite3_column_blob(st, 0);
+            int key_len = sqlite3_column_bytes(st, 0);
+            const void *value = sqlite3_column_blob(st, 1);
+            int value_len = sqlite3_column_bytes(st, 1);
+            if (!key || (!value && value_len > 0)) {
+                src = SQLITE_NOMEM;
+                break;
+            }
+            if (fn(arg, key, (size_t)key_len, value ? value : "", (size_t)value_len,
+                   left >= UINT32_MAX ? UINT32_MAX - 1 : (uint32_t)left)) {
+                src = SQLITE_DONE;
+                break;
+            }
+        }
+    }
+    if (src == SQLITE_NOMEM)
+        rc = fail_code(s, NULL, SQLITE_NOMEM, "listing keys");
+    else if (src != SQLITE_DONE)
+        rc = fail(s, c->db, "listing keys");
+    sqlite3_finalize(st);
+    release_conn(s, c);
+    return rc;
+}
+
 static size_t sq_max_record_len(void *state)
 {
     return ((store *)state)->max_len;
@@ -847,6 +891,7 @@ const idem_backend idem__sqlite_backend = {
     .tx_begin = sq_tx_begin,
     .tx_write = sq_tx_write,
     .tx_end = sq_tx_end,
+    .list = sq_list,
 };
 
 /* ---- check (an operator's look at the settings) ---- */

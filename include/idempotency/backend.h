@@ -359,6 +359,11 @@ IDEM_API int idem_findings_add(idem_findings *list, idem_finding_level level, co
  */
 typedef struct idem_backend idem_backend;
 
+/* What a driver's list member calls for each record (version 3): 0 to go
+ * on, anything else to stop. */
+typedef int (*idem_list_fn)(void *arg, const void *key, size_t key_len, const void *record,
+                            size_t record_len, uint32_t remaining_ms);
+
 struct idem_backend {
     /* IDEM_BACKEND_VERSION of the header the driver was built with (1 or
      * more). */
@@ -525,6 +530,28 @@ struct idem_backend {
     /* Give back the connection of tx_begin(), rolling back whatever is still
      * open on it. Must not fail. */
     void (*tx_end)(void *state, void *tx);
+
+    /* Optional (NULL: the store cannot enumerate its keys, as memcached
+     * cannot; idem_layer_list() then answers IDEM_EUNSUPPORTED).
+     * Enumerate the unexpired records whose store key starts with the
+     * prefix_len bytes at prefix (any bytes, NUL included), for an operator
+     * (idem_layer_list(), `idem list`), never on the request path: call fn
+     * once per record with its full store key (decoded, as the core gave it
+     * to claim), its bytes as read gives them and remaining_ms as read gives
+     * it. What fn is given stays valid only during that call.
+     *   - As soon as fn returns non-zero, stop and return IDEM_OK.
+     *   - Must not change the store, and must not hold up the store's other
+     *     clients for long: walk in batches (Redis SCAN), never one command
+     *     that blocks the server for the whole key space (KEYS).
+     *   - Keys may be claimed, freed or expire during the walk; a record
+     *     present from its start to its end must be given at least once. A
+     *     store whose walk can repeat keys (Redis SCAN) may give a record
+     *     twice; a record that expired or went must not be given.
+     *   - Redis Cluster and other stores spread over servers walk every one
+     *     that holds keys (every master).
+     *   - fn never calls back into the driver, so the driver may call it
+     *     with its own locks held. */
+    int (*list)(void *state, const void *prefix, size_t prefix_len, idem_list_fn fn, void *arg);
 };
 
 /* What became of a transaction that tx_write() could not commit. */

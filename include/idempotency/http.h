@@ -111,6 +111,11 @@ IDEM_API int idem_http_fingerprint(uint8_t out[IDEM_HTTP_FINGERPRINT_LEN], const
  * idem_http_answer_make() and into the answer itself: they stay valid until
  * idem_http_answer_clear(), as long as the reply is not cleared or reused
  * before.
+ *
+ * The struct keeps the size and the member offsets it had in 0.2 (a
+ * program built then allocates it with that size): its fields of later
+ * versions come out of reserved_, never from growing it. Everything after
+ * body_len is the library's; a program neither reads nor writes it.
  */
 typedef struct idem_http_answer {
     int                  status;
@@ -121,7 +126,8 @@ typedef struct idem_http_answer {
     /* private: */
     idem_header         *own_headers_;
     char                *own_body_;
-    char                 retry_after_[24];
+    char                 retry_after_[16];  /* a uint32_t in decimal and its NUL */
+    uint64_t             reserved_[1];      /* (since 0.3) room for fields of later versions; zero */
 } idem_http_answer;
 
 /*

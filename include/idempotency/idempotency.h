@@ -6,8 +6,12 @@
  *   - Every function returns IDEM_OK (0) or a negative IDEM_E* code unless its
  *     comment says otherwise. On failure, idem_last_error() returns a sentence
  *     that says what failed and what to do next, for the calling thread.
- *   - Out-parameters come first; what they point to afterwards is owned by
- *     the caller and released with the matching *_free / *_clear / *_close.
+ *   - A function that makes an object takes its out-parameter first
+ *     (idem_store_open(&store, url), idem_layer_new(&layer, ...)); one that
+ *     acts on an object takes that object first and its results last
+ *     (idem_begin(layer, req, &claim, &reply), idem_layer_show(..., &info)).
+ *     What an out-parameter points to afterwards is owned by the caller and
+ *     released with the matching *_free / *_clear / *_close.
  *   - "Thread-safe" means the object may be used by many threads at once
  *     without locking of your own.
  *
@@ -33,6 +37,11 @@ extern "C" {
 #define IDEM_VERSION_MAJOR 0
 #define IDEM_VERSION_MINOR 2
 #define IDEM_VERSION_PATCH 0
+
+/* The version of the library the program runs with ("0.2.0"), which may be
+ * newer than the IDEM_VERSION_* it was compiled with. Static string, never
+ * NULL. Thread-safe. (Since 0.3.) */
+IDEM_API const char *idem_version(void);
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                   */
@@ -198,14 +207,36 @@ typedef struct idem_request {
     size_t      fingerprint_len;
 } idem_request;
 
+/*
+ * The one table of outcomes: name, value, meaning. Outcomes are only ever
+ * appended; none is removed or renumbered.
+ *   EXECUTED     the handler ran now; its response is stored (unless the call
+ *                returned an error: see idem_reply_ran())
+ *   REPLAYED     an earlier request completed; its response, byte for byte
+ *   IN_PROGRESS  another request holds the key; retry after retry_after_ms
+ *                (HTTP 409)
+ *   MISMATCH     the key was used with a different fingerprint; nothing ran
+ *                (HTTP 422)
+ *   FAILED       the handler ran and failed; nothing stored, key freed for a
+ *                retry (unless reply.abort_error says it could not be)
+ */
+#define IDEM_OUTCOME_MAP(X)                                                      \
+    X(EXECUTED,    1)                                                           \
+    X(REPLAYED,    2)                                                           \
+    X(IN_PROGRESS, 3)                                                           \
+    X(MISMATCH,    4)                                                           \
+    X(FAILED,      5)
+
 typedef enum idem_outcome {
-    IDEM_EXECUTED = 1,  /* the handler ran now; its response is stored */
-    IDEM_REPLAYED,      /* an earlier request completed; its response, byte for byte */
-    IDEM_IN_PROGRESS,   /* another request holds the key; retry after retry_after_ms (HTTP 409) */
-    IDEM_MISMATCH,      /* the key was used with a different fingerprint; nothing ran (HTTP 422) */
-    IDEM_FAILED         /* the handler failed; nothing stored, key freed for a retry (unless
-                           reply.abort_error says it could not be) */
+#define IDEM_OUTCOME_ENUM_(name, value) IDEM_##name = (value),
+    IDEM_OUTCOME_MAP(IDEM_OUTCOME_ENUM_)
+#undef IDEM_OUTCOME_ENUM_
 } idem_outcome;
+
+/* The outcome's name without its IDEM_ prefix ("EXECUTED"), for logs; "NONE"
+ * for 0 (a reply that holds no outcome), "UNKNOWN" for any other value.
+ * Static string, never NULL. Thread-safe. (Since 0.3.) */
+IDEM_API const char *idem_outcome_name(int outcome);
 
 /*
  * One header field of a stored response (since 0.2), e.g. {"Location",
@@ -226,8 +257,23 @@ typedef struct idem_header {
 #define IDEM_MAX_HEADERS     64
 #define IDEM_MAX_HEADERS_LEN 16384
 
+/*
+ * What idem_run(), idem_begin() and their variants answer.
+ *
+ * A reply given to the library must be zeroed (idem_reply r = {0}, or
+ * idem_reply_clear()) or hold an earlier reply of the library: its body and
+ * headers are freed before it is filled, so a reply of uninitialised memory
+ * makes the library free garbage pointers and crash.
+ *
+ * Read the outcome even when the call returned an error. A handler that ran
+ * and succeeded leaves IDEM_EXECUTED and its response in the reply whatever
+ * became of storing it: idem_run() may return IDEM_EBACKEND (the response
+ * could not be stored) or IDEM_ELOST (the key was taken over) with the work
+ * done. Such an error does not mean "nothing ran": answer with the reply,
+ * do not run the work again. idem_reply_ran() says it in one call.
+ */
 typedef struct idem_reply {
-    idem_outcome   outcome;
+    idem_outcome   outcome;         /* 0 when the call failed before any outcome */
     int            status;          /* handler's or stored status; 409 for IN_PROGRESS; 422 for
                                        MISMATCH; for FAILED what the handler set, else 500 */
     unsigned char *body;            /* owned by the reply; NUL-terminated; NULL when there is none.
@@ -258,6 +304,14 @@ typedef struct idem_reply {
  * A reply passed to idem_run() or idem_begin() may hold an earlier body: it
  * is released first. A zero-initialised reply is always valid. */
 IDEM_API void idem_reply_clear(idem_reply *reply);
+
+/* Did the handler run in the call that filled reply? true for IDEM_EXECUTED
+ * and IDEM_FAILED, whatever the call returned; false for every other
+ * outcome, for a reply with none (the call failed before the handler could
+ * run) and for NULL. When true after an error, the work is done: answer with
+ * reply (status, headers, body), log idem_last_error(), and never run the
+ * work again for this request. Reads nothing but *reply. (Since 0.3.) */
+IDEM_API bool idem_reply_ran(const idem_reply *reply);
 
 /* ------------------------------------------------------------------------ */
 /* The decorator                                                            */
@@ -308,10 +362,13 @@ typedef int (*idem_handler)(void *arg, idem_response *resp);
 /*
  * Run fn at most once per key.
  *
- * Returns IDEM_OK with reply->outcome set to one of idem_outcome, or:
+ * Returns IDEM_OK with reply->outcome set to one of idem_outcome, or an
+ * error. Some errors come in two kinds, told apart by idem_reply_ran(reply):
+ * false, nothing ran; true, the handler ran and reply holds its response.
  *   IDEM_EINVAL    NULL layer, req, fn or reply; key empty or longer than
  *                  max_key_len; NULL key or fingerprint pointer with a length
- *   IDEM_EBACKEND  the store failed before the handler ran: nothing ran. A
+ *   IDEM_EBACKEND  the store failed. idem_reply_ran() false: before the
+ *                  handler ran, and nothing ran. A
  *                  claim that timed out may still reach the store; the layer
  *                  remembers its token and frees it (fenced) once the store
  *                  answers again, so retries get IDEM_IN_PROGRESS only until
@@ -319,17 +376,19 @@ typedef int (*idem_handler)(void *arg, idem_response *resp);
  *                  was won but its reply came back with less than half of
  *                  the lease left (counted from when it was sent): the
  *                  handler does not run, and the key is given up at once.
- *                  Or the handler succeeded and its response could not be
- *                  stored within the lease or commit_timeout_ms: then reply
- *                  holds IDEM_EXECUTED and the response (answer with it: the
- *                  work is done), and the key stays claimed until the lease
- *                  ends. IDEM_ENOMEM the same when memory ran out for good
- *                  after the handler: it is retried as a store error is
+ *                  idem_reply_ran() true: the handler succeeded and its
+ *                  response could not be stored within the lease or
+ *                  commit_timeout_ms: reply holds IDEM_EXECUTED and the
+ *                  response (answer with it: the work is done), and the key
+ *                  stays claimed until the lease ends
  *   IDEM_ECORRUPT  the store holds, under this key, a record this library did
  *                  not write; nothing ran
  *   IDEM_ELOST     the handler ran longer than the lease, another request took
- *                  the key, and this response was not stored (reply holds it)
- *   IDEM_ENOMEM
+ *                  the key, and this response was not stored (reply holds it,
+ *                  with IDEM_EXECUTED: idem_reply_ran() is true)
+ *   IDEM_ENOMEM    idem_reply_ran() false: nothing ran. true: memory ran out
+ *                  for good after the handler succeeded (it is retried as a
+ *                  store error is), and the rest is as for IDEM_EBACKEND
  * Thread-safe. fn is called on the calling thread, at most once.
  */
 IDEM_API int idem_run(idem_layer *layer, const idem_request *req, idem_handler fn, void *arg,
@@ -580,15 +639,15 @@ IDEM_API void idem_layer_stats(const idem_layer *layer, idem_stats *out);
 
 
 /* ------------------------------------------------------------------------ */
-/* Operators: look at one key, free it, check a store's settings            */
+/* Operators: look at one key, free it, list keys, check a store's settings */
 /* ------------------------------------------------------------------------ */
 
 /*
  * For the people on call (the `idem` command is built on these), never for
  * the request path: each call is a round trip of its own, and idem_layer_delete()
  * can make a retry run a handler again. They need the driver's read member
- * (and remove, for forced deletes): a driver without them answers
- * IDEM_EUNSUPPORTED.
+ * (and remove, for forced deletes; list, for idem_layer_list()): a driver
+ * without them answers IDEM_EUNSUPPORTED.
  */
 
 typedef enum idem_key_state {
@@ -660,6 +719,29 @@ IDEM_API int idem_layer_show(idem_layer *layer, const void *scope, size_t scope_
  */
 IDEM_API int idem_layer_delete(idem_layer *layer, const void *scope, size_t scope_len,
                                const void *key, size_t key_len, bool force, idem_key_info *deleted);
+
+/* Called by idem_layer_list() once per key: info describes the key as
+ * idem_layer_show() would (store_key holds the full store key) and stays
+ * valid only during the call. Return 0 to go on, anything else to stop. */
+typedef int (*idem_key_visitor)(void *arg, const idem_key_info *info);
+
+/*
+ * Walk the keys of layer's key space (its key_prefix, scoped keys included)
+ * whose state is state, calling fn for each, at most limit times (0: no
+ * limit). state is IDEM_KEY_STARTED, IDEM_KEY_COMPLETED or IDEM_KEY_FOREIGN;
+ * IDEM_KEY_ABSENT, which no listed key is, stands for every state. The
+ * order is the store's. The walk is not a snapshot: a key claimed, freed or
+ * expired meanwhile may be missed or not, and a Redis store may give a key
+ * twice. Changes nothing; costs a walk over the store's keys (in batches),
+ * so it is for operators (`idem list`), never for the request path.
+ * IDEM_OK also when fn stopped the walk or limit was reached. (Since 0.3.)
+ * Errors: IDEM_EINVAL (NULL layer or fn, a state outside idem_key_state),
+ * IDEM_EUNSUPPORTED (the store cannot enumerate its keys: memcached, or a
+ * driver without the list member), IDEM_EBACKEND, IDEM_ENOMEM; fn may have
+ * been called before. Thread-safe.
+ */
+IDEM_API int idem_layer_list(idem_layer *layer, idem_key_state state, size_t limit,
+                             idem_key_visitor fn, void *arg);
 
 /* What a check of a store found: what the store promises as it is set up,
  * and the settings that break a promise of the README's table. */
