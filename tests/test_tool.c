@@ -1,6 +1,6 @@
 /*
- * The operator's command, `idem` (README "Operating it"), run as a program
- * against every driver with a server or a file (IDEM_TEST_BACKEND), and
+ * The operator's command, `idem` (docs/operating.md, "The `idem` command"),
+ * run as a program against every driver with a server or a file (IDEM_TEST_BACKEND), and
  * against Redis servers set up to break a promise or to keep them all.
  * IDEM_TOOL names the program under test.
  */

@@ -37,7 +37,7 @@ static const char usage_text[] =
 "DESCRIPTION\n"
 "    The operator's view of the records libidempotency keeps in a store: what a\n"
 "    key holds, freeing a key that a dead worker left claimed, and whether the\n"
-"    store is set up to keep the promises the README's table lists.\n"
+"    store is set up to keep the promises of docs/contract.md, section 7.\n"
 "\n"
 "    URL is a store URL, as given to idem_store_open(): sqlite:///path.db,\n"
 "    redis://host:port[/db], redis+unix:///path.sock, memcached://host:port[,...],\n"
@@ -92,7 +92,7 @@ static const char usage_text[] =
 "                     evicted under memory pressure); CAS disabled (-C);\n"
 "          sqlite     synchronous below full (a power loss can lose commits);\n"
 "                     the file on a network file system (locks unreliable).\n"
-"        The README's \"Operating it\" section says what to do about each warning.\n"
+"        docs/operating.md, \"The idem command\", says what to do about each warning.\n"
 "\n"
 "OPTIONS\n"
 "    --prefix P   the layer's key_prefix (default \"idem:\")\n"
@@ -635,8 +635,8 @@ static int check_command(const args *a)
         warnings += level == IDEM_FINDING_WARNING;
     }
     if (warnings)
-        printf("%zu warning%s: a setting breaks a promise (see the README, \"Operating it\")\n", warnings,
-               warnings == 1 ? "" : "s");
+        printf("%zu warning%s: a setting breaks a promise (see docs/operating.md, \"The idem command\")\n",
+               warnings, warnings == 1 ? "" : "s");
     else
         printf("no warnings: nothing in the store's settings breaks a promise\n");
     idem_findings_free(f);
