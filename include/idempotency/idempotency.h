@@ -35,10 +35,10 @@ extern "C" {
 #endif
 
 #define IDEM_VERSION_MAJOR 0
-#define IDEM_VERSION_MINOR 2
+#define IDEM_VERSION_MINOR 3
 #define IDEM_VERSION_PATCH 0
 
-/* The version of the library the program runs with ("0.2.0"), which may be
+/* The version of the library the program runs with ("0.3.0"), which may be
  * newer than the IDEM_VERSION_* it was compiled with. Static string, never
  * NULL. Thread-safe. (Since 0.3.) */
 IDEM_API const char *idem_version(void);
