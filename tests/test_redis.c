@@ -713,6 +713,9 @@ Test(redis, unix_socket_with_db_and_password)
     char sock[512];
     snprintf(sock, sizeof sock, "%s/redis.sock", srv.dir);
     start_custom(&us, "--unixsocket", sock, "--requirepass", "p@ss word");
+    /* redis-server opens its socket after the TCP port start_custom waits for */
+    for (int i = 0; i < 1000 && access(sock, F_OK) != 0; i++)
+        usleep(10000);
     char url[700];
     snprintf(url, sizeof url, "redis+unix://%s?db=2&password=p%%40ss%%20word&timeout_ms=500", sock);
     idem_store *st = open_store(url);
