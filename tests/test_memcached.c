@@ -28,6 +28,7 @@
 #include "harness.h"
 #include "internal.h"
 #include "memcached_server.h"
+#include "support/testutil.h"
 
 #define ITEM_OVERHEAD_OF_DRIVER 320   /* what the driver reserves beside a value */
 #define ENVELOPE                8     /* the driver's deadline before each record */
@@ -41,19 +42,6 @@ static void stop_servers(void)
 }
 
 TestSuite(memcached, .fini = stop_servers, .timeout = 120);
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 static void start(int nservers)
 {
