@@ -2435,8 +2435,12 @@ Test(core, without_auto_extend_a_slow_handler_loses_its_lease)
     /* the fake's clock runs with the wall clock: the 300 ms lease ends in the handler */
     int rc = idem_run(layer, &req, slow_handler, &s, &r);
     cr_assert_eq(s.left_at_end, 0, "the handler's own view of its lease says it ended");
-    cr_assert(rc == IDEM_OK || rc == IDEM_ELOST, "%s", idem_error_name(rc));
+    cr_assert_eq(rc, IDEM_ELOST, "the commit after the lease ended: %s (%s)", idem_error_name(rc),
+                 idem_last_error());
     cr_assert_eq(fake_calls(FAKE_EXTEND), 0);
+    idem_stats st;
+    idem_layer_stats(layer, &st);
+    cr_assert_eq(st.lost, 1, "claims lost: %llu", (unsigned long long)st.lost);
     idem_reply_clear(&r);
 }
 
