@@ -29,6 +29,7 @@
 
 #include "harness.h"
 #include "internal.h"
+#include "support/testutil.h"
 
 static idem_test_server srv;
 static const char *kind = "sqlite";
@@ -37,13 +38,6 @@ static idem_layer *layer;
 static idem_reply reply;
 static char last[2048];       /* the message of the case just run */
 static const char *outcome;   /* the outcome when a case returned IDEM_OK */
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
 
 static int ok_handler(void *arg, idem_response *resp)
 {

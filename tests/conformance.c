@@ -32,6 +32,7 @@
 
 #include "conformance.h"
 #include "harness.h"
+#include "support/testutil.h"
 
 /* ---- the store and driver under test ----
  * Criterion runs each test in a process of its own, started afresh: main()
@@ -149,12 +150,6 @@ static void teardown(void)
 TestSuite(conformance, .init = setup, .fini = teardown, .timeout = 60);
 TestSuite(table, .init = setup, .fini = teardown, .timeout = 60);
 
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
 /* ---- handlers ---- */
 
 typedef struct job {
@@ -181,11 +176,6 @@ static int job_handler(void *arg, idem_response *resp)
 static idem_request req_of(const void *key, size_t key_len)
 {
     return (idem_request){.key = key, .key_len = key_len};
-}
-
-static idem_request req_str(const char *key)
-{
-    return req_of(key, strlen(key));
 }
 
 /* Run job under key and check the call returned IDEM_OK. */

@@ -50,6 +50,7 @@
 
 #include "harness.h"
 #include "proxy.h"
+#include "support/testutil.h"
 
 /* ---- fixtures ---- */
 
@@ -114,20 +115,6 @@ static void setup(void)
 
 TestSuite(leases, .init = setup, .timeout = 120);
 
-static long mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
 static idem_options options(uint32_t lease_ms)
 {
     idem_options o;
@@ -149,11 +136,6 @@ static idem_layer *open_layer(idem_store *s, const idem_options *o)
     idem_layer *l;
     cr_assert_eq(idem_layer_new(&l, s, o), IDEM_OK, "idem_layer_new: %s", idem_last_error());
     return l;
-}
-
-static idem_request req_str(const char *key)
-{
-    return (idem_request){.key = key, .key_len = strlen(key)};
 }
 
 static idem_stats stats_of(const idem_layer *l)

@@ -38,6 +38,8 @@
 #include <libpq-fe.h>
 #endif
 
+#include "support/testutil.h"
+
 /* ---- fixtures ---- */
 
 static const char *url;
@@ -84,25 +86,6 @@ static void teardown(void)
 }
 
 TestSuite(once, .init = setup, .fini = teardown, .timeout = 60);
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-static long mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static idem_request req_str(const char *key)
-{
-    return (idem_request){.key = key, .key_len = strlen(key)};
-}
 
 static idem_claim *begin_won(idem_layer *l, const char *key)
 {

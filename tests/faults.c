@@ -40,6 +40,7 @@
 #endif
 
 #include "harness.h"
+#include "support/testutil.h"
 
 /* ---- fixtures ---- */
 
@@ -58,20 +59,6 @@ static bool is_memcached(void) { return strncmp(kind, "memcached", 9) == 0; }
 
 /* memcached counts expiry in whole seconds. */
 static long expiry_slack_ms(void) { return is_memcached() ? 2100 : 400; }
-
-static long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
 
 static void pids_path(char *out, size_t n)
 {
@@ -215,11 +202,6 @@ static idem_layer *new_layer(idem_store *s, uint32_t lease_ms)
     return l;
 }
 
-static idem_request req_str(const char *key)
-{
-    return (idem_request){.key = key, .key_len = strlen(key)};
-}
-
 /* ---- handlers ---- */
 
 typedef struct job {
@@ -248,11 +230,11 @@ static int job_handler(void *arg, idem_response *resp)
  * closed its end without writing. */
 static bool wait_byte(int fd, long timeout_ms)
 {
-    long end = now_ms() + timeout_ms;
+    long end = mono_ms() + timeout_ms;
     int fl = fcntl(fd, F_GETFL);
     fcntl(fd, F_SETFL, fl | O_NONBLOCK);
     char c;
-    while (now_ms() < end) {
+    while (mono_ms() < end) {
         ssize_t n = read(fd, &c, 1);
         if (n == 1)
             return true;
@@ -322,7 +304,7 @@ Test(faults, worker_killed_in_its_handler_blocks_the_key_until_the_lease_ends_th
     cr_assert_eq(pipe(result), 0);
     pid_t child = spawn_runner("killed-in-handler", lease, 30000, notify[1], result[1], "never");
     cr_assert(wait_byte(notify[0], 10000), "the child's handler did not start");
-    long killed_at = now_ms();
+    long killed_at = mono_ms();
     kill(child, SIGKILL);
     waitpid(child, NULL, 0);
 
@@ -338,11 +320,11 @@ Test(faults, worker_killed_in_its_handler_blocks_the_key_until_the_lease_ends_th
     /* Blocked until the lease ends, and no longer than that (plus the
      * store's expiry granularity). */
     long freed_at = 0;
-    while (now_ms() - killed_at < (long)lease + expiry_slack_ms() + 1000) {
+    while (mono_ms() - killed_at < (long)lease + expiry_slack_ms() + 1000) {
         idem_claim *c;
         cr_assert_eq(idem_begin(l, &req, &c, &r), IDEM_OK, "%s", idem_last_error());
         if (c) {
-            freed_at = now_ms();
+            freed_at = mono_ms();
             cr_assert_eq(idem_abort(c), IDEM_OK);
             break;
         }
@@ -466,9 +448,9 @@ Test(faults, sqlite_process_killed_while_holding_the_write_lock_leaves_a_working
     job j = {.body = "after", .notify_fd = -1};
     idem_request req = req_str("while-locked");
     idem_reply r = {0};
-    long t0 = now_ms();
+    long t0 = mono_ms();
     int rc = idem_run(l, &req, job_handler, &j, &r);
-    long took = now_ms() - t0;
+    long took = mono_ms() - t0;
     cr_assert_eq(rc, IDEM_EBACKEND, "a held write lock must give IDEM_EBACKEND, got %s", idem_error_name(rc));
     cr_assert(strstr(idem_last_error(), "busy_timeout_ms"), "message: %s", idem_last_error());
     cr_assert_eq(atomic_load(&j.calls), 0, "nothing runs when the claim fails");
@@ -642,9 +624,9 @@ Test(faults, store_down_gives_ebackend_at_once_and_service_resumes_after_restart
     kill_store();
     for (int i = 0; i < 3; i++) {
         idem_request req = req_str("while-down");
-        long t0 = now_ms();
+        long t0 = mono_ms();
         int rc = idem_run(l, &req, job_handler, &j, &r);
-        long took = now_ms() - t0;
+        long took = mono_ms() - t0;
         cr_assert_eq(rc, IDEM_EBACKEND, "store down: %s (%s)", idem_error_name(rc), idem_last_error());
         cr_assert(strlen(idem_last_error()) > 0);
         cr_assert(took < 5000, "a call to a dead store took %ld ms", took);
@@ -657,7 +639,7 @@ Test(faults, store_down_gives_ebackend_at_once_and_service_resumes_after_restart
     restart_store();
     idem_request req = req_str("while-down");
     int rc = IDEM_EBACKEND;
-    for (long end = now_ms() + RESUME_MS; rc == IDEM_EBACKEND && now_ms() < end;) {
+    for (long end = mono_ms() + RESUME_MS; rc == IDEM_EBACKEND && mono_ms() < end;) {
         rc = idem_run(l, &req, job_handler, &j, &r);
         if (rc == IDEM_EBACKEND)
             sleep_ms(100);
@@ -725,7 +707,7 @@ Test(faults, store_killed_while_the_handler_runs_never_doubles_the_execution)
      * record lives. */
     job again = {.body = "again", .notify_fd = -1};
     rc = IDEM_EBACKEND;
-    for (long end = now_ms() + RESUME_MS; rc == IDEM_EBACKEND && now_ms() < end;) {
+    for (long end = mono_ms() + RESUME_MS; rc == IDEM_EBACKEND && mono_ms() < end;) {
         rc = idem_run(l, &req, job_handler, &again, &r);
         if (rc == IDEM_EBACKEND)
             sleep_ms(100);
@@ -752,7 +734,7 @@ Test(faults, claim_from_before_a_store_restart_cannot_commit_over_a_new_claim)
     kill_store();
     restart_store();
     int rc = IDEM_EBACKEND;
-    for (long end = now_ms() + RESUME_MS; rc == IDEM_EBACKEND && now_ms() < end;) {
+    for (long end = mono_ms() + RESUME_MS; rc == IDEM_EBACKEND && mono_ms() < end;) {
         rc = idem_begin(l, &req, &fresh, &r);
         if (rc == IDEM_EBACKEND)
             sleep_ms(100);

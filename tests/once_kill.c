@@ -48,6 +48,8 @@
 #include <libpq-fe.h>
 #endif
 
+#include "support/testutil.h"
+
 #define LEASE_MS       400
 #define SETTLE_MS      15000
 #define MAX_WORKERS    64
@@ -56,20 +58,6 @@ static const char *url;
 static char        prefix[64];
 static char        procdir[256]; /* the processor's charges, one file per subkey */
 static int         passed, failed;
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
-        ;
-}
-
-static long mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Count a check; say what failed (fmt takes two strings). */
 #define check(ok, fmt, a, b)                                                                       \

@@ -20,6 +20,7 @@
 #include <idempotency/idempotency.h>
 
 #include "internal.h"
+#include "support/testutil.h"
 
 static atomic_uint claims;
 static idem_backend counting;
@@ -84,12 +85,6 @@ static idem_outcome run(idem_layer *l, const char *key, const char *fp, idem_rep
     int rc = idem_run(l, &req, handler, NULL, reply);
     cr_assert_eq(rc, IDEM_OK, "idem_run: %s", idem_last_error());
     return reply->outcome;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
 }
 
 Test(cache, is_off_by_default_and_every_replay_goes_to_the_store)

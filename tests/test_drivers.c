@@ -36,6 +36,7 @@
 
 #include "harness.h"
 #include "internal.h"
+#include "support/testutil.h"
 
 static const char *kind;   /* IDEM_TEST_BACKEND */
 static const char *url;    /* the store under test */
@@ -43,20 +44,6 @@ static const char *url;    /* the store under test */
 static bool is(const char *k)
 {
     return strncmp(kind, k, strlen(k)) == 0;
-}
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static void sleep_ms(unsigned ms)
-{
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
 }
 
 /* ---- records and keys ---- */

@@ -28,6 +28,7 @@
 #include "harness.h"
 #include "internal.h"
 #include "memcached_server.h"
+#include "support/testutil.h"
 
 #define ITEM_OVERHEAD_OF_DRIVER 320   /* what the driver reserves beside a value */
 #define ENVELOPE                8     /* the driver's deadline before each record */
@@ -41,19 +42,6 @@ static void stop_servers(void)
 }
 
 TestSuite(memcached, .fini = stop_servers, .timeout = 120);
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 static void start(int nservers)
 {
@@ -1041,12 +1029,50 @@ Test(memcached, malformed_urls_are_refused_with_a_message)
     cr_assert_null(strstr(idem_last_error(), "s3cret"), "%s", idem_last_error());
 }
 
-Test(memcached, timeout_ms_in_the_url_is_accepted)
+/* The limit of the URL reaches every server's connections, not only the
+ * first's: with two servers, each in turn stops answering, and a key that
+ * lands on it fails after timeout_ms=250, not the default 1000 ms. */
+Test(memcached, timeout_ms_in_the_url_bounds_the_calls_to_every_server)
 {
     start(2);
     char url[256];
     snprintf(url, sizeof url, "%s?timeout_ms=250", srv.url);
     idem_store *s = open_store(url);
     cr_assert_str_eq(idem_store_backend(s), "memcached");
+    idem_layer *l = new_layer(s, 10000, 3600);
+    char key[32];
+    for (int i = 0; i < SPREAD; i++) { /* connections to both servers */
+        job j = {.body = "warm"};
+        idem_reply r = {0};
+        int n = snprintf(key, sizeof key, "warm%d", i);
+        cr_assert_eq(run(l, key, (size_t)n, &j, &r), IDEM_OK, "%s", idem_last_error());
+        idem_reply_clear(&r);
+    }
+
+    for (int server = 0; server < 2; server++) {
+        kill(srv.pids[server], SIGSTOP);
+        cr_assert(all_threads_stopped(srv.pids[server], 5000), "memcached did not stop within 5 s");
+        bool timed_out = false;
+        for (int i = 0; i < SPREAD && !timed_out; i++) {
+            job j = {.body = "frozen"};
+            idem_reply r = {0};
+            int n = snprintf(key, sizeof key, "frozen%d-%d", server, i);
+            int64_t t0 = mono_ms();
+            int rc = run(l, key, (size_t)n, &j, &r);
+            int64_t took = mono_ms() - t0;
+            idem_reply_clear(&r);
+            if (rc == IDEM_OK)
+                continue; /* the key is on the other server */
+            timed_out = true;
+            kill(srv.pids[server], SIGCONT);
+            cr_assert_eq(rc, IDEM_EBACKEND, "%s", idem_last_error());
+            cr_assert(message_names(idem_last_error(), srv.ports[server]), "%s", idem_last_error());
+            cr_assert(strstr(idem_last_error(), "no answer within 250 ms"), "%s", idem_last_error());
+            cr_assert_lt(took, 900, "server %d: took %lld ms with timeout_ms=250", server, (long long)took);
+        }
+        kill(srv.pids[server], SIGCONT);
+        cr_assert(timed_out, "none of %d keys landed on server %d", SPREAD, server);
+    }
+    idem_layer_free(l);
     idem_store_close(s);
 }

@@ -31,11 +31,7 @@ size_t __sanitizer_get_current_allocated_bytes(void);
 #include <idempotency/backend.h>
 #include <idempotency/idempotency.h>
 
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
-}
+#include "support/testutil.h"
 
 static idem_store *open_ok(const char *url)
 {

@@ -12,6 +12,8 @@
 
 #include <idempotency/backend.h>
 
+#include "support/testutil.h"
+
 typedef struct fake_conn {
     unsigned   id;
     atomic_int in_use;     /* 1 while a caller holds it */
@@ -62,13 +64,6 @@ static idem_pool *make_pool(unsigned max_idle, unsigned idle_ms)
     idem_pool *p = NULL;
     cr_assert_eq(idem_pool_new(&p, &cfg), IDEM_OK, "%s", idem_last_error());
     return p;
-}
-
-static void sleep_ms(unsigned ms)
-{
-    struct timespec ts = {.tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0) {
-    }
 }
 
 TestSuite(pool, .timeout = 60);

@@ -23,6 +23,7 @@
 #include "harness.h"
 #include "internal.h"
 #include "postgres_server.h"
+#include "support/testutil.h"
 
 #define SECRET "Pg-s3cr3t-Q7x"
 
@@ -50,19 +51,6 @@ static void server(const idem_test_pg_options *opts)
     srv.dir = idem_test_tmpdir("pgtest");
     cr_assert(srv.kind && srv.dir);
     cr_assert_eq(idem_test_start_postgres_with(&srv, opts), 0, "postgres must start for these tests");
-}
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    nanosleep(&ts, NULL);
 }
 
 /* A plain libpq connection over the socket, to look behind the driver. */
@@ -124,11 +112,6 @@ static int handler(void *arg, idem_response *resp)
     if (j->sleep_ms)
         sleep_ms(j->sleep_ms);
     return idem_response_set(resp, 201, "charged", 7) == IDEM_OK ? 0 : 1;
-}
-
-static idem_request req_str(const char *key)
-{
-    return (idem_request){.key = key, .key_len = strlen(key)};
 }
 
 static void assert_no_secret(const char *what)

@@ -23,6 +23,7 @@
 
 #include "harness.h"
 #include "proxy.h"
+#include "support/testutil.h"
 
 extern const idem_backend idem__redis_backend;
 
@@ -41,13 +42,6 @@ static void stop(void)
 TestSuite(redis, .init = start, .fini = stop, .timeout = 60);
 
 /* ---- helpers ---- */
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 /* A plain hiredis connection to server i, for looking behind the driver. */
 static redisContext *raw(void)

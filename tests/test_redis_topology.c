@@ -21,6 +21,7 @@
 #include <idempotency/idempotency.h>
 
 #include "harness.h"
+#include "support/testutil.h"
 
 TestSuite(redis_topology, .timeout = 150);
 
@@ -37,13 +38,6 @@ TestSuite(redis_topology, .timeout = 150);
 #define RESTART_AFTER_MS 5000
 
 int idem_test_cluster_restart(idem_test_server *srv);
-
-static uint64_t mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
 
 /* CRC16 of the cluster specification, written again here so that the
  * driver's routing is checked against an independent copy and the server. */
