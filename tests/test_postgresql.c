@@ -705,13 +705,13 @@ static void race_at(const char *level, const char *table)
         PQfinish(c);
         idem_layer *l = layer_of(s, 10000);
         if (round >= 3) { /* the takeover path: an expired claim sits on the key */
-            idem_layer *shortl = layer_of(s, 200);
+            idem_layer *shortl = layer_of(s, 1000); /* long enough for a loaded, sanitized run */
             idem_claim *old;
             idem_reply r0 = {0};
             idem_request req = req_str("race");
             cr_assert_eq(idem_begin(shortl, &req, &old, &r0), IDEM_OK, "%s", idem_last_error());
             cr_assert_not_null(old);
-            sleep_ms(400);
+            sleep_ms(1200);
             cr_assert_eq(idem_commit(old, 200, "late", 4), IDEM_ELOST);
             idem_layer_free(shortl);
         }
