@@ -29,6 +29,9 @@ mkdir -p "$out/artifacts"
 flags="-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
        -D_GNU_SOURCE -std=gnu11 -Wall -Wextra -Werror -Wno-missing-field-initializers -Iinclude -Icore"
 core="core/digest.c core/error.c core/http.c core/record.c core/url.c"
+# what meson passes to the library's sources (idem_version())
+version=$(sed -n "s/^  version: '\(.*\)',$/\1/p" meson.build | head -n 1)
+flags="$flags -DIDEM_VERSION_STRING=\"$version\""
 
 status=0
 for t in $targets; do
