@@ -396,14 +396,7 @@ int idem__claim_commit(idem_claim *c, int status, const idem_header *headers, si
         idem__claim_free(c);
         return idem_error_set(IDEM_ELOST, LOST_WHY "; this response was not stored");
     }
-    size_t fields_len;
-    int rc = idem__headers_check(headers, nheaders, &fields_len);
-    if (rc == IDEM_OK)
-        rc = idem__check_response(l, status, body, len);
-    if (rc == IDEM_OK)
-        rc = idem__check_fields_fit(l, fields_len, len);
-    if (rc == IDEM_OK)
-        rc = idem__store_check_process(l->store);
+    int rc = idem__check_completion(l, status, headers, nheaders, body, len);
     if (rc)
         return rc;
 

@@ -78,6 +78,10 @@ int idem__check_response(const idem_layer *l, int status, const void *body, size
 /* IDEM_OK if a body of len bytes and header fields of fields_len bytes fit
  * in one record of the store; else IDEM_ETOOBIG with a message. */
 int idem__check_fields_fit(const idem_layer *l, size_t fields_len, size_t len);
+/* All of the above for a claim's response with its header fields, and the
+ * store's fork check: IDEM_OK or the first error, with its message. */
+int idem__check_completion(const idem_layer *l, int status, const idem_header *headers, size_t nheaders,
+                           const void *body, size_t len);
 
 /* ---- checkpoint.c ---- */
 /* IDEM_OK if claim c's store can keep the checkpoint (name, data), and

@@ -57,6 +57,22 @@ int idem__check_fields_fit(const idem_layer *l, size_t fields_len, size_t len)
                           "largest item the store accepts (%zu bytes)", len, fields_len, cap);
 }
 
+/* IDEM_OK if a claim's response (status, header fields, body) is one layer
+ * l can store, from this process; else the first check's error. */
+int idem__check_completion(const idem_layer *l, int status, const idem_header *headers, size_t nheaders,
+                           const void *body, size_t len)
+{
+    size_t fields_len;
+    int rc = idem__headers_check(headers, nheaders, &fields_len);
+    if (rc == IDEM_OK)
+        rc = idem__check_response(l, status, body, len);
+    if (rc == IDEM_OK)
+        rc = idem__check_fields_fit(l, fields_len, len);
+    if (rc == IDEM_OK)
+        rc = idem__store_check_process(l->store);
+    return rc;
+}
+
 /* The fields are kept in one block, copied anew for each field added (at
  * most IDEM_MAX_HEADERS), so the reply can take the block as it is. */
 int idem_response_add_header(idem_response *resp, const char *name, const char *value)

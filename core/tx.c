@@ -43,14 +43,7 @@ int idem__claim_commit_tx(idem_claim *c, void *conn, int status, const idem_head
     *outcome = IDEM_TX_ROLLED_BACK;
     if (c->lost)
         return idem_error_set(IDEM_ELOST, LOST_WHY "; nothing was written (roll the transaction back)");
-    size_t fields_len;
-    int rc = idem__headers_check(headers, nheaders, &fields_len);
-    if (rc == IDEM_OK)
-        rc = idem__check_response(l, status, body, len);
-    if (rc == IDEM_OK)
-        rc = idem__check_fields_fit(l, fields_len, len);
-    if (rc == IDEM_OK)
-        rc = idem__store_check_process(l->store);
+    int rc = idem__check_completion(l, status, headers, nheaders, body, len);
     if (rc)
         return rc;
     idem_record done = c->rec;
